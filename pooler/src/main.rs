@@ -1,0 +1,2 @@
+//! Binary entry point (placeholder until the crate lands).
+fn main() {}
