@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds, once, the real Kubernetes control plane (etcd, kube-apiserver,
-# kube-controller-manager) and helm from their official Go modules, and caches
+# kube-controller-manager), kubectl and helm from their official Go modules, and caches
 # each binary by version under $SLUICE_CACHE/bin (default ~/.cache/sluice/bin).
 # A second run with the same versions is a cache hit and builds nothing.
 #
@@ -74,6 +74,8 @@ minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
 K8S_LDFLAGS="-X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
 build kube-apiserver "$K8S_VERSION" "$K8S_DIR" k8s.io/kubernetes/cmd/kube-apiserver "$K8S_LDFLAGS"
 build kube-controller-manager "$K8S_VERSION" "$K8S_DIR" k8s.io/kubernetes/cmd/kube-controller-manager "$K8S_LDFLAGS"
+# kubectl matching the server version (a fresh machine may have none, or an older one).
+build kubectl "$K8S_VERSION" "$K8S_DIR" k8s.io/kubernetes/cmd/kubectl "$K8S_LDFLAGS"
 
 ETCD_DIR=$HERE/go/etcd
 if ! grep -q "etcd/server/v3 $ETCD_VERSION" "$ETCD_DIR/go.mod" 2>/dev/null; then

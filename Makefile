@@ -1,0 +1,53 @@
+# Sluice: one entry point for building, testing and running locally.
+# Persistent caches live outside the clone so a fresh clone rebuilds fast.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+export SLUICE_CACHE ?= $(HOME)/.cache/sluice
+export CARGO_TARGET_DIR ?= $(SLUICE_CACHE)/target
+export SLUICE_BIN_DIR ?= $(SLUICE_CACHE)/bin
+export PATH := $(SLUICE_BIN_DIR):$(PATH)
+CARGO ?= cargo
+
+.PHONY: help build tools lint fmt unit e2e test crds bench bench-pooler bench-operator demo clean-cache
+
+help: ## List targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+build: ## Build the binaries (debug)
+	$(CARGO) build --workspace --bins
+
+tools: ## Build and cache etcd, kube-apiserver, kube-controller-manager, kubectl, helm (minutes the first time)
+	bash e2e/platform/build-tools.sh
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+lint: ## rustfmt check and clippy -D warnings on all targets
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit: ## Unit and integration tests (real PostgreSQL, no cluster)
+	$(CARGO) test -p sluice-testkit -p sluice-pooler -p sluice-operator
+
+e2e: tools build ## End-to-end tests against the real control plane and node agent
+	$(CARGO) test -p sluice-e2e -- --test-threads=1
+
+test: lint unit e2e ## Everything CI runs: lint, unit, integration, e2e
+
+crds: ## Regenerate the CRD YAML in crds/, config/crd/bases and charts/sluice/crds
+	$(CARGO) run -q -p sluice-operator -- crd --write-all .
+
+bench: bench-pooler bench-operator ## Benchmarks (see docs/benchmarks.md)
+
+bench-pooler:
+	@echo "make bench-pooler: not implemented yet (issue 7)" >&2; exit 1
+
+bench-operator:
+	@echo "make bench-operator: not implemented yet (issue 7)" >&2; exit 1
+
+demo: tools build ## Run Sluice locally: PostgreSQL, control plane, node agent, operator, a sample pool
+	@echo "make demo: not implemented yet (issue 5)" >&2; exit 1
+
+clean-cache: ## Remove the Rust target dir (keeps the Go tool cache)
+	rm -rf "$(CARGO_TARGET_DIR)"
