@@ -1,0 +1,262 @@
+#!/usr/bin/env bash
+# make bench-pooler: sluice-pooler side by side with PgBouncer (the reference)
+# and PostgreSQL itself (the ceiling), in one run on one machine, interleaved
+# and repeated; prints medians and Sluice/PgBouncer ratios.
+#
+# Usage: e2e/bench/pooler.sh [REPORT.md]
+# Env:   ROUNDS (3)  DURATION seconds per pgbench run (8)  IDLE_CLIENTS (10000)
+#        SLUICE_POOLER (path to a release sluice-pooler; built if unset)
+#        BENCH_TARGETS ("postgres pgbouncer sluice"; fewer for a quick check)
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-8}
+IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
+POOL=20
+REPORT=${1:-}
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}
+PGBIN=${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)}
+USER_NAME=app PASSWORD=app-secret DB=app
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+if ! command -v pgbouncer >/dev/null; then
+  log "installing pgbouncer (Debian package)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
+fi
+if [[ -z ${SLUICE_POOLER:-} && " ${BENCH_TARGETS:-sluice} " == *" sluice "* ]]; then
+  log "building sluice-pooler (release)"
+  (cd "$ROOT" && cargo build -q --release -p sluice-pooler)
+  SLUICE_POOLER=$CARGO_TARGET_DIR/release/sluice-pooler
+fi
+
+ulimit -n "$(ulimit -Hn)" || true
+(( $(ulimit -n) >= IDLE_CLIENTS + 1000 )) || log "fd limit $(ulimit -n) is below $IDLE_CLIENTS idle clients; that test will hold fewer"
+W=$(mktemp -d /tmp/sluice-bench.XXXXXX)
+chmod 755 "$W"
+# PostgreSQL and PgBouncer refuse to run as root; they run as nobody and write here.
+[[ $(id -u) == 0 ]] && chown nobody "$W"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 1
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  # servers restarted inside $(...) are not in PIDS: find them by their config path
+  pkill -9 -f "$W/" 2>/dev/null || true
+  rm -rf "$W"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# setpriv execs in place, so $! is the server's own PID (for /proc CPU and RSS).
+# An argv prefix, not a function: a backgrounded function is a subshell whose PID is not the server's.
+AS_NOBODY=(); [[ $(id -u) == 0 ]] && AS_NOBODY=(setpriv --reuid=nobody --regid=nogroup --clear-groups --)
+wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; log "port $1 never opened"; return 1; }
+
+# --- PostgreSQL --------------------------------------------------------------
+PG_PORT=$(free_port)
+mkdir -p "$W/pg" && chown nobody "$W/pg" 2>/dev/null || true
+echo postgres-secret > "$W/pwfile" && chown nobody "$W/pwfile" 2>/dev/null || true
+"${AS_NOBODY[@]}" "$PGBIN/initdb" -D "$W/pg/data" -U postgres --auth=scram-sha-256 --pwfile="$W/pwfile" --no-sync --locale=C >/dev/null
+"${AS_NOBODY[@]}" "$PGBIN/postgres" -D "$W/pg/data" -p "$PG_PORT" -c listen_addresses=127.0.0.1 \
+  -c max_connections=700 -c shared_buffers=256MB -c unix_socket_directories="$W/pg" \
+  -c fsync=off -c synchronous_commit=off >"$W/pg.log" 2>&1 &
+PIDS+=($!)
+wait_port "$PG_PORT"
+export PGPASSWORD=postgres-secret
+for _ in $(seq 100); do psql -qAtX -h 127.0.0.1 -p "$PG_PORT" -U postgres -c 'select 1' postgres >/dev/null 2>&1 && break; sleep 0.1; done
+psql -qAtX -h 127.0.0.1 -p "$PG_PORT" -U postgres -c "CREATE ROLE $USER_NAME LOGIN PASSWORD '$PASSWORD'" postgres
+psql -qAtX -h 127.0.0.1 -p "$PG_PORT" -U postgres -c "CREATE DATABASE $DB OWNER $USER_NAME" postgres
+export PGPASSWORD=$PASSWORD
+log "pgbench -i -s 10"
+pgbench -q -i -s 10 -h 127.0.0.1 -p "$PG_PORT" -U "$USER_NAME" "$DB" >/dev/null 2>&1
+
+# --- PgBouncer (transaction mode, pool 20, SCRAM to clients) ----------------
+BOUNCER_PORT=$(free_port)
+printf '"%s" "%s"\n' "$USER_NAME" "$PASSWORD" > "$W/userlist.txt"
+cat > "$W/pgbouncer.ini" <<EOF
+[databases]
+$DB = host=127.0.0.1 port=$PG_PORT dbname=$DB
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $W/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL
+max_db_connections = $POOL
+max_client_conn = $((IDLE_CLIENTS + 1000))
+logfile = $W/pgbouncer.log
+log_connections = 0
+log_disconnections = 0
+EOF
+chown nobody "$W"/pgbouncer.ini "$W"/userlist.txt 2>/dev/null || true
+
+start_pgbouncer() {
+  "${AS_NOBODY[@]}" pgbouncer "$W/pgbouncer.ini" >/dev/null 2>&1 &
+  BOUNCER_PID=$!; PIDS+=("$BOUNCER_PID"); wait_port "$BOUNCER_PORT"
+}
+
+# --- Sluice (transaction mode, limit 20, SCRAM to clients) ------------------
+SLUICE_PORT=$(free_port)
+SLUICE_ADMIN=$(free_port)
+cat > "$W/pooler.toml" <<EOF
+listen_addr = "127.0.0.1:$SLUICE_PORT"
+admin_addr = "127.0.0.1:$SLUICE_ADMIN"
+pool_mode = "transaction"
+connection_limit = $POOL
+max_client_connections = $((IDLE_CLIENTS + 1000))
+pool_timeout = "60s"
+
+[server]
+host = "127.0.0.1"
+port = $PG_PORT
+user = "$USER_NAME"
+password = "$PASSWORD"
+
+[auth]
+method = "scram-sha-256"
+
+[auth.users]
+$USER_NAME = "$PASSWORD"
+EOF
+start_sluice() {
+  RUST_LOG=warn "$SLUICE_POOLER" --config "$W/pooler.toml" >"$W/sluice.log" 2>&1 &
+  SLUICE_PID=$!; PIDS+=("$SLUICE_PID"); wait_port "$SLUICE_PORT"
+}
+
+stop_pid() { kill "$1" 2>/dev/null || true; for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.05; done; kill -9 "$1" 2>/dev/null || true; }
+
+read -r -a TARGETS <<<"${BENCH_TARGETS:-postgres pgbouncer sluice}"
+has_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
+start_pgbouncer
+has_target sluice && start_sluice
+
+port_of() { case $1 in postgres) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT";; sluice) echo "$SLUICE_PORT";; esac; }
+pid_of() { case $1 in pgbouncer) echo "$BOUNCER_PID";; sluice) echo "$SLUICE_PID";; *) echo "";; esac; }
+cpu_ticks() { [[ -n $1 ]] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; }
+TCK=$(getconf CLK_TCK)
+
+declare -A RES
+# run_pgbench TARGET SCENARIO CLIENTS MODE [extra pgbench args]
+run_pgbench() {
+  local target=$1 scen=$2 clients=$3 mode=$4; shift 4
+  local port pid jobs=$(( clients < 2 ? 1 : 2 )) logdir=$W/log/$scen-$target
+  port=$(port_of "$target"); pid=$(pid_of "$target")
+  rm -rf "$logdir"; mkdir -p "$logdir"
+  # pgbench's -T clock runs while it opens connections (SCRAM each), so large
+  # client counts get extra seconds; its TPS excludes connection time.
+  local t0; t0=$(cpu_ticks "$pid")
+  local out
+  if ! out=$(cd "$logdir" && pgbench -n -S -h 127.0.0.1 -p "$port" -U "$USER_NAME" -c "$clients" -j "$jobs" \
+      -T "$((DURATION + clients / 50))" -M "$mode" --log --log-prefix=tx "$@" "$DB" 2>&1); then
+    log "$scen/$target failed: $(echo "$out" | grep -m1 -iE 'error|fatal|abort' || echo "$out" | tail -1)"
+    RES[$scen|$target]+="fail "
+    return
+  fi
+  local t1; t1=$(cpu_ticks "$pid")
+  if ! grep -q '^tps = ' <<<"$out"; then
+    log "$scen/$target: no result: $(tail -3 <<<"$out" | tr '\n' ' ')"; RES[$scen|$target]+="fail "; return
+  fi
+  local tps lat failed txs p99 cpu
+  tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
+  lat=$(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p')
+  txs=$(echo "$out" | sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p')
+  failed=$(echo "$out" | sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p')
+  p99=$(cat "$logdir"/tx* | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END{ if (NR) { i = int(NR * 0.99); if (i < 1) i = 1; printf "%.3f", a[i] / 1000 } }')
+  if [[ -n $pid && ${txs:-0} -gt 0 ]]; then
+    cpu=$(awk -v d=$((t1 - t0)) -v tck="$TCK" -v n="$txs" 'BEGIN{printf "%.3f", d / tck / n * 10000}')
+  else cpu=-; fi
+  log "$scen/$target: tps=$tps lat=${lat}ms p99=${p99}ms cpu/10k=${cpu}s failed=${failed:-0}"
+  RES[$scen|$target]+="$tps:$lat:$p99:$cpu "
+  rm -rf "$logdir"
+}
+
+SCENARIOS=("c1 1 simple" "c10 10 simple" "c100 100 simple" "c500 500 simple" "ext100 100 extended" "prep100 100 prepared" "storm50 50 simple -C")
+for round in $(seq "$ROUNDS"); do
+  log "round $round/$ROUNDS"
+  for s in "${SCENARIOS[@]}"; do
+    read -r scen clients mode extra <<<"$s"
+    for t in "${TARGETS[@]}"; do
+      if [[ $scen == prep100 && $t == pgbouncer ]]; then
+        RES[$scen|$t]+="unsupported "; continue  # PgBouncer 1.18: no protocol-level prepared statements in transaction mode
+      fi
+      # shellcheck disable=SC2086
+      run_pgbench "$t" "$scen" "$clients" "$mode" $extra
+    done
+  done
+done
+
+# --- idle clients: RSS growth per client ------------------------------------
+printf '\\sleep 600 s\n' > "$W/idle.sql"
+idle_rss() {
+  local target=$1 pid port before after n
+  port=$(port_of "$target")
+  # a fresh process, warmed with one query, is the baseline
+  if [[ $target == pgbouncer ]]; then stop_pid "$BOUNCER_PID"; start_pgbouncer; pid=$BOUNCER_PID
+  else stop_pid "$SLUICE_PID"; start_sluice; pid=$SLUICE_PID; fi
+  psql -qAtX -h 127.0.0.1 -p "$port" -U "$USER_NAME" -c 'select 1' "$DB" >/dev/null
+  before=$(awk '/VmRSS/{print $2}' "/proc/$pid/status")
+  (pgbench -n -h 127.0.0.1 -p "$port" -U "$USER_NAME" -c "$IDLE_CLIENTS" -j 2 -t 1 -f "$W/idle.sql" "$DB" >"$W/idle-$target.log" 2>&1 &
+   echo $! > "$W/idle.pid")
+  local deadline=$((SECONDS + 180))
+  while :; do
+    n=$(ss -Htn state established "( sport = :$port )" | wc -l)
+    (( n >= IDLE_CLIENTS )) && break
+    if (( SECONDS > deadline )); then log "idle/$target: only $n of $IDLE_CLIENTS clients connected"; break; fi
+    sleep 1
+  done
+  sleep 2
+  after=$(awk '/VmRSS/{print $2}' "/proc/$pid/status")
+  pkill -P "$(cat "$W/idle.pid")" 2>/dev/null || true; kill "$(cat "$W/idle.pid")" 2>/dev/null || true
+  pkill -f "idle.sql" 2>/dev/null || true
+  sleep 2
+  awk -v a="$after" -v b="$before" -v n="$n" 'BEGIN{ printf "%.2f:%d:%d", (a-b)/n, n, a }'
+}
+log "idle clients: $IDLE_CLIENTS"
+IDLE_BOUNCER=$(idle_rss pgbouncer); log "idle/pgbouncer: $IDLE_BOUNCER (KiB/client:clients:RSS KiB)"
+IDLE_SLUICE="-:-:-"
+has_target sluice && { IDLE_SLUICE=$(idle_rss sluice); log "idle/sluice: $IDLE_SLUICE"; }
+
+# --- report -----------------------------------------------------------------
+median() { tr ' ' '\n' | grep -E '^[0-9.]+$' | sort -n | awk '{a[NR]=$1} END{ if (NR) print a[int((NR+1)/2)]; else print "-" }'; }
+field() { local v=${RES[$1|$2]:-}; if [[ $v == *unsupported* ]]; then echo n/a; elif [[ -z ${v// /} || $v == fail* && $v != *:* ]]; then echo fail; else echo "$v" | tr ' ' '\n' | grep ':' | cut -d: -f"$3" | tr '\n' ' ' | median; fi; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b > 0) printf "%.2f×", a/b; else print "-" }'; }
+mark() { awk -v r="${1%×}" -v t="$2" -v dir="$3" 'BEGIN{ if (r !~ /^[0-9.]+$/) { print ""; exit } ok = (dir == "ge") ? (r >= t) : (r <= t); print ok ? "✓" : "✗" }'; }
+
+{
+  echo "### Pooler: sluice-pooler vs PgBouncer $(pgbouncer --version | head -1 | awk '{print $2}') vs PostgreSQL direct"
+  echo
+  echo "$(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB; pgbench -S, scale 10, pool 20, transaction mode, SCRAM; ${DURATION}s per run, median of $ROUNDS interleaved rounds; $(date -u +%Y-%m-%d)."
+  echo
+  echo "| scenario | PostgreSQL TPS | PgBouncer TPS | Sluice TPS | Sluice/PgBouncer TPS | target | p99 ms (PgB / Sluice) | p99 ratio | CPU s/10k tx (PgB / Sluice) | CPU ratio |"
+  echo "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"
+  for s in "${SCENARIOS[@]}"; do
+    read -r scen clients mode extra <<<"$s"
+    pg=$(field "$scen" postgres 1); pb=$(field "$scen" pgbouncer 1); sl=$(field "$scen" sluice 1)
+    p99b=$(field "$scen" pgbouncer 3); p99s=$(field "$scen" sluice 3)
+    cpub=$(field "$scen" pgbouncer 4); cpus=$(field "$scen" sluice 4)
+    case $scen in
+      c1|c10|storm50) tgt="≥ 1.00×"; r=$(ratio "$sl" "$pb"); m=$(mark "$r" 1.0 ge);;
+      c100|c500) tgt="≥ 1.15×"; r=$(ratio "$sl" "$pb"); m=$(mark "$r" 1.15 ge);;
+      prep100) tgt="vs PostgreSQL"; r="$(ratio "$sl" "$pg") of PG"; m="";;
+      *) tgt="-"; r=$(ratio "$sl" "$pb"); m="";;
+    esac
+    rp=$(ratio "$p99s" "$p99b"); [[ $scen == c500 ]] && rp="$rp $(mark "$rp" 1.0 le)"
+    rc=$(ratio "$cpus" "$cpub"); [[ $rc != - ]] && rc="$rc $(mark "$rc" 0.8 le)"
+    label="$clients clients, -M $mode${extra:+ $extra}"
+    echo "| $label | $pg | $pb | $sl | $r $m | $tgt | $p99b / $p99s | $rp | $cpub / $cpus | $rc |"
+  done
+  IFS=: read -r kb_b n_b rss_b <<<"$IDLE_BOUNCER"
+  IFS=: read -r kb_s n_s rss_s <<<"$IDLE_SLUICE"
+  echo
+  echo "| idle clients | PgBouncer | Sluice | target |"
+  echo "|---|---:|---:|---|"
+  echo "| clients held | $n_b | $n_s | $IDLE_CLIENTS |"
+  echo "| RSS growth per client (KiB) | $kb_b | $kb_s | Sluice ≤ 8 KiB $(awk -v k="$kb_s" 'BEGIN{print (k <= 8) ? "✓" : "✗"}') |"
+} | tee "$W/report.md"
+[[ -n $REPORT ]] && cp "$W/report.md" "$REPORT"
+exit 0
