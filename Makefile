@@ -38,13 +38,20 @@ test: lint unit e2e ## Everything CI runs: lint, unit, integration, e2e
 crds: ## Regenerate the CRD YAML in crds/, config/crd/bases and charts/sluice/crds
 	$(CARGO) run -q -p sluice-operator -- crd --write-all .
 
-bench: bench-pooler bench-operator ## Benchmarks (see docs/benchmarks.md)
+bench: ## Benchmarks: pooler vs PgBouncer (and the operator at scale); writes docs/benchmarks.md
+	$(MAKE) bench-pooler
+	{ echo "# Benchmarks"; echo; echo "Measured by \`make bench\` on $$(date -u +%Y-%m-%d). Ratios compare runs made in the same invocation on the same machine."; echo; \
+	  cat "$(SLUICE_CACHE)/bench/pooler.md"; echo; \
+	  if [[ -f "$(SLUICE_CACHE)/bench/operator.md" ]]; then cat "$(SLUICE_CACHE)/bench/operator.md"; else echo "### Operator"; echo; echo "Not measured yet: \`make bench-operator\` is not implemented (issue 7)."; fi; \
+	  [[ -f docs/benchmarks-analysis.md ]] && { echo; cat docs/benchmarks-analysis.md; } || true; } > docs/benchmarks.md
+	@echo "wrote docs/benchmarks.md"
 
-bench-pooler:
-	@echo "make bench-pooler: not implemented yet (issue 7)" >&2; exit 1
+bench-pooler: ## Pooler vs PgBouncer vs PostgreSQL (pgbench; ~10 min)
+	mkdir -p "$(SLUICE_CACHE)/bench"
+	bash e2e/bench/pooler.sh "$(SLUICE_CACHE)/bench/pooler.md"
 
-bench-operator:
-	@echo "make bench-operator: not implemented yet (issue 7)" >&2; exit 1
+bench-operator: ## 200 ConnectionPools on the real control plane
+	@echo "make bench-operator: not implemented yet (issue 7)" >&2; rm -f "$(SLUICE_CACHE)/bench/operator.md"
 
 demo: tools build ## Run Sluice locally: PostgreSQL, control plane, node agent, operator, a sample pool
 	@echo "make demo: not implemented yet (issue 5)" >&2; exit 1
