@@ -1,2 +1,5 @@
-//! Binary entry point (placeholder until the crate lands).
-fn main() {}
+//! `sluice-operator`: `run` the controller or print the `crd`.
+
+fn main() -> std::process::ExitCode {
+    sluice_operator::main()
+}

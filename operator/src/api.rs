@@ -1,0 +1,373 @@
+//! The `ConnectionPool` custom resource (`sluice.dev/v1alpha1`): spec, status and CRD generation.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The duration format the pooler accepts (`500ms`, `30s`, `1m30s`).
+pub const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h))+$";
+
+/// Desired state of a pool of `sluice-pooler` replicas in front of one database.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "sluice.dev",
+    version = "v1alpha1",
+    kind = "ConnectionPool",
+    namespaced,
+    shortname = "cpool",
+    status = "ConnectionPoolStatus",
+    derive = "PartialEq",
+    doc = "A pool of sluice-pooler replicas whose server connections together stay within the database's connection budget.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(
+        name = "Limit/Replica",
+        type_ = "integer",
+        json_path = ".status.budget.perReplicaLimit",
+        description = "connection_limit of each pooler replica"
+    ),
+    printcolumn(
+        name = "Budget",
+        type_ = "integer",
+        json_path = ".status.budget.available",
+        description = "server connections the pool may use in total"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionPoolSpec {
+    /// The PostgreSQL server the pool connects to.
+    pub database: DatabaseSpec,
+    /// Number of pooler replicas (default 2).
+    #[serde(default = "default_replicas")]
+    #[x_kube(validation = ("self >= 1", "replicas must be at least 1"))]
+    pub replicas: i32,
+    /// `transaction` (default) or `session`.
+    #[serde(default)]
+    #[x_kube(validation = ("self in ['transaction', 'session']", "poolMode must be transaction or session"))]
+    pub pool_mode: PoolMode,
+    /// Client connections one replica accepts (pooler default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = ("self >= 1", "maxClientConnections must be at least 1"))]
+    pub max_client_connections: Option<i32>,
+    /// How long a client waits for a server connection, e.g. `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = ("self.matches('^([0-9]+(ms|s|m|h))+$')", "poolTimeout must be a duration like 500ms, 30s, 1m30s"))]
+    pub pool_timeout: Option<String>,
+    /// Idle server connections are closed after this, e.g. `10m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = ("self.matches('^([0-9]+(ms|s|m|h))+$')", "idleTimeout must be a duration like 500ms, 30s, 1m30s"))]
+    pub idle_timeout: Option<String>,
+    /// Server connections are replaced after this age, e.g. `1h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = ("self.matches('^([0-9]+(ms|s|m|h))+$')", "serverLifetime must be a duration like 500ms, 30s, 1m30s"))]
+    pub server_lifetime: Option<String>,
+    /// After SIGTERM the pooler drains for at most this long (default `30s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = ("self.matches('^([0-9]+(ms|s|m|h))+$')", "drainTimeout must be a duration like 500ms, 30s, 1m30s"))]
+    pub drain_timeout: Option<String>,
+    /// Users the pooler accepts from clients.
+    pub client_auth: ClientAuthSpec,
+    /// Pooler image (default: the operator's `--pooler-image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Resources of the pooler container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Overrides merged into the pooler pod template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_template: Option<PodTemplateOverrides>,
+    /// The Service in front of the pooler pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceOverrides>,
+}
+
+fn default_replicas() -> i32 {
+    2
+}
+
+/// The database server and how to reach it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = (
+    "!has(self.maxConnections) || !has(self.reservedConnections) || self.reservedConnections < self.maxConnections",
+    "reservedConnections must be less than maxConnections"
+))]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseSpec {
+    /// Host name or address of the PostgreSQL server.
+    #[x_kube(validation = ("size(self) > 0", "database.host must not be empty"))]
+    pub host: String,
+    /// Port of the PostgreSQL server (default 5432).
+    #[serde(default = "default_db_port")]
+    #[x_kube(validation = ("self >= 1 && self <= 65535", "database.port must be between 1 and 65535"))]
+    pub port: i32,
+    /// Database name; the operator connects to it for discovery. When absent, the
+    /// pooler uses the database the client asks for and the operator uses `postgres`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Secret with keys `username` and `password`, used by the pooler and the operator.
+    #[x_kube(validation = ("size(self) > 0", "database.credentialsSecret must not be empty"))]
+    pub credentials_secret: String,
+    /// Overrides the discovered `max_connections`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = ("self >= 1", "database.maxConnections must be at least 1"))]
+    pub max_connections: Option<i32>,
+    /// Connections kept free for migrations, admins and direct clients
+    /// (default: 10% of max_connections rounded up, at least 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = ("self >= 0", "database.reservedConnections must not be negative"))]
+    pub reserved_connections: Option<i32>,
+}
+
+fn default_db_port() -> i32 {
+    5432
+}
+
+/// How the pooler hands out server connections.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server connection per transaction.
+    #[default]
+    Transaction,
+    /// A server connection per client session.
+    Session,
+}
+
+impl PoolMode {
+    /// The value as the pooler's config file spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::Transaction => "transaction",
+            PoolMode::Session => "session",
+        }
+    }
+}
+
+/// Client authentication.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientAuthSpec {
+    /// Secret with one key per user: key = user name, value = password or SCRAM verifier.
+    #[x_kube(validation = ("size(self) > 0", "clientAuth.usersSecret must not be empty"))]
+    pub users_secret: String,
+}
+
+/// Overrides for the pooler pod template.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTemplateOverrides {
+    /// Extra pod labels (the operator's selector labels win).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra pod annotations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Pod affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Pod tolerations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Replaces the default spread across nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// Node selector.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Priority class of the pooler pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+}
+
+/// The Service in front of the pooler.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceOverrides {
+    /// `ClusterIP` (default), `NodePort` or `LoadBalancer`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = (
+        "self in ['ClusterIP', 'NodePort', 'LoadBalancer']",
+        "service.type must be ClusterIP, NodePort or LoadBalancer"
+    ))]
+    pub type_: Option<String>,
+    /// Service port (default 6432).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = ("self >= 1 && self <= 65535", "service.port must be between 1 and 65535"))]
+    pub port: Option<i32>,
+    /// Service annotations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Observed state, written only by the operator.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionPoolStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing`, `Degraded`, `BudgetExceeded`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Pooler pods that exist (for the scale subresource).
+    #[serde(default)]
+    pub replicas: i32,
+    /// Pooler pods that are ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Label selector of the pooler pods (for the scale subresource and HPA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// The connection budget and how it is split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetStatus>,
+    /// The resize in flight, if any; lets a restarted operator resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize: Option<ResizeStatus>,
+}
+
+/// Where `max_connections` came from.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetSource {
+    /// Read from the server with `SHOW`.
+    Discovered,
+    /// `spec.database.maxConnections`.
+    Spec,
+}
+
+/// The connection budget.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetStatus {
+    /// `max_connections` of the server (or the spec override).
+    pub database_max_connections: i64,
+    /// `superuser_reserved_connections` of the server.
+    pub superuser_reserved: i64,
+    /// `reserved_connections` of the server (PostgreSQL 16+, else 0).
+    #[serde(default)]
+    pub database_reserved: i64,
+    /// `spec.database.reservedConnections` or its default.
+    pub reserved: i64,
+    /// Server connections the pool may hold in total.
+    pub available: i64,
+    /// `connection_limit` of each replica at the target replica count.
+    pub per_replica_limit: i64,
+    /// Most server connections the pods can hold at once, rollouts included.
+    pub worst_case_total: i64,
+    /// `discovered` or `spec`.
+    pub source: BudgetSource,
+    /// Hash of the `pooler.toml` that every pod has acknowledged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_config_hash: Option<String>,
+}
+
+/// A resize in flight.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResizeStatus {
+    /// `LoweringLimit`, `ScalingDown` or `RaisingLimit`.
+    pub phase: String,
+    /// Replicas the resize ends at.
+    pub target_replicas: i32,
+    /// connection_limit the resize ends at.
+    pub target_limit: i64,
+    /// Hash of the ConfigMap content the pods must acknowledge.
+    pub config_hash: String,
+    /// When that ConfigMap content was first written (RFC 3339); pods that have not
+    /// acknowledged it after the acknowledgement timeout are deleted.
+    pub since: String,
+}
+
+/// The CRD as YAML, exactly as `crds/connectionpool.yaml` holds it.
+///
+/// # Errors
+/// Never in practice; serialization of the generated CRD is infallible for valid types.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    let body = serde_yaml::to_string(&ConnectionPool::crd())?;
+    Ok(format!(
+        "# Generated by `sluice-operator crd`; do not edit. Regenerate with `make crds`.\n{body}"
+    ))
+}
+
+/// Where the generated CRD lives, relative to the repository root.
+pub const CRD_PATHS: [&str; 3] = [
+    "crds/connectionpool.yaml",
+    "config/crd/bases/sluice.dev_connectionpools.yaml",
+    "charts/sluice/crds/connectionpool.yaml",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn committed_crds_match_the_types() {
+        let want = crd_yaml().unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for rel in CRD_PATHS {
+            let got = std::fs::read_to_string(root.join(rel)).unwrap_or_default();
+            assert!(got == want, "{rel} differs from the generated CRD: run `make crds`");
+        }
+    }
+
+    #[test]
+    fn crd_has_scale_status_and_columns() {
+        let crd = ConnectionPool::crd();
+        let v = &crd.spec.versions[0];
+        let sub = v.subresources.as_ref().unwrap();
+        assert!(sub.status.is_some());
+        let scale = sub.scale.as_ref().unwrap();
+        assert_eq!(scale.spec_replicas_path, ".spec.replicas");
+        assert_eq!(scale.label_selector_path.as_deref(), Some(".status.selector"));
+        let cols: Vec<_> = v
+            .additional_printer_columns
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(cols, ["Replicas", "Ready", "Limit/Replica", "Budget", "Age"]);
+        assert_eq!(crd.spec.names.short_names.as_deref(), Some(&["cpool".to_string()][..]));
+    }
+
+    #[test]
+    fn crd_carries_cel_rules() {
+        let yaml = crd_yaml().unwrap();
+        for needle in [
+            "reservedConnections must be less than maxConnections",
+            "replicas must be at least 1",
+            "database.port must be between 1 and 65535",
+            "service.port must be between 1 and 65535",
+            "drainTimeout must be a duration",
+            "poolMode must be transaction or session",
+        ] {
+            assert!(yaml.contains(needle), "missing rule: {needle}");
+        }
+    }
+
+    #[test]
+    fn minimal_spec_gets_defaults() {
+        let pool: ConnectionPoolSpec = serde_json::from_value(serde_json::json!({
+            "database": {"host": "db", "credentialsSecret": "c"},
+            "clientAuth": {"usersSecret": "u"}
+        }))
+        .unwrap();
+        assert_eq!(pool.replicas, 2);
+        assert_eq!(pool.database.port, 5432);
+        assert_eq!(pool.pool_mode, PoolMode::Transaction);
+    }
+}

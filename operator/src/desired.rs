@@ -1,0 +1,596 @@
+//! Pure rendering of every child object from a pool's spec, its budget decision and its Secrets.
+//!
+//! # Guarantees
+//! - Passwords never appear in any rendered object: the pooler reads them from mounted Secrets.
+//! - Every child carries a controller owner reference to the pool and the annotation
+//!   [`SPEC_HASH_ANNOTATION`], a hash of everything the operator sets on it; the apply layer
+//!   skips the write when the live object carries the same hash.
+//! - The pod template changes only for restart-requiring changes (image, resources, pod
+//!   overrides, pool mode, drain timeout); `connection_limit` and the Secrets' revision live in
+//!   the ConfigMap only, which the pooler hot-reloads.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::api::ConnectionPool;
+use crate::error::{Error, Result};
+
+/// Port clients connect to.
+pub const POSTGRES_PORT: i32 = 6432;
+/// Port of the pooler's admin HTTP API.
+pub const ADMIN_PORT: i32 = 9930;
+/// Key of the config file in the ConfigMap.
+pub const CONFIG_KEY: &str = "pooler.toml";
+/// Annotation with the hash of what the operator set on a child.
+pub const SPEC_HASH_ANNOTATION: &str = "sluice.dev/spec-hash";
+/// ConfigMap annotation with the rendered `connection_limit`.
+pub const LIMIT_ANNOTATION: &str = "sluice.dev/connection-limit";
+/// ConfigMap annotation with the hash of `pooler.toml`.
+pub const CONFIG_HASH_ANNOTATION: &str = "sluice.dev/config-hash";
+/// Pod template annotation that changes only for restart-requiring config changes.
+pub const RESTART_HASH_ANNOTATION: &str = "sluice.dev/restart-hash";
+/// Label naming the pool on every child and pod.
+pub const POOL_LABEL: &str = "sluice.dev/pool";
+/// Field manager of every write.
+pub const FIELD_MANAGER: &str = "sluice-operator";
+/// Pooler defaults the operator renders when the spec leaves them out.
+const DEFAULT_DRAIN: &str = "30s";
+/// Seconds the kubelet waits beyond the drain timeout before killing a pooler.
+const GRACE_MARGIN_SECONDS: i64 = 5;
+/// UID/GID the pooler runs as.
+const POOLER_UID: i64 = 65532;
+
+/// Everything besides the spec that a rendering depends on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RenderInputs {
+    /// `connection_limit` to write into `pooler.toml`.
+    pub limit: i64,
+    /// `spec.replicas` of the Deployment (may lag the pool's during a resize).
+    pub replicas: i32,
+    /// Changes when a referenced Secret changes (see [`secrets_revision`]).
+    pub revision: String,
+    /// Image used when the spec names none.
+    pub default_image: String,
+}
+
+/// Name of the ConfigMap.
+pub fn config_map_name(pool: &ConnectionPool) -> String {
+    format!("{}-config", pool.name_any())
+}
+
+/// Name of the ServiceAccount of the pooler pods.
+pub fn service_account_name(pool: &ConnectionPool) -> String {
+    format!("{}-pooler", pool.name_any())
+}
+
+/// Labels selecting the pool's pods (stable for the pool's lifetime).
+pub fn selector_labels(pool: &ConnectionPool) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "sluice-pooler".to_string()),
+        (POOL_LABEL.to_string(), pool.name_any()),
+    ])
+}
+
+/// [`selector_labels`] as a label selector string (for `status.selector` and pod lists).
+pub fn selector_string(pool: &ConnectionPool) -> String {
+    selector_labels(pool)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn labels(pool: &ConnectionPool) -> BTreeMap<String, String> {
+    let mut l = selector_labels(pool);
+    l.insert("app.kubernetes.io/instance".into(), pool.name_any());
+    l.insert("app.kubernetes.io/managed-by".into(), FIELD_MANAGER.into());
+    l
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut s = String::with_capacity(64);
+    for b in digest {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// The hash the pooler reports for this `pooler.toml` (see docs/interfaces.md).
+pub fn config_hash(toml: &str) -> String {
+    sha256_hex(toml.as_bytes())
+}
+
+/// The config `revision`: changes whenever a referenced Secret changes, so the pooler
+/// re-reads its credential files and reports a new hash.
+pub fn secrets_revision(credentials_rv: &str, users_rv: &str) -> String {
+    sha256_hex(format!("credentials={credentials_rv};users={users_rv}").as_bytes())[..16].to_string()
+}
+
+/// Parses a pooler duration (`500ms`, `1m30s`) into milliseconds.
+///
+/// # Errors
+/// [`Error::InvalidSpec`] when the string is not `([0-9]+(ms|s|m|h))+`.
+pub fn parse_duration_ms(s: &str) -> Result<u64> {
+    let bad = || Error::InvalidSpec(format!("{s:?} is not a duration like 500ms, 30s, 1m30s"));
+    let bytes = s.as_bytes();
+    if bytes.is_empty() {
+        return Err(bad());
+    }
+    let (mut i, mut total) = (0usize, 0u64);
+    while i < bytes.len() {
+        let start = i;
+        while i < bytes.len() && bytes[i].is_ascii_digit() {
+            i += 1;
+        }
+        if start == i {
+            return Err(bad());
+        }
+        let n: u64 = s[start..i].parse().map_err(|_| bad())?;
+        let unit = if s[i..].starts_with("ms") {
+            i += 2;
+            1
+        } else if s[i..].starts_with('s') {
+            i += 1;
+            1000
+        } else if s[i..].starts_with('m') {
+            i += 1;
+            60_000
+        } else if s[i..].starts_with('h') {
+            i += 1;
+            3_600_000
+        } else {
+            return Err(bad());
+        };
+        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(bad)?;
+    }
+    Ok(total)
+}
+
+/// Seconds the kubelet gives a pooler pod to drain, and the Deployment's `minReadySeconds`.
+///
+/// # Errors
+/// When `drainTimeout` is malformed.
+pub fn grace_seconds(pool: &ConnectionPool) -> Result<i64> {
+    let drain = pool.spec.drain_timeout.as_deref().unwrap_or(DEFAULT_DRAIN);
+    let ms = parse_duration_ms(drain)?;
+    Ok(ms.div_ceil(1000) as i64 + GRACE_MARGIN_SECONDS)
+}
+
+fn toml_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Renders `pooler.toml` (docs/interfaces.md §1).
+///
+/// # Errors
+/// When a duration in the spec is malformed.
+pub fn pooler_toml(pool: &ConnectionPool, limit: i64, revision: &str) -> Result<String> {
+    let s = &pool.spec;
+    let dur = |v: &Option<String>, default: &str| -> Result<String> {
+        let v = v.as_deref().unwrap_or(default);
+        parse_duration_ms(v)?;
+        Ok(toml_str(v))
+    };
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "# Rendered by sluice-operator for ConnectionPool {}/{}; do not edit.",
+        pool.namespace().unwrap_or_default(),
+        pool.name_any()
+    );
+    let _ = writeln!(t, "listen_addr = \"0.0.0.0:{POSTGRES_PORT}\"");
+    let _ = writeln!(t, "admin_addr = \"0.0.0.0:{ADMIN_PORT}\"");
+    let _ = writeln!(t, "pool_mode = {}", toml_str(s.pool_mode.as_str()));
+    let _ = writeln!(t, "connection_limit = {limit}");
+    let _ = writeln!(t, "max_client_connections = {}", s.max_client_connections.unwrap_or(10_000));
+    let _ = writeln!(t, "pool_timeout = {}", dur(&s.pool_timeout, "30s")?);
+    let _ = writeln!(t, "idle_timeout = {}", dur(&s.idle_timeout, "10m")?);
+    let _ = writeln!(t, "server_lifetime = {}", dur(&s.server_lifetime, "1h")?);
+    let _ = writeln!(t, "drain_timeout = {}", dur(&s.drain_timeout, DEFAULT_DRAIN)?);
+    let _ = writeln!(t, "revision = {}", toml_str(revision));
+    t.push_str("\n[server]\n");
+    let _ = writeln!(t, "host = {}", toml_str(&s.database.host));
+    let _ = writeln!(t, "port = {}", s.database.port);
+    if let Some(db) = &s.database.name {
+        let _ = writeln!(t, "database = {}", toml_str(db));
+    }
+    t.push_str("user_file = \"/etc/sluice/server/username\"\n");
+    t.push_str("password_file = \"/etc/sluice/server/password\"\n");
+    t.push_str("\n[auth]\n");
+    t.push_str("method = \"scram-sha-256\"\n");
+    t.push_str("users_dir = \"/etc/sluice/users\"\n");
+    Ok(t)
+}
+
+fn owner_refs(pool: &ConnectionPool) -> Value {
+    let oref = pool.controller_owner_ref(&()).map(|o| serde_json::to_value(o).unwrap_or(Value::Null));
+    json!([oref.unwrap_or(Value::Null)])
+}
+
+fn meta(pool: &ConnectionPool, name: &str, annotations: BTreeMap<String, String>) -> Value {
+    let mut m = json!({
+        "name": name,
+        "namespace": pool.namespace(),
+        "labels": labels(pool),
+        "ownerReferences": owner_refs(pool),
+    });
+    if !annotations.is_empty() {
+        m["annotations"] = json!(annotations);
+    }
+    m
+}
+
+/// Sets [`SPEC_HASH_ANNOTATION`] to the hash of the object as rendered.
+fn with_spec_hash<K: Serialize + Resource>(mut obj: K) -> Result<K> {
+    let hash = sha256_hex(&serde_json::to_vec(&obj)?)[..16].to_string();
+    obj.meta_mut()
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(SPEC_HASH_ANNOTATION.into(), hash);
+    Ok(obj)
+}
+
+/// The `<pool>-config` ConfigMap holding `pooler.toml`.
+///
+/// # Errors
+/// When a duration in the spec is malformed.
+pub fn config_map(pool: &ConnectionPool, limit: i64, revision: &str) -> Result<ConfigMap> {
+    let toml = pooler_toml(pool, limit, revision)?;
+    let annotations = BTreeMap::from([
+        (LIMIT_ANNOTATION.to_string(), limit.to_string()),
+        (CONFIG_HASH_ANNOTATION.to_string(), config_hash(&toml)),
+    ]);
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta(pool, &config_map_name(pool), annotations),
+        "data": { CONFIG_KEY: toml },
+    }))?;
+    with_spec_hash(cm)
+}
+
+/// Hash of the settings that need a pooler restart (docs/interfaces.md: `pool_mode`,
+/// listen and admin addresses).
+fn restart_hash(pool: &ConnectionPool) -> String {
+    let key = format!(
+        "pool_mode={};listen={POSTGRES_PORT};admin={ADMIN_PORT}",
+        pool.spec.pool_mode.as_str()
+    );
+    sha256_hex(key.as_bytes())[..16].to_string()
+}
+
+/// The pooler Deployment.
+///
+/// # Errors
+/// When a duration in the spec is malformed.
+pub fn deployment(pool: &ConnectionPool, inputs: &RenderInputs) -> Result<Deployment> {
+    let s = &pool.spec;
+    let o = s.pod_template.clone().unwrap_or_default();
+    let grace = grace_seconds(pool)?;
+    let selector = selector_labels(pool);
+
+    let mut pod_labels = o.labels.clone();
+    pod_labels.extend(labels(pool));
+    let mut pod_annotations = o.annotations.clone();
+    pod_annotations.insert(RESTART_HASH_ANNOTATION.into(), restart_hash(pool));
+
+    let topology = if o.topology_spread_constraints.is_empty() {
+        json!([{
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": { "matchLabels": selector },
+        }])
+    } else {
+        serde_json::to_value(&o.topology_spread_constraints)?
+    };
+    let probe = |path: &str, period: i32, failures: i32| {
+        json!({
+            "httpGet": { "path": path, "port": "admin" },
+            "periodSeconds": period,
+            "failureThreshold": failures,
+            "timeoutSeconds": 2,
+        })
+    };
+    let mut container = json!({
+        "name": "pooler",
+        "image": s.image.clone().unwrap_or_else(|| inputs.default_image.clone()),
+        "args": ["--config", "/etc/sluice/pooler.toml"],
+        "ports": [
+            { "name": "postgres", "containerPort": POSTGRES_PORT, "protocol": "TCP" },
+            { "name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP" },
+        ],
+        "readinessProbe": probe("/readyz", 2, 1),
+        "livenessProbe": probe("/healthz", 10, 3),
+        "securityContext": {
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "runAsNonRoot": true,
+            "capabilities": { "drop": ["ALL"] },
+            "seccompProfile": { "type": "RuntimeDefault" },
+        },
+        "volumeMounts": [
+            { "name": "config", "mountPath": "/etc/sluice", "readOnly": true },
+            { "name": "users", "mountPath": "/etc/sluice/users", "readOnly": true },
+        ],
+    });
+    if let Some(r) = &s.resources {
+        container["resources"] = serde_json::to_value(r)?;
+    }
+    let mut pod_spec = json!({
+        "serviceAccountName": service_account_name(pool),
+        "automountServiceAccountToken": false,
+        "terminationGracePeriodSeconds": grace,
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": POOLER_UID,
+            "runAsGroup": POOLER_UID,
+            "fsGroup": POOLER_UID,
+            "seccompProfile": { "type": "RuntimeDefault" },
+        },
+        "topologySpreadConstraints": topology,
+        "containers": [container],
+        "volumes": [
+            {
+                "name": "config",
+                "projected": {
+                    "defaultMode": 0o440,
+                    "sources": [
+                        { "configMap": { "name": config_map_name(pool),
+                            "items": [{ "key": CONFIG_KEY, "path": CONFIG_KEY }] } },
+                        { "secret": { "name": s.database.credentials_secret,
+                            "items": [
+                                { "key": "username", "path": "server/username" },
+                                { "key": "password", "path": "server/password" },
+                            ] } },
+                    ],
+                },
+            },
+            {
+                "name": "users",
+                "secret": { "secretName": s.client_auth.users_secret, "defaultMode": 0o440 },
+            },
+        ],
+    });
+    if let Some(a) = &o.affinity {
+        pod_spec["affinity"] = serde_json::to_value(a)?;
+    }
+    if !o.tolerations.is_empty() {
+        pod_spec["tolerations"] = serde_json::to_value(&o.tolerations)?;
+    }
+    if !o.node_selector.is_empty() {
+        pod_spec["nodeSelector"] = json!(o.node_selector);
+    }
+    if let Some(p) = &o.priority_class_name {
+        pod_spec["priorityClassName"] = json!(p);
+    }
+    let dep: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta(pool, &pool.name_any(), BTreeMap::new()),
+        "spec": {
+            "replicas": inputs.replicas,
+            "revisionHistoryLimit": 3,
+            "minReadySeconds": grace,
+            "selector": { "matchLabels": selector },
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": { "maxSurge": 0, "maxUnavailable": 1 },
+            },
+            "template": {
+                "metadata": { "labels": pod_labels, "annotations": pod_annotations },
+                "spec": pod_spec,
+            },
+        },
+    }))?;
+    with_spec_hash(dep)
+}
+
+/// The Service clients connect to.
+///
+/// # Errors
+/// Only on serialization failure.
+pub fn service(pool: &ConnectionPool) -> Result<Service> {
+    let o = pool.spec.service.clone().unwrap_or_default();
+    let svc: Service = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta(pool, &pool.name_any(), o.annotations.clone()),
+        "spec": {
+            "type": o.type_.as_deref().unwrap_or("ClusterIP"),
+            "selector": selector_labels(pool),
+            "ports": [{
+                "name": "postgres",
+                "port": o.port.unwrap_or(POSTGRES_PORT),
+                "targetPort": "postgres",
+                "protocol": "TCP",
+            }],
+        },
+    }))?;
+    with_spec_hash(svc)
+}
+
+/// The PodDisruptionBudget (`maxUnavailable: 1`).
+///
+/// # Errors
+/// Only on serialization failure.
+pub fn pod_disruption_budget(pool: &ConnectionPool) -> Result<PodDisruptionBudget> {
+    let pdb: PodDisruptionBudget = serde_json::from_value(json!({
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": meta(pool, &pool.name_any(), BTreeMap::new()),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": { "matchLabels": selector_labels(pool) },
+        },
+    }))?;
+    with_spec_hash(pdb)
+}
+
+/// The pooler pods' ServiceAccount (no API token is mounted).
+///
+/// # Errors
+/// Only on serialization failure.
+pub fn service_account(pool: &ConnectionPool) -> Result<ServiceAccount> {
+    let sa: ServiceAccount = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": meta(pool, &service_account_name(pool), BTreeMap::new()),
+        "automountServiceAccountToken": false,
+    }))?;
+    with_spec_hash(sa)
+}
+
+/// The value of [`SPEC_HASH_ANNOTATION`] on an object, if any.
+pub fn spec_hash_of<K: Resource>(obj: &K) -> Option<&str> {
+    obj.meta().annotations.as_ref()?.get(SPEC_HASH_ANNOTATION).map(String::as_str)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// A pool as the API server would return it (uid set, so owner references render).
+    pub(crate) fn pool_from_yaml(yaml: &str) -> ConnectionPool {
+        let mut pool: ConnectionPool = serde_yaml::from_str(yaml).unwrap();
+        pool.metadata.uid = Some("0d4a3f62-7a51-4b7c-9a8e-1f2d3c4b5a69".into());
+        pool.metadata.namespace.get_or_insert_with(|| "default".into());
+        pool
+    }
+
+    pub(crate) fn minimal() -> ConnectionPool {
+        pool_from_yaml(include_str!("../../config/samples/sluice_v1alpha1_connectionpool_minimal.yaml"))
+    }
+
+    pub(crate) fn complete() -> ConnectionPool {
+        pool_from_yaml(include_str!("../../config/samples/sluice_v1alpha1_connectionpool_complete.yaml"))
+    }
+
+    fn inputs() -> RenderInputs {
+        RenderInputs {
+            limit: 17,
+            replicas: 2,
+            revision: secrets_revision("100", "101"),
+            default_image: "ghcr.io/sluice-dev/sluice-pooler:0.1.0".into(),
+        }
+    }
+
+    fn render_all(pool: &ConnectionPool) -> String {
+        let i = inputs();
+        let docs = [
+            serde_yaml::to_string(&service_account(pool).unwrap()).unwrap(),
+            serde_yaml::to_string(&config_map(pool, i.limit, &i.revision).unwrap()).unwrap(),
+            serde_yaml::to_string(&service(pool).unwrap()).unwrap(),
+            serde_yaml::to_string(&pod_disruption_budget(pool).unwrap()).unwrap(),
+            serde_yaml::to_string(&deployment(pool, &i).unwrap()).unwrap(),
+        ];
+        docs.join("---\n")
+    }
+
+    fn golden(name: &str, got: &str) {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, got).unwrap();
+            return;
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            want == got,
+            "{} differs from the rendering; rerun with UPDATE_GOLDEN=1 and review the diff\n--- got ---\n{got}",
+            path.display()
+        );
+    }
+
+    #[test]
+    fn golden_minimal() {
+        golden("minimal.yaml", &render_all(&minimal()));
+    }
+
+    #[test]
+    fn golden_complete() {
+        golden("complete.yaml", &render_all(&complete()));
+    }
+
+    #[test]
+    fn no_password_in_config_map() {
+        let cm = config_map(&complete(), 5, "r").unwrap();
+        let text = serde_json::to_string(&cm).unwrap();
+        assert!(!text.to_lowercase().contains("password ="));
+        assert!(text.contains("password_file"));
+    }
+
+    #[test]
+    fn limit_changes_config_but_not_pod_template() {
+        let pool = minimal();
+        let mut a = inputs();
+        let d1 = deployment(&pool, &a).unwrap();
+        a.limit = 3;
+        a.revision = "other".into();
+        let d2 = deployment(&pool, &a).unwrap();
+        assert_eq!(d1, d2);
+        assert_ne!(config_map(&pool, 17, "x").unwrap(), config_map(&pool, 3, "x").unwrap());
+    }
+
+    #[test]
+    fn pool_mode_rolls_pods() {
+        let mut pool = minimal();
+        let d1 = deployment(&pool, &inputs()).unwrap();
+        pool.spec.pool_mode = crate::api::PoolMode::Session;
+        let d2 = deployment(&pool, &inputs()).unwrap();
+        assert_ne!(d1.spec.unwrap().template, d2.spec.unwrap().template);
+    }
+
+    #[test]
+    fn hash_matches_the_pooler_definition() {
+        let toml = pooler_toml(&minimal(), 9, "r").unwrap();
+        let cm = config_map(&minimal(), 9, "r").unwrap();
+        assert_eq!(cm.data.unwrap()[CONFIG_KEY], toml);
+        assert_eq!(config_hash("test"), "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("500ms").unwrap(), 500);
+        assert_eq!(parse_duration_ms("1m30s").unwrap(), 90_000);
+        assert_eq!(parse_duration_ms("2h").unwrap(), 7_200_000);
+        for bad in ["", "5", "s", "1x", "1.5s", "-1s", "1s "] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn toml_strings_are_escaped() {
+        let mut pool = minimal();
+        pool.spec.database.host = "a\"b\\c\n".into();
+        let toml = pooler_toml(&pool, 1, "r").unwrap();
+        assert!(toml.contains(r#"host = "a\"b\\c\n""#));
+    }
+}

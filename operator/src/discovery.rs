@@ -1,0 +1,289 @@
+//! Reads the database's connection limits with `SHOW`, and probes pooler pods' `/status`.
+//!
+//! Both are behind small traits ([`Discover`], [`ProbePods`]) so the reconciler can be
+//! tested without a database or pods.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::error::SqlState;
+
+use crate::api::BudgetSource;
+use crate::budget::DatabaseLimits;
+use crate::desired::ADMIN_PORT;
+use crate::error::{Error, Result};
+use crate::resize::PodReport;
+
+/// A boxed future, for object-safe async traits.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// How to reach the database.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Host.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Database to connect to.
+    pub database: String,
+    /// Login role.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}:{}/{}", self.user, self.host, self.port, self.database)
+    }
+}
+
+/// Reads `max_connections` and the reservations from a database.
+pub trait Discover: Send + Sync {
+    /// # Errors
+    /// [`Error::Discovery`] when the server cannot be reached or queried.
+    fn discover<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<DatabaseLimits>>;
+}
+
+/// [`Discover`] over tokio-postgres (no TLS).
+#[derive(Clone, Debug)]
+pub struct PostgresDiscovery {
+    /// Connect and query timeout.
+    pub timeout: Duration,
+}
+
+impl Default for PostgresDiscovery {
+    fn default() -> Self {
+        Self { timeout: Duration::from_secs(5) }
+    }
+}
+
+impl Discover for PostgresDiscovery {
+    fn discover<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<DatabaseLimits>> {
+        Box::pin(discover(target, self.timeout))
+    }
+}
+
+fn where_(t: &Target) -> String {
+    format!("{}:{}/{}", t.host, t.port, t.database)
+}
+
+/// Connects to `target` and reads `max_connections`, `superuser_reserved_connections` and
+/// `reserved_connections` (0 on servers before PostgreSQL 16, which do not know it).
+///
+/// # Errors
+/// [`Error::Discovery`] when the server cannot be reached, refuses the login or a query
+/// fails; [`Error::BadSetting`] when a value is not a number.
+pub async fn discover(target: &Target, timeout: Duration) -> Result<DatabaseLimits> {
+    let run = async {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(&target.host)
+            .port(target.port)
+            .dbname(&target.database)
+            .user(&target.user)
+            .password(&target.password)
+            .application_name("sluice-operator")
+            .connect_timeout(timeout);
+        let (client, conn) = cfg
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|source| Error::Discovery { target: where_(target), source })?;
+        let conn = tokio::spawn(conn);
+        let max_connections = show(&client, target, "max_connections").await?.unwrap_or(0);
+        let superuser_reserved =
+            show(&client, target, "superuser_reserved_connections").await?.unwrap_or(0);
+        let reserved_connections = show(&client, target, "reserved_connections").await?.unwrap_or(0);
+        drop(client);
+        conn.abort();
+        Ok(DatabaseLimits {
+            max_connections,
+            superuser_reserved,
+            reserved_connections,
+            source: BudgetSource::Discovered,
+        })
+    };
+    match tokio::time::timeout(timeout * 2, run).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::DiscoveryTimeout { target: where_(target) }),
+    }
+}
+
+/// `SHOW name` as an integer; `None` when the server does not know the parameter.
+async fn show(client: &tokio_postgres::Client, target: &Target, name: &str) -> Result<Option<i64>> {
+    match client.query_one(&format!("SHOW {name}"), &[]).await {
+        Ok(row) => {
+            let value: String = row.get(0);
+            value
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| Error::BadSetting { name: name.into(), value })
+        }
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(None),
+        Err(source) => Err(Error::Discovery { target: where_(target), source }),
+    }
+}
+
+/// Asks pooler pods what config they run.
+pub trait ProbePods: Send + Sync {
+    /// `GET http://<ip>:9930/status`; `None` when the pod does not answer or the answer
+    /// does not parse.
+    fn status<'a>(&'a self, ip: &'a str) -> BoxFuture<'a, Option<PodReport>>;
+}
+
+/// [`ProbePods`] over plain HTTP/1.0 with a timeout and a bounded response.
+#[derive(Clone, Debug)]
+pub struct HttpProbe {
+    /// Connect + read timeout.
+    pub timeout: Duration,
+    /// Port of the admin API.
+    pub port: u16,
+}
+
+impl Default for HttpProbe {
+    fn default() -> Self {
+        Self { timeout: Duration::from_secs(2), port: ADMIN_PORT as u16 }
+    }
+}
+
+/// Largest `/status` answer read.
+const MAX_STATUS_BYTES: u64 = 256 * 1024;
+
+impl ProbePods for HttpProbe {
+    fn status<'a>(&'a self, ip: &'a str) -> BoxFuture<'a, Option<PodReport>> {
+        Box::pin(async move {
+            tokio::time::timeout(self.timeout, http_status(ip, self.port)).await.ok().flatten()
+        })
+    }
+}
+
+async fn http_status(ip: &str, port: u16) -> Option<PodReport> {
+    let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
+    let mut stream = tokio::net::TcpStream::connect(format!("{host}:{port}")).await.ok()?;
+    let req = format!("GET /status HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    stream.take(MAX_STATUS_BYTES).read_to_end(&mut buf).await.ok()?;
+    parse_status_response(&buf)
+}
+
+/// Parses a raw HTTP response carrying the pooler's `/status` JSON.
+pub fn parse_status_response(raw: &[u8]) -> Option<PodReport> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..split]).ok()?;
+    let status_line = head.lines().next()?;
+    if status_line.split_whitespace().nth(1) != Some("200") {
+        return None;
+    }
+    parse_status_json(&raw[split + 4..])
+}
+
+/// Parses the pooler's `/status` JSON body.
+pub fn parse_status_json(body: &[u8]) -> Option<PodReport> {
+    #[derive(serde::Deserialize)]
+    struct Status {
+        config_hash: String,
+        connection_limit: i64,
+    }
+    let s: Status = serde_json::from_slice(body).ok()?;
+    Some(PodReport { config_hash: s.config_hash, connection_limit: s.connection_limit })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_testkit::{SUPERUSER, TempPostgres};
+
+    fn target(pg: &TempPostgres) -> Target {
+        Target {
+            host: pg.host().into(),
+            port: pg.port(),
+            database: "postgres".into(),
+            user: SUPERUSER.0.into(),
+            password: SUPERUSER.1.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn discovers_limits_and_follows_a_restart() {
+        let mut pg = TempPostgres::builder().max_connections(37).superuser_reserved(4).start().unwrap();
+        let limits = discover(&target(&pg), Duration::from_secs(5)).await.unwrap();
+        assert_eq!(limits.max_connections, 37);
+        assert_eq!(limits.superuser_reserved, 4);
+        // PostgreSQL 16+ reports its default of 0; older servers do not know the setting.
+        assert_eq!(limits.reserved_connections, 0);
+        pg.restart_with_max_connections(52).unwrap();
+        let limits = discover(&target(&pg), Duration::from_secs(5)).await.unwrap();
+        assert_eq!(limits.max_connections, 52);
+    }
+
+    #[tokio::test]
+    async fn reserved_connections_is_read_when_known() {
+        let pg = TempPostgres::builder().max_connections(40).start().unwrap();
+        let client = pg.connect_superuser().await.unwrap();
+        let version: i32 = client
+            .query_one("SHOW server_version_num", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+            .parse()
+            .unwrap();
+        drop(client);
+        if version < 160000 {
+            return;
+        }
+        drop(pg);
+        let pg = TempPostgres::builder()
+            .max_connections(40)
+            .setting("reserved_connections", "2")
+            .start()
+            .unwrap();
+        let limits = discover(&target(&pg), Duration::from_secs(5)).await.unwrap();
+        assert_eq!((limits.max_connections, limits.reserved_connections), (40, 2));
+    }
+
+    #[tokio::test]
+    async fn wrong_password_and_unreachable_are_discovery_errors() {
+        let pg = TempPostgres::start_default().unwrap();
+        let mut t = target(&pg);
+        t.password = "wrong".into();
+        let err = discover(&t, Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!(err.metric_label(), "discovery");
+        let port = sluice_testkit::free_port().unwrap();
+        let t = Target { port, ..target(&pg) };
+        let err = discover(&t, Duration::from_secs(2)).await.unwrap_err();
+        assert!(err.to_string().contains(&port.to_string()), "{err}");
+    }
+
+    #[test]
+    fn parses_status_responses() {
+        let body = br#"{"version":"0.1.0","config_hash":"abc","connection_limit":18,"draining":false}"#;
+        let mut raw = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n".to_vec();
+        raw.extend_from_slice(body);
+        assert_eq!(
+            parse_status_response(&raw),
+            Some(PodReport { config_hash: "abc".into(), connection_limit: 18 })
+        );
+        assert_eq!(parse_status_response(b"HTTP/1.1 503 x\r\n\r\n{}"), None);
+        assert_eq!(parse_status_response(b"garbage"), None);
+    }
+
+    #[tokio::test]
+    async fn http_probe_reads_a_real_socket() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let body = r#"{"config_hash":"h","connection_limit":3}"#;
+            let resp = format!("HTTP/1.0 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+            s.write_all(resp.as_bytes()).await.unwrap();
+        });
+        let probe = HttpProbe { timeout: Duration::from_secs(2), port };
+        let r = probe.status("127.0.0.1").await.unwrap();
+        assert_eq!(r.connection_limit, 3);
+    }
+}

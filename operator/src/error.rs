@@ -1,0 +1,80 @@
+//! The operator's one error type.
+
+use crate::budget::Infeasible;
+
+/// Everything a reconcile can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// A referenced Secret does not exist.
+    #[error("Secret {namespace}/{name} not found")]
+    MissingSecret {
+        /// Namespace of the Secret.
+        namespace: String,
+        /// Name of the Secret.
+        name: String,
+    },
+    /// A referenced Secret lacks a key.
+    #[error("Secret {namespace}/{name} has no key {key:?}")]
+    MissingSecretKey {
+        /// Namespace of the Secret.
+        namespace: String,
+        /// Name of the Secret.
+        name: String,
+        /// The missing key.
+        key: String,
+    },
+    /// The database could not be reached or queried.
+    #[error("database discovery at {target}: {source}")]
+    Discovery {
+        /// `host:port/db`.
+        target: String,
+        /// The cause.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The database did not answer in time.
+    #[error("database discovery at {target}: timed out")]
+    DiscoveryTimeout {
+        /// `host:port/db`.
+        target: String,
+    },
+    /// A discovered setting could not be parsed.
+    #[error("database setting {name} = {value:?} is not a number")]
+    BadSetting {
+        /// Setting name.
+        name: String,
+        /// Raw value.
+        value: String,
+    },
+    /// The pool does not fit in the database's connection budget.
+    #[error("budget exceeded: {0}")]
+    Infeasible(#[from] Infeasible),
+    /// The spec is invalid in a way CEL could not catch.
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+    /// An object could not be serialized.
+    #[error("serialization: {0}")]
+    Serialization(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// A short, bounded label for the `errors` metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::MissingSecret { .. } => "missing_secret",
+            Error::MissingSecretKey { .. } => "missing_secret_key",
+            Error::Discovery { .. } | Error::DiscoveryTimeout { .. } => "discovery",
+            Error::BadSetting { .. } => "bad_setting",
+            Error::Infeasible(_) => "budget_exceeded",
+            Error::InvalidSpec(_) => "invalid_spec",
+            Error::Serialization(_) => "serialization",
+        }
+    }
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,24 @@
+//! sluice-operator: runs `sluice-pooler` replicas whose server connections together stay
+//! within a PostgreSQL database's connection budget.
+
+mod api;
+mod budget;
+mod cli;
+mod desired;
+mod discovery;
+mod error;
+mod metrics;
+mod resize;
+mod status;
+
+pub use api::{
+    BudgetSource, BudgetStatus, ClientAuthSpec, ConnectionPool, ConnectionPoolSpec,
+    ConnectionPoolStatus, CRD_PATHS, DatabaseSpec, PodTemplateOverrides, PoolMode, ResizeStatus,
+    ServiceOverrides, crd_yaml,
+};
+pub use budget::{Budget, DatabaseLimits, Infeasible, ROLLOUT_EXTRA_PODS};
+pub use discovery::{Discover, HttpProbe, PostgresDiscovery, ProbePods, Target};
+pub use error::{Error, Result};
+pub use metrics::Metrics;
+pub use resize::{Phase, Plan, PodReport};
+pub use cli::main;

@@ -1,0 +1,479 @@
+//! The safe ordering of `connection_limit` and replica changes, as a pure planner.
+//!
+//! Each reconcile observes the world (the ConfigMap's limit, the Deployment's replicas, the
+//! pods and what they report on `/status`) and [`plan`] decides the next safe write. Nothing
+//! is remembered between steps except what is observable, so an operator restart resumes
+//! where the previous one stopped.
+//!
+//! With `R` the Deployment's replicas, `T` the target replicas, `B` the budget and
+//! `L(n) = ⌊B ÷ (n + 1)⌋`:
+//! 1. **Lower first.** If the ConfigMap's limit is above `L(max(R, T))`, write that limit.
+//! 2. **Scale up only behind acknowledgements.** If `T > R`, set replicas to `T` only once no
+//!    pod can still hold more than the ConfigMap's limit: every pod reports the new config
+//!    hash on `/status`, or a limit no higher than it, or has not been scheduled yet (it will
+//!    start with the new file). Pods that do not acknowledge within a timeout are deleted by
+//!    the reconciler.
+//! 3. **Scale down before raising.** If `T < R`, set replicas to `T`.
+//! 4. **Raise last.** If the limit is below `L(T)`, raise it only once at most `T` pods exist
+//!    and none is terminating (removed pods are gone, not just draining).
+//!
+//! # Guarantees
+//! At every moment, every pod that exists holds at most the limit that was in force when
+//! `L(n)` was computed for an `n` at least as large as the number of pods that could exist
+//! (replicas plus one rollout pod), so the total stays within the budget (see the
+//! `resize_sequences_stay_within_budget` property test).
+
+use crate::budget::{Infeasible, per_replica_limit};
+
+/// What one pod reports on `GET /status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodReport {
+    /// `config_hash`.
+    pub config_hash: String,
+    /// `connection_limit`.
+    pub connection_limit: i64,
+}
+
+/// One pooler pod as the planner sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodView {
+    /// Pod name.
+    pub name: String,
+    /// `metadata.deletionTimestamp` is set.
+    pub terminating: bool,
+    /// `spec.nodeName` is set (the kubelet may have mounted the config).
+    pub scheduled: bool,
+    /// What the pod reported, `None` when it was not asked or did not answer.
+    pub report: Option<PodReport>,
+}
+
+/// The observed world.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// `connection_limit` in the live ConfigMap (`None`: no ConfigMap yet).
+    pub config_limit: Option<i64>,
+    /// `spec.replicas` of the live Deployment (`None`: no Deployment yet).
+    pub deployment_replicas: Option<i32>,
+    /// The pool's pods.
+    pub pods: Vec<PodView>,
+    /// A config hash every pod was already seen to run (`status.budget.appliedConfigHash`);
+    /// when the planned config has this hash, pods need not be asked again.
+    pub acknowledged_hash: Option<String>,
+}
+
+/// The step a resize is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Nothing in flight.
+    Idle,
+    /// A lower limit is written; waiting for pods to apply it.
+    LoweringLimit,
+    /// Replicas reduced; waiting for the removed pods to be gone.
+    ScalingDown,
+    /// Raising the limit now that the removed pods are gone.
+    RaisingLimit,
+}
+
+impl Phase {
+    /// The `Progressing` condition reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Phase::Idle => "Idle",
+            Phase::LoweringLimit => "LoweringLimit",
+            Phase::ScalingDown => "ScalingDown",
+            Phase::RaisingLimit => "RaisingLimit",
+        }
+    }
+}
+
+/// The decision of one reconcile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// `connection_limit` to render into the ConfigMap now.
+    pub config_limit: i64,
+    /// `spec.replicas` to give the Deployment now.
+    pub deployment_replicas: i32,
+    /// Where the resize stands.
+    pub phase: Phase,
+    /// Pods that still hold (or may hold) more than `config_limit`.
+    pub unacknowledged: Vec<String>,
+    /// Pods that must be gone before the limit can rise.
+    pub awaiting_removal: Vec<String>,
+    /// The limit the resize ends at.
+    pub target_limit: i64,
+}
+
+impl Plan {
+    /// True when nothing more is to be done.
+    pub fn settled(&self) -> bool {
+        self.phase == Phase::Idle
+    }
+
+    /// A one-line description for conditions and events.
+    pub fn message(&self) -> String {
+        match self.phase {
+            Phase::Idle => String::new(),
+            Phase::LoweringLimit => format!(
+                "Waiting for {} pods to apply connection_limit {}",
+                self.unacknowledged.len(),
+                self.config_limit
+            ),
+            Phase::ScalingDown => format!(
+                "Waiting for {} removed pods to be gone before raising connection_limit to {}",
+                self.awaiting_removal.len(),
+                self.target_limit
+            ),
+            Phase::RaisingLimit => {
+                format!("Raising connection_limit to {}", self.target_limit)
+            }
+        }
+    }
+}
+
+/// Decides the next safe step towards `target_replicas` within `available` connections.
+///
+/// `hash_for(limit)` is the hash of the `pooler.toml` rendered with that limit.
+///
+/// # Errors
+/// [`Infeasible`] when the target replicas do not fit the budget; nothing may be written.
+pub fn plan(
+    observed: &Observed,
+    available: i64,
+    target_replicas: i32,
+    hash_for: impl Fn(i64) -> String,
+) -> Result<Plan, Infeasible> {
+    let target = i64::from(target_replicas);
+    let target_limit = per_replica_limit(available, target)?;
+    let current_replicas = observed.deployment_replicas.unwrap_or(0);
+    let widest = i64::from(current_replicas.max(target_replicas));
+    // The limit safe for every pod count this resize passes through. When even that does
+    // not fit (the Deployment is already larger than the budget allows), shrink first.
+    let safe_limit = per_replica_limit(available, widest).ok();
+
+    // 1. Lower first.
+    let mut limit = match (observed.config_limit, safe_limit) {
+        (None, Some(safe)) => safe,
+        (None, None) => target_limit,
+        (Some(cur), Some(safe)) if cur > safe => safe,
+        (Some(cur), _) => cur,
+    };
+    let hash = hash_for(limit);
+    let all_acknowledged = observed.acknowledged_hash.as_deref() == Some(hash.as_str());
+    let unacknowledged: Vec<String> = observed
+        .pods
+        .iter()
+        // Once every pod was seen on this hash, pods created since started with it.
+        .filter(|_| !all_acknowledged)
+        .filter(|p| p.scheduled || p.terminating)
+        .filter(|p| match &p.report {
+            Some(r) => r.config_hash != hash && r.connection_limit > limit,
+            None => true,
+        })
+        .map(|p| p.name.clone())
+        .collect();
+
+    let mut out = Plan {
+        config_limit: limit,
+        deployment_replicas: current_replicas,
+        phase: Phase::Idle,
+        unacknowledged: Vec::new(),
+        awaiting_removal: Vec::new(),
+        target_limit,
+    };
+
+    // 2. Scale up only once no pod can hold more than the new limit.
+    if target_replicas > current_replicas {
+        if !unacknowledged.is_empty() {
+            out.phase = Phase::LoweringLimit;
+            out.unacknowledged = unacknowledged;
+            return Ok(out);
+        }
+        out.deployment_replicas = target_replicas;
+    } else if target_replicas < current_replicas {
+        // 3. Scale down.
+        out.deployment_replicas = target_replicas;
+    }
+
+    // 4. Raise last, once the removed pods are gone.
+    if limit < target_limit {
+        let pods = observed.pods.len();
+        let draining: Vec<String> = observed
+            .pods
+            .iter()
+            .filter(|p| p.terminating)
+            .map(|p| p.name.clone())
+            .collect();
+        let shrinking = out.deployment_replicas < current_replicas;
+        if shrinking || pods > out.deployment_replicas as usize || !draining.is_empty() {
+            out.phase = Phase::ScalingDown;
+            out.awaiting_removal = if draining.is_empty() || shrinking {
+                observed.pods.iter().map(|p| p.name.clone()).collect()
+            } else {
+                draining
+            };
+            return Ok(out);
+        }
+        limit = target_limit;
+        out.config_limit = limit;
+        out.phase = Phase::RaisingLimit;
+        return Ok(out);
+    }
+
+    if !unacknowledged.is_empty() {
+        out.phase = Phase::LoweringLimit;
+        out.unacknowledged = unacknowledged;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hash(limit: i64) -> String {
+        format!("h{limit}")
+    }
+
+    fn pod(name: &str, limit: i64) -> PodView {
+        PodView {
+            name: name.into(),
+            terminating: false,
+            scheduled: true,
+            report: Some(PodReport { config_hash: hash(limit), connection_limit: limit }),
+        }
+    }
+
+    fn world(limit: i64, replicas: i32) -> Observed {
+        Observed {
+            config_limit: Some(limit),
+            deployment_replicas: Some(replicas),
+            pods: (0..replicas).map(|i| pod(&format!("p{i}"), limit)).collect(),
+            acknowledged_hash: Some(hash(limit)),
+        }
+    }
+
+    #[test]
+    fn create_writes_target_limit_and_replicas_at_once() {
+        let p = plan(&Observed::default(), 51, 2, hash).unwrap();
+        assert_eq!((p.config_limit, p.deployment_replicas, p.phase), (17, 2, Phase::Idle));
+    }
+
+    #[test]
+    fn scale_up_lowers_then_waits_then_grows() {
+        let mut w = world(17, 2);
+        let p = plan(&w, 51, 4, hash).unwrap();
+        assert_eq!((p.config_limit, p.deployment_replicas, p.phase), (10, 2, Phase::LoweringLimit));
+        assert_eq!(p.unacknowledged.len(), 2);
+        // The ConfigMap is written; one pod applied it.
+        w.config_limit = Some(10);
+        w.pods[0] = pod("p0", 10);
+        let p = plan(&w, 51, 4, hash).unwrap();
+        assert_eq!((p.deployment_replicas, p.unacknowledged.clone()), (2, vec!["p1".to_string()]));
+        w.pods[1] = pod("p1", 10);
+        let p = plan(&w, 51, 4, hash).unwrap();
+        assert_eq!((p.config_limit, p.deployment_replicas, p.phase), (10, 4, Phase::Idle));
+    }
+
+    #[test]
+    fn scale_down_shrinks_then_waits_then_raises() {
+        let mut w = world(10, 4);
+        let p = plan(&w, 51, 2, hash).unwrap();
+        assert_eq!((p.config_limit, p.deployment_replicas, p.phase), (10, 2, Phase::ScalingDown));
+        w.deployment_replicas = Some(2);
+        w.pods[2].terminating = true;
+        w.pods[3].terminating = true;
+        let p = plan(&w, 51, 2, hash).unwrap();
+        assert_eq!((p.config_limit, p.phase), (10, Phase::ScalingDown));
+        w.pods.truncate(2);
+        let p = plan(&w, 51, 2, hash).unwrap();
+        assert_eq!((p.config_limit, p.deployment_replicas, p.phase), (17, 2, Phase::RaisingLimit));
+    }
+
+    #[test]
+    fn budget_shrink_lowers_without_scaling() {
+        let w = world(17, 2);
+        let p = plan(&w, 30, 2, hash).unwrap();
+        assert_eq!((p.config_limit, p.deployment_replicas, p.phase), (10, 2, Phase::LoweringLimit));
+    }
+
+    #[test]
+    fn infeasible_target_is_an_error() {
+        assert!(plan(&world(17, 2), 51, 60, hash).is_err());
+    }
+
+    #[test]
+    fn stale_pod_blocks_scale_up_but_lower_limit_pod_does_not() {
+        let mut w = world(10, 2);
+        w.acknowledged_hash = None;
+        w.pods[0].report = Some(PodReport { config_hash: "old".into(), connection_limit: 17 });
+        w.pods[1].report = Some(PodReport { config_hash: "old".into(), connection_limit: 5 });
+        let p = plan(&w, 51, 4, hash).unwrap();
+        assert_eq!(p.deployment_replicas, 2);
+        assert_eq!(p.unacknowledged, vec!["p0".to_string()]);
+    }
+
+    // ---- the simulation behind the budget guarantee ----
+
+    #[derive(Clone, Debug)]
+    struct SimPod {
+        id: usize,
+        applied: i64,
+        terminating: bool,
+    }
+
+    #[derive(Debug)]
+    struct Sim {
+        budget: i64,
+        cm_limit: Option<i64>,
+        replicas: Option<i32>,
+        pods: Vec<SimPod>,
+        next_id: usize,
+    }
+
+    impl Sim {
+        fn observed(&self) -> Observed {
+            Observed {
+                config_limit: self.cm_limit,
+                deployment_replicas: self.replicas,
+                pods: self
+                    .pods
+                    .iter()
+                    .map(|p| PodView {
+                        name: format!("p{}", p.id),
+                        terminating: p.terminating,
+                        scheduled: true,
+                        report: Some(PodReport {
+                            config_hash: hash(p.applied),
+                            connection_limit: p.applied,
+                        }),
+                    })
+                    .collect(),
+                acknowledged_hash: None,
+            }
+        }
+
+        fn holding(&self) -> i64 {
+            self.pods.iter().map(|p| p.applied).sum()
+        }
+
+        /// One event chosen by `choice`; the invariant is checked by the caller.
+        fn step(&mut self, choice: u8, target: i32) {
+            match choice % 6 {
+                // The operator reconciles.
+                0 => {
+                    if let Ok(p) = plan(&self.observed(), self.budget, target, hash) {
+                        self.cm_limit = Some(p.config_limit);
+                        self.replicas = Some(p.deployment_replicas);
+                    }
+                }
+                // The Deployment controller converges by one pod.
+                1 => {
+                    let want = self.replicas.unwrap_or(0) as usize;
+                    let live: Vec<usize> =
+                        (0..self.pods.len()).filter(|&i| !self.pods[i].terminating).collect();
+                    if live.len() < want {
+                        if let Some(limit) = self.cm_limit {
+                            self.pods.push(SimPod { id: self.next_id, applied: limit, terminating: false });
+                            self.next_id += 1;
+                        }
+                    } else if live.len() > want {
+                        let i = *live.last().unwrap();
+                        self.pods[i].terminating = true;
+                    }
+                }
+                // One live pod reloads the current config.
+                2 => {
+                    if let (Some(limit), Some(p)) = (
+                        self.cm_limit,
+                        self.pods.iter_mut().find(|p| !p.terminating && p.applied != self.cm_limit.unwrap()),
+                    ) {
+                        p.applied = limit;
+                    }
+                }
+                // A draining pod exits.
+                3 => {
+                    if let Some(i) = self.pods.iter().position(|p| p.terminating) {
+                        self.pods.remove(i);
+                    }
+                }
+                // A rolling update replaces one pod (maxSurge 0, maxUnavailable 1,
+                // minReadySeconds ≥ grace: only when no other pod is draining).
+                4 => {
+                    let want = self.replicas.unwrap_or(0) as usize;
+                    let live = self.pods.iter().filter(|p| !p.terminating).count();
+                    if live == want && want > 0 && !self.pods.iter().any(|p| p.terminating) {
+                        self.pods[0].terminating = true;
+                    }
+                }
+                // Nothing happens (time passes).
+                _ => {}
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// For any budget, any sequence of replica targets and any interleaving of pod
+        /// reloads, pod exits, rollouts and reconciles, the pods together never hold more
+        /// than the budget.
+        #[test]
+        fn resize_sequences_stay_within_budget(
+            budget in 3i64..200,
+            start in 1i32..8,
+            targets in proptest::collection::vec(1i32..12, 1..5),
+            events in proptest::collection::vec(any::<u8>(), 50..400),
+        ) {
+            let mut sim = Sim { budget, cm_limit: None, replicas: None, pods: vec![], next_id: 0 };
+            if per_replica_limit(budget, i64::from(start)).is_err() {
+                return Ok(());
+            }
+            // Converge on the start size.
+            for _ in 0..200 {
+                for c in [0u8, 1, 2, 3] { sim.step(c, start); }
+            }
+            prop_assert!(sim.holding() <= budget);
+            let chunk = events.len() / targets.len() + 1;
+            for (i, c) in events.iter().enumerate() {
+                let target = targets[(i / chunk).min(targets.len() - 1)];
+                sim.step(*c, target);
+                prop_assert!(
+                    sim.holding() <= budget,
+                    "over budget: {} > {} with {:?}", sim.holding(), budget, sim
+                );
+            }
+            // Converges once events stop being adversarial.
+            let last = *targets.last().unwrap();
+            if per_replica_limit(budget, i64::from(last)).is_ok() {
+                for _ in 0..400 {
+                    for c in [0u8, 1, 2, 3] { sim.step(c, last); }
+                }
+                let p = plan(&sim.observed(), budget, last, hash).unwrap();
+                prop_assert!(p.settled(), "not settled: {:?} {:?}", p, sim);
+                prop_assert_eq!(sim.pods.len(), last as usize);
+                prop_assert_eq!(sim.cm_limit, Some(per_replica_limit(budget, i64::from(last)).unwrap()));
+            }
+        }
+
+        /// A growing budget raises the limit without scaling; a pod never exceeds it.
+        #[test]
+        fn budget_growth_stays_within_new_budget(
+            budget in 3i64..200, extra in 0i64..100, replicas in 1i32..8,
+            events in proptest::collection::vec(any::<u8>(), 50..200),
+        ) {
+            if per_replica_limit(budget, i64::from(replicas)).is_err() {
+                return Ok(());
+            }
+            let mut sim = Sim { budget, cm_limit: None, replicas: None, pods: vec![], next_id: 0 };
+            for _ in 0..100 {
+                for c in [0u8, 1, 2, 3] { sim.step(c, replicas); }
+            }
+            sim.budget = budget + extra;
+            for c in events {
+                sim.step(c, replicas);
+                prop_assert!(sim.holding() <= sim.budget);
+            }
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Pure construction of a pool's status and its kstatus-style conditions.
+//!
+//! # Guarantees
+//! A condition keeps its `lastTransitionTime` while its status does not change, so an
+//! unchanged world produces a status equal to the previous one and no write.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::api::{BudgetStatus, ConnectionPoolStatus, ResizeStatus};
+
+/// Condition types.
+pub const READY: &str = "Ready";
+/// Condition types.
+pub const PROGRESSING: &str = "Progressing";
+/// Condition types.
+pub const DEGRADED: &str = "Degraded";
+/// Condition types.
+pub const BUDGET_EXCEEDED: &str = "BudgetExceeded";
+
+/// What the reconcile found, in status terms.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Report {
+    /// `metadata.generation` of the pool.
+    pub generation: Option<i64>,
+    /// `status.selector`.
+    pub selector: String,
+    /// Target replicas.
+    pub desired_replicas: i32,
+    /// Pods that exist and are not terminating.
+    pub replicas: i32,
+    /// Ready pods.
+    pub ready_replicas: i32,
+    /// The budget block.
+    pub budget: Option<BudgetStatus>,
+    /// A resize in flight.
+    pub resize: Option<ResizeStatus>,
+    /// `(reason, message)` while a resize or rollout is in flight.
+    pub progressing: Option<(String, String)>,
+    /// `(reason, message)` when the pool cannot be served as specified.
+    pub degraded: Option<(String, String)>,
+    /// Message when the budget cannot fit the replicas.
+    pub budget_exceeded: Option<String>,
+}
+
+fn condition(
+    prev: Option<&ConnectionPoolStatus>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    let status = if status { "True" } else { "False" };
+    let last = prev
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
+        .filter(|c| c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone());
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: last,
+    }
+}
+
+/// Builds the status from a report, carrying transition times over from `prev`.
+pub fn build(prev: Option<&ConnectionPoolStatus>, r: &Report, now: Time) -> ConnectionPoolStatus {
+    let g = r.generation;
+    let ready = r.ready_replicas >= r.desired_replicas
+        && r.degraded.is_none()
+        && r.budget_exceeded.is_none();
+    let ready_msg = format!("{}/{} pooler pods ready", r.ready_replicas, r.desired_replicas);
+    let ready_reason = if r.budget_exceeded.is_some() {
+        "BudgetExceeded"
+    } else if r.degraded.is_some() {
+        "Degraded"
+    } else if ready {
+        "Ready"
+    } else {
+        "PodsNotReady"
+    };
+    let (p_on, p_reason, p_msg) = match &r.progressing {
+        Some((reason, msg)) => (true, reason.as_str(), msg.clone()),
+        None => (false, "Idle", String::new()),
+    };
+    let (d_on, d_reason, d_msg) = match &r.degraded {
+        Some((reason, msg)) => (true, reason.as_str(), msg.clone()),
+        None => (false, "AsExpected", String::new()),
+    };
+    let (b_on, b_reason, b_msg) = match &r.budget_exceeded {
+        Some(msg) => (true, "BudgetExceeded", msg.clone()),
+        None => (false, "WithinBudget", String::new()),
+    };
+    ConnectionPoolStatus {
+        observed_generation: g,
+        conditions: vec![
+            condition(prev, READY, ready, ready_reason, ready_msg, g, &now),
+            condition(prev, PROGRESSING, p_on, p_reason, p_msg, g, &now),
+            condition(prev, DEGRADED, d_on, d_reason, d_msg, g, &now),
+            condition(prev, BUDGET_EXCEEDED, b_on, b_reason, b_msg, g, &now),
+        ],
+        replicas: r.replicas,
+        ready_replicas: r.ready_replicas,
+        selector: Some(r.selector.clone()),
+        budget: r.budget.clone(),
+        resize: r.resize.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn t(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).unwrap())
+    }
+
+    #[test]
+    fn unchanged_report_gives_equal_status() {
+        let r = Report { desired_replicas: 2, replicas: 2, ready_replicas: 2, ..Default::default() };
+        let a = build(None, &r, t(1));
+        let b = build(Some(&a), &r, t(2));
+        assert_eq!(a, b);
+        assert_eq!(a.conditions[0].status, "True");
+    }
+
+    #[test]
+    fn transitions_move_the_time_and_budget_exceeded_is_not_ready() {
+        let r = Report { desired_replicas: 2, replicas: 2, ready_replicas: 2, ..Default::default() };
+        let a = build(None, &r, t(1));
+        let r2 = Report { budget_exceeded: Some("too many".into()), ..r };
+        let b = build(Some(&a), &r2, t(2));
+        let ready = &b.conditions[0];
+        assert_eq!((ready.status.as_str(), ready.last_transition_time.clone()), ("False", t(2)));
+        let be = b.conditions.iter().find(|c| c.type_ == BUDGET_EXCEEDED).unwrap();
+        assert_eq!((be.status.as_str(), be.message.as_str()), ("True", "too many"));
+        // Progressing did not change: its time stays.
+        assert_eq!(b.conditions[1].last_transition_time, t(1));
+    }
+}
