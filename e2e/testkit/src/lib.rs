@@ -2,8 +2,10 @@
 //! throwaway PostgreSQL ([`TempPostgres`]) and, in `cluster`, a real Kubernetes
 //! control plane on loopback.
 
+pub mod cluster;
 mod postgres;
 
+pub use cluster::{ControlPlane, client_from_kubeconfig, k8s_bin_dir};
 pub use postgres::{
     APP_DB, APP_USER, PostgresBuilder, SUPERUSER, TempPostgres, connect, free_port, pg_bin_dir,
 };
