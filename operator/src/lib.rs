@@ -8,6 +8,7 @@ mod desired;
 mod discovery;
 mod error;
 mod metrics;
+mod reconcile;
 mod resize;
 mod status;
 
@@ -22,3 +23,4 @@ pub use error::{Error, Result};
 pub use metrics::Metrics;
 pub use resize::{Phase, Plan, PodReport};
 pub use cli::main;
+pub use reconcile::{Context, Settings, error_policy, reconcile, run_controller};

@@ -1,0 +1,671 @@
+//! The reconciler: the only code that calls the Kubernetes API.
+//!
+//! One reconcile reads the pool's Secrets, the database limits (cached, refreshed every
+//! discovery interval and on spec or credential changes), the children and the pods; asks
+//! [`crate::resize::plan`] for the next safe step; writes only the children whose rendering
+//! changed (server-side apply, field manager `sluice-operator`); deletes pods that did not
+//! acknowledge a lowered limit in time; and patches status only when it changed.
+//!
+//! # Guarantees
+//! - A reconcile of an unchanged, settled pool issues no mutating request.
+//! - When the database cannot be reached, a Secret is missing or the pool does not fit the
+//!   budget, no child is written: the last good config stays in force.
+//! - The operator writes the status of ConnectionPools and the children it owns, never a
+//!   pool's spec.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::api::{BudgetSource, BudgetStatus, ConnectionPool, ConnectionPoolStatus, ResizeStatus};
+use crate::budget::{self, Budget, DatabaseLimits};
+use crate::desired::{self, FIELD_MANAGER, LIMIT_ANNOTATION, RenderInputs};
+use crate::discovery::{Discover, ProbePods, Target};
+use crate::error::{Error, Result};
+use crate::metrics::{self, Metrics};
+use crate::resize::{self, Observed, Phase, Plan, PodView};
+use crate::status::{self, Report};
+
+/// Settings of the reconciler.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Pooler image for pools that name none.
+    pub default_image: String,
+    /// How often database limits are re-read.
+    pub discovery_interval: Duration,
+    /// How long pods get to acknowledge a lowered limit before they are deleted.
+    pub ack_timeout: Duration,
+    /// Requeue delay while a resize waits.
+    pub poll_interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            default_image: "ghcr.io/sluice-dev/sluice-pooler:0.1.0".into(),
+            discovery_interval: Duration::from_secs(300),
+            ack_timeout: Duration::from_secs(120),
+            poll_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct CachedLimits {
+    key: (Option<i64>, String),
+    at: Instant,
+    limits: DatabaseLimits,
+}
+
+/// Shared state of all reconciles.
+pub struct Context {
+    client: Client,
+    metrics: Arc<Metrics>,
+    discovery: Arc<dyn Discover>,
+    probe: Arc<dyn ProbePods>,
+    recorder: Recorder,
+    settings: Settings,
+    limits: Mutex<HashMap<String, CachedLimits>>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context over `client`.
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        discovery: Arc<dyn Discover>,
+        probe: Arc<dyn ProbePods>,
+        settings: Settings,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            discovery,
+            probe,
+            settings,
+            limits: Mutex::default(),
+            failures: Mutex::default(),
+        }
+    }
+}
+
+fn key(pool: &ConnectionPool) -> String {
+    format!("{}/{}", pool.namespace().unwrap_or_default(), pool.name_any())
+}
+
+/// Reconciles one pool; see the module docs.
+///
+/// # Errors
+/// API failures; the controller retries them with backoff ([`error_policy`]).
+pub async fn reconcile(pool: Arc<ConnectionPool>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started();
+    if pool.metadata.deletion_timestamp.is_some() {
+        // Children go with the pool through their owner references.
+        ctx.metrics.forget_pool(&pool.namespace().unwrap_or_default(), &pool.name_any());
+        return Ok(Action::await_change());
+    }
+    let action = Reconciler::new(&pool, &ctx).run().await?;
+    ctx.failures.lock().map(|mut f| f.remove(&key(&pool))).ok();
+    Ok(action)
+}
+
+/// Requeues a failed reconcile with exponential backoff per pool.
+pub fn error_policy(pool: Arc<ConnectionPool>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failed(error);
+    let n = ctx
+        .failures
+        .lock()
+        .map(|mut f| {
+            let n = f.entry(key(&pool)).or_default();
+            *n += 1;
+            *n
+        })
+        .unwrap_or(1);
+    tracing::warn!(pool = %key(&pool), %error, failures = n, "reconcile failed");
+    Action::requeue(metrics::backoff(n))
+}
+
+/// Children of one pool as observed.
+struct Children {
+    config_map: Option<ConfigMap>,
+    deployment: Option<Deployment>,
+    service: Option<Service>,
+    pdb: Option<PodDisruptionBudget>,
+    service_account: Option<ServiceAccount>,
+    pods: Vec<Pod>,
+}
+
+struct Reconciler<'a> {
+    pool: &'a ConnectionPool,
+    ctx: &'a Context,
+    ns: String,
+    name: String,
+    prev: Option<&'a ConnectionPoolStatus>,
+}
+
+/// Why the pool cannot be reconciled as specified.
+enum Blocked {
+    Degraded(&'static str, String),
+    BudgetExceeded(String, Option<Budget>),
+}
+
+impl<'a> Reconciler<'a> {
+    fn new(pool: &'a ConnectionPool, ctx: &'a Context) -> Self {
+        Self {
+            pool,
+            ctx,
+            ns: pool.namespace().unwrap_or_default(),
+            name: pool.name_any(),
+            prev: pool.status.as_ref(),
+        }
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.ctx.client.clone(), &self.ns)
+    }
+
+    async fn run(&self) -> Result<Action> {
+        let spec = &self.pool.spec;
+        // 1. Secrets (their resourceVersions make the config revision).
+        let creds = match self.secret(&spec.database.credentials_secret).await? {
+            Ok(s) => s,
+            Err(b) => return self.blocked(b).await,
+        };
+        let users = match self.secret(&spec.client_auth.users_secret).await? {
+            Ok(s) => s,
+            Err(b) => return self.blocked(b).await,
+        };
+        let revision = desired::secrets_revision(
+            creds.resource_version().as_deref().unwrap_or(""),
+            users.resource_version().as_deref().unwrap_or(""),
+        );
+
+        // 2. The budget.
+        let limits = match self.limits(&creds).await {
+            Ok(l) => l,
+            Err(e @ (Error::Discovery { .. } | Error::DiscoveryTimeout { .. } | Error::BadSetting { .. })) => {
+                return self.blocked(Blocked::Degraded("DatabaseUnreachable", e.to_string())).await;
+            }
+            Err(e @ Error::MissingSecretKey { .. }) => {
+                return self.blocked(Blocked::Degraded("SecretInvalid", e.to_string())).await;
+            }
+            Err(e) => return Err(e),
+        };
+        let reserved = spec.database.reserved_connections.map(i64::from);
+        let budget = match budget::budget(limits, reserved) {
+            Ok(b) => b,
+            Err(e) => return self.blocked(Blocked::BudgetExceeded(e.to_string(), None)).await,
+        };
+        if let Err(e) = desired::grace_seconds(self.pool) {
+            return self.blocked(Blocked::Degraded("InvalidSpec", e.to_string())).await;
+        }
+
+        // 3. Observe.
+        let children = self.observe().await?;
+        let config_limit = children
+            .config_map
+            .as_ref()
+            .and_then(|cm| cm.annotations().get(LIMIT_ANNOTATION))
+            .and_then(|v| v.parse().ok());
+        let deployment_replicas =
+            children.deployment.as_ref().and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas);
+        let acknowledged_hash = self.prev.and_then(|s| s.budget.as_ref()).and_then(|b| b.applied_config_hash.clone());
+        let hash_for = |limit: i64| {
+            desired::pooler_toml(self.pool, limit, &revision)
+                .map(|t| desired::config_hash(&t))
+                .unwrap_or_default()
+        };
+        let target_replicas = spec.replicas;
+        let steady_limit = budget::per_replica_limit(budget.available, i64::from(target_replicas)).ok();
+        let live_hash = children
+            .config_map
+            .as_ref()
+            .and_then(|cm| cm.annotations().get(desired::CONFIG_HASH_ANNOTATION).cloned());
+        let steady = steady_limit.is_some_and(|l| {
+            let h = hash_for(l);
+            live_hash.as_deref() == Some(h.as_str())
+                && acknowledged_hash.as_deref() == Some(h.as_str())
+                && deployment_replicas == Some(target_replicas)
+        });
+        let reports = if steady { HashMap::new() } else { self.probe(&children.pods).await };
+        let pods: Vec<PodView> = children
+            .pods
+            .iter()
+            .map(|p| PodView {
+                name: p.name_any(),
+                terminating: p.metadata.deletion_timestamp.is_some(),
+                scheduled: p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some(),
+                report: reports.get(&p.name_any()).cloned(),
+            })
+            .collect();
+        let observed = Observed { config_limit, deployment_replicas, pods, acknowledged_hash: acknowledged_hash.clone() };
+
+        // 4. Decide.
+        let plan = match resize::plan(&observed, budget.available, target_replicas, hash_for) {
+            Ok(p) => p,
+            Err(e) => return self.blocked(Blocked::BudgetExceeded(e.to_string(), Some(budget))).await,
+        };
+        let config_hash = hash_for(plan.config_limit);
+
+        // 5. Act: children in a safe order (the ConfigMap before the Deployment).
+        let inputs = RenderInputs {
+            limit: plan.config_limit,
+            replicas: plan.deployment_replicas,
+            revision: revision.clone(),
+            default_image: self.ctx.settings.default_image.clone(),
+        };
+        self.apply(children.service_account.as_ref(), desired::service_account(self.pool)?, "serviceaccounts").await?;
+        let cm_written = self
+            .apply(children.config_map.as_ref(), desired::config_map(self.pool, plan.config_limit, &revision)?, "configmaps")
+            .await?;
+        self.apply(children.service.as_ref(), desired::service(self.pool)?, "services").await?;
+        self.apply(children.pdb.as_ref(), desired::pod_disruption_budget(self.pool)?, "poddisruptionbudgets").await?;
+        self.apply(children.deployment.as_ref(), desired::deployment(self.pool, &inputs)?, "deployments").await?;
+
+        if cm_written && config_limit != Some(plan.config_limit) {
+            let from = config_limit.map_or("none".to_string(), |l| l.to_string());
+            self.event(EventType::Normal, "ConfigUpdated", format!("connection_limit {from} -> {}", plan.config_limit)).await;
+        }
+        if deployment_replicas.is_some() && deployment_replicas != Some(plan.deployment_replicas) {
+            self.event(
+                EventType::Normal,
+                "Scaled",
+                format!("Deployment replicas {} -> {}", deployment_replicas.unwrap_or(0), plan.deployment_replicas),
+            )
+            .await;
+        }
+
+        // 6. Pods that do not acknowledge a lowered limit in time are restarted.
+        let since = self.resize_since(&plan, &config_hash);
+        if plan.phase == Phase::LoweringLimit && self.expired(&since) {
+            for pod in children.pods.iter().filter(|p| {
+                plan.unacknowledged.contains(&p.name_any()) && p.metadata.deletion_timestamp.is_none()
+            }) {
+                self.delete_pod(&pod.name_any()).await?;
+            }
+        }
+
+        // 7. Status.
+        let all_report = !children.pods.is_empty()
+            && children.pods.iter().all(|p| {
+                reports.get(&p.name_any()).is_some_and(|r| r.config_hash == config_hash)
+            });
+        // Pods that start later mount the ConfigMap as it is now, so the hash counts as
+        // applied once every existing pod reports it (or there is none).
+        let applied = if steady || all_report || children.pods.is_empty() {
+            Some(config_hash.clone())
+        } else {
+            acknowledged_hash
+        };
+        let limit = steady_limit.unwrap_or(plan.target_limit);
+        let budget_status = budget_block(&budget, limit, target_replicas, applied);
+        self.ctx.metrics.set_budget(&self.ns, &self.name, budget.available, limit);
+        let (replicas, ready) = pod_counts(&children.pods);
+        let progressing = if !plan.settled() {
+            Some((plan.phase.reason().to_string(), plan.message()))
+        } else if rolling_out(children.deployment.as_ref()) {
+            Some(("RollingOut".to_string(), "The pooler Deployment is rolling out".to_string()))
+        } else {
+            None
+        };
+        let resize = (!plan.settled()).then(|| ResizeStatus {
+            phase: plan.phase.reason().into(),
+            target_replicas,
+            target_limit: plan.target_limit,
+            config_hash: config_hash.clone(),
+            since: since.clone(),
+        });
+        if self.prev.and_then(|s| s.resize.as_ref()).map(|r| r.phase.as_str()) != resize.as_ref().map(|r| r.phase.as_str())
+            && !plan.settled()
+        {
+            self.event(EventType::Normal, plan.phase.reason(), plan.message()).await;
+        }
+        let report = Report {
+            generation: self.pool.metadata.generation,
+            selector: desired::selector_string(self.pool),
+            desired_replicas: target_replicas,
+            replicas,
+            ready_replicas: ready,
+            budget: Some(budget_status),
+            resize,
+            progressing: progressing.clone(),
+            degraded: None,
+            budget_exceeded: None,
+        };
+        self.patch_status(&report).await?;
+
+        let waiting = progressing.is_some() || ready < target_replicas;
+        Ok(if waiting {
+            Action::requeue(self.ctx.settings.poll_interval)
+        } else {
+            Action::requeue(self.ctx.settings.discovery_interval)
+        })
+    }
+
+    /// The Secret, or why the pool is degraded without it.
+    async fn secret(&self, name: &str) -> Result<Result<Secret, Blocked>> {
+        self.ctx.metrics.api_request("get", "secrets");
+        match self.api::<Secret>().get_opt(name).await? {
+            Some(s) => Ok(Ok(s)),
+            None => Ok(Err(Blocked::Degraded(
+                "SecretNotFound",
+                Error::MissingSecret { namespace: self.ns.clone(), name: name.into() }.to_string(),
+            ))),
+        }
+    }
+
+    async fn limits(&self, creds: &Secret) -> Result<DatabaseLimits> {
+        let db = &self.pool.spec.database;
+        if let Some(max) = db.max_connections {
+            // Without discovery, assume PostgreSQL's defaults for the server's own reservations.
+            return Ok(DatabaseLimits {
+                max_connections: i64::from(max),
+                superuser_reserved: 3,
+                reserved_connections: 0,
+                source: BudgetSource::Spec,
+            });
+        }
+        let cache_key = (self.pool.metadata.generation, creds.resource_version().unwrap_or_default());
+        if let Some(c) = self.ctx.limits.lock().ok().and_then(|m| m.get(&key(self.pool)).cloned())
+            && c.key == cache_key
+            && c.at.elapsed() < self.ctx.settings.discovery_interval
+        {
+            return Ok(c.limits);
+        }
+        let field = |k: &str| -> Result<String> {
+            creds
+                .data
+                .as_ref()
+                .and_then(|d| d.get(k))
+                .map(|v| String::from_utf8_lossy(&v.0).trim_end_matches('\n').to_string())
+                .ok_or_else(|| Error::MissingSecretKey {
+                    namespace: self.ns.clone(),
+                    name: creds.name_any(),
+                    key: k.into(),
+                })
+        };
+        let target = Target {
+            host: db.host.clone(),
+            port: u16::try_from(db.port).map_err(|_| Error::InvalidSpec("database.port".into()))?,
+            database: db.name.clone().unwrap_or_else(|| "postgres".into()),
+            user: field("username")?,
+            password: field("password")?,
+        };
+        let limits = self.ctx.discovery.discover(&target).await?;
+        if let Ok(mut m) = self.ctx.limits.lock() {
+            m.insert(key(self.pool), CachedLimits { key: cache_key, at: Instant::now(), limits });
+        }
+        Ok(limits)
+    }
+
+    async fn observe(&self) -> Result<Children> {
+        let m = &self.ctx.metrics;
+        let cm_name = desired::config_map_name(self.pool);
+        m.api_request("get", "configmaps");
+        let config_map = self.api::<ConfigMap>().get_opt(&cm_name).await?;
+        m.api_request("get", "deployments");
+        let deployment = self.api::<Deployment>().get_opt(&self.name).await?;
+        m.api_request("get", "services");
+        let service = self.api::<Service>().get_opt(&self.name).await?;
+        m.api_request("get", "poddisruptionbudgets");
+        let pdb = self.api::<PodDisruptionBudget>().get_opt(&self.name).await?;
+        m.api_request("get", "serviceaccounts");
+        let service_account =
+            self.api::<ServiceAccount>().get_opt(&desired::service_account_name(self.pool)).await?;
+        m.api_request("list", "pods");
+        let lp = ListParams::default().labels(&desired::selector_string(self.pool));
+        let pods = self.api::<Pod>().list(&lp).await?.items;
+        Ok(Children { config_map, deployment, service, pdb, service_account, pods })
+    }
+
+    async fn probe(&self, pods: &[Pod]) -> HashMap<String, resize::PodReport> {
+        let probes = pods.iter().filter_map(|p| {
+            let ip = p.status.as_ref()?.pod_ip.clone()?;
+            let name = p.name_any();
+            Some(async move { (name, self.ctx.probe.status(&ip).await) })
+        });
+        futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .filter_map(|(n, r)| r.map(|r| (n, r)))
+            .collect()
+    }
+
+    /// Server-side applies `desired` unless the live object carries the same spec hash.
+    /// Returns whether it wrote.
+    async fn apply<K>(&self, live: Option<&K>, desired: K, resource: &str) -> Result<bool>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + Serialize
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let want = desired::spec_hash_of(&desired).map(str::to_string);
+        if live.is_some_and(|l| desired::spec_hash_of(l).map(str::to_string) == want) {
+            return Ok(false);
+        }
+        self.ctx.metrics.api_request("patch", resource);
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        self.api::<K>().patch(&desired.name_any(), &pp, &Patch::Apply(&desired)).await?;
+        tracing::info!(pool = %key(self.pool), resource, name = %desired.name_any(), "applied");
+        Ok(true)
+    }
+
+    async fn delete_pod(&self, name: &str) -> Result<()> {
+        self.ctx.metrics.api_request("delete", "pods");
+        match self.api::<Pod>().delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.event(
+            EventType::Warning,
+            "RestartedPod",
+            format!("Pod {name} did not apply the lowered connection_limit within {:?}", self.ctx.settings.ack_timeout),
+        )
+        .await;
+        Ok(())
+    }
+
+    fn resize_since(&self, plan: &Plan, hash: &str) -> String {
+        self.prev
+            .and_then(|s| s.resize.as_ref())
+            .filter(|r| r.config_hash == hash && r.phase == plan.phase.reason())
+            .map(|r| r.since.clone())
+            .unwrap_or_else(|| Timestamp::now().to_string())
+    }
+
+    fn expired(&self, since: &str) -> bool {
+        let Ok(t) = since.parse::<Timestamp>() else { return false };
+        let age = Timestamp::now().as_second() - t.as_second();
+        age >= 0 && age as u64 >= self.ctx.settings.ack_timeout.as_secs()
+    }
+
+    /// Records the pool as degraded or over budget without touching any child.
+    async fn blocked(&self, why: Blocked) -> Result<Action> {
+        let prev_budget = self.prev.and_then(|s| s.budget.clone());
+        let mut report = Report {
+            generation: self.pool.metadata.generation,
+            selector: desired::selector_string(self.pool),
+            desired_replicas: self.pool.spec.replicas,
+            replicas: self.prev.map_or(0, |s| s.replicas),
+            ready_replicas: self.prev.map_or(0, |s| s.ready_replicas),
+            budget: prev_budget.clone(),
+            resize: self.prev.and_then(|s| s.resize.clone()),
+            ..Default::default()
+        };
+        let (cond, reason, message) = match why {
+            Blocked::Degraded(reason, message) => {
+                report.degraded = Some((reason.to_string(), message.clone()));
+                (status::DEGRADED, reason, message)
+            }
+            Blocked::BudgetExceeded(message, budget) => {
+                if let Some(b) = budget {
+                    let applied = prev_budget.and_then(|p| p.applied_config_hash);
+                    let mut block = budget_block(&b, 0, self.pool.spec.replicas, applied);
+                    block.worst_case_total = 0;
+                    report.budget = Some(block);
+                }
+                report.budget_exceeded = Some(message.clone());
+                (status::BUDGET_EXCEEDED, "BudgetExceeded", message)
+            }
+        };
+        let was_true = self
+            .prev
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == cond))
+            .is_some_and(|c| c.status == "True" && c.message == message);
+        if !was_true {
+            tracing::warn!(pool = %key(self.pool), reason, %message, "pool blocked; last good config kept");
+            self.event(EventType::Warning, reason, message).await;
+        }
+        self.patch_status(&report).await?;
+        Ok(Action::requeue(Duration::from_secs(30).min(self.ctx.settings.discovery_interval)))
+    }
+
+    async fn patch_status(&self, report: &Report) -> Result<()> {
+        let now = Time(Timestamp::now());
+        let new = status::build(self.prev, report, now);
+        if self.prev == Some(&new) {
+            return Ok(());
+        }
+        self.ctx.metrics.api_request("patch", "connectionpools");
+        let body = json!({
+            "apiVersion": "sluice.dev/v1alpha1",
+            "kind": "ConnectionPool",
+            "status": new,
+        });
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        self.api::<ConnectionPool>().patch_status(&self.name, &pp, &Patch::Apply(&body)).await?;
+        Ok(())
+    }
+
+    async fn event(&self, type_: EventType, reason: &str, note: String) {
+        self.ctx.metrics.api_request("create", "events");
+        let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+        if let Err(e) = self.ctx.recorder.publish(&ev, &self.pool.object_ref(&())).await {
+            tracing::warn!(pool = %key(self.pool), error = %e, "could not record event");
+        }
+    }
+}
+
+fn budget_block(b: &Budget, limit: i64, replicas: i32, applied: Option<String>) -> BudgetStatus {
+    BudgetStatus {
+        database_max_connections: b.limits.max_connections,
+        superuser_reserved: b.limits.superuser_reserved,
+        database_reserved: b.limits.reserved_connections,
+        reserved: b.reserved,
+        available: b.available,
+        per_replica_limit: limit,
+        worst_case_total: budget::worst_case_total(limit, i64::from(replicas)),
+        source: b.limits.source,
+        applied_config_hash: applied,
+    }
+}
+
+fn pod_counts(pods: &[Pod]) -> (i32, i32) {
+    let live: Vec<&Pod> = pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+    let ready = live
+        .iter()
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .count();
+    (live.len() as i32, ready as i32)
+}
+
+fn rolling_out(dep: Option<&Deployment>) -> bool {
+    let Some(d) = dep else { return false };
+    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+    let Some(s) = &d.status else { return want > 0 };
+    s.observed_generation < d.metadata.generation
+        || s.updated_replicas.unwrap_or(0) < want
+        || s.replicas.unwrap_or(0) > want
+}
+
+/// Pools that reference `secret` by name (credentials or users).
+pub fn pools_referencing(pools: &[Arc<ConnectionPool>], secret: &Secret) -> Vec<ObjectRef<ConnectionPool>> {
+    let ns = secret.namespace();
+    let name = secret.name_any();
+    pools
+        .iter()
+        .filter(|p| p.namespace() == ns)
+        .filter(|p| p.spec.database.credentials_secret == name || p.spec.client_auth.users_secret == name)
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// Runs the controller until `shutdown` resolves.
+///
+/// `namespace`: watch one namespace, or all when `None`.
+pub async fn run_controller(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let pools: Api<ConnectionPool> = scoped(&client, &namespace);
+    let wc = watcher::Config::default();
+    let controller = Controller::new(pools, wc.clone());
+    let store = controller.store();
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=sluice-operator");
+    controller
+        .owns(scoped::<Deployment>(&client, &namespace), owned.clone())
+        .owns(scoped::<ConfigMap>(&client, &namespace), owned.clone())
+        .owns(scoped::<Service>(&client, &namespace), owned.clone())
+        .owns(scoped::<PodDisruptionBudget>(&client, &namespace), owned.clone())
+        .owns(scoped::<ServiceAccount>(&client, &namespace), owned)
+        .watches(scoped::<Secret>(&client, &namespace), wc, move |secret| {
+            pools_referencing(&store.state(), &secret)
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(pool = %obj, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+#[path = "reconcile_tests.rs"]
+mod tests;

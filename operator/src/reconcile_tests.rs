@@ -1,0 +1,504 @@
+//! Reconcile scenarios against an in-memory API server behind `tower_test::mock::pair`.
+//!
+//! The fake keeps objects by URL path, answers GET/LIST/PATCH (apply)/DELETE/POST like the
+//! API server would for this operator's requests, and logs every request so the tests can
+//! check which writes happened and in what order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::api::ConnectionPool;
+use crate::desired::tests::minimal;
+use crate::discovery::BoxFuture;
+use crate::resize::PodReport;
+
+const NS: &str = "default";
+const POOL_PATH: &str = "/apis/sluice.dev/v1alpha1/namespaces/default/connectionpools/app";
+const CM_PATH: &str = "/api/v1/namespaces/default/configmaps/app-config";
+const DEP_PATH: &str = "/apis/apps/v1/namespaces/default/deployments/app";
+const PODS_PATH: &str = "/api/v1/namespaces/default/pods";
+
+#[derive(Clone, Debug)]
+struct Logged {
+    method: Method,
+    path: String,
+    body: Value,
+}
+
+#[derive(Default)]
+struct FakeApi {
+    objects: Mutex<BTreeMap<String, Value>>,
+    log: Mutex<Vec<Logged>>,
+    rv: Mutex<u64>,
+}
+
+impl FakeApi {
+    fn put(&self, path: &str, obj: Value) {
+        self.objects.lock().unwrap().insert(path.to_string(), obj);
+    }
+
+    fn get(&self, path: &str) -> Option<Value> {
+        self.objects.lock().unwrap().get(path).cloned()
+    }
+
+    fn remove(&self, path: &str) {
+        self.objects.lock().unwrap().remove(path);
+    }
+
+    fn take_log(&self) -> Vec<Logged> {
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+
+    fn next_rv(&self) -> String {
+        let mut rv = self.rv.lock().unwrap();
+        *rv += 1;
+        rv.to_string()
+    }
+
+    fn handle(&self, method: Method, path: &str, body: Value) -> (StatusCode, Value) {
+        self.log.lock().unwrap().push(Logged { method: method.clone(), path: path.into(), body: body.clone() });
+        let not_found = || {
+            (
+                StatusCode::NOT_FOUND,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                       "message": format!("{path} not found"), "reason": "NotFound", "code": 404}),
+            )
+        };
+        match method {
+            Method::GET if path == PODS_PATH => {
+                let objects = self.objects.lock().unwrap();
+                let items: Vec<Value> = objects
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&format!("{PODS_PATH}/")))
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                (StatusCode::OK, json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": items}))
+            }
+            Method::GET => match self.get(path) {
+                Some(v) => (StatusCode::OK, v),
+                None => not_found(),
+            },
+            Method::PATCH if path.ends_with("/status") => {
+                let obj_path = path.trim_end_matches("/status");
+                let Some(mut obj) = self.get(obj_path) else { return not_found() };
+                obj["status"] = body["status"].clone();
+                self.put(obj_path, obj.clone());
+                (StatusCode::OK, obj)
+            }
+            Method::PATCH => {
+                let mut obj = body;
+                obj["metadata"]["resourceVersion"] = json!(self.next_rv());
+                if let Some(old) = self.get(path) {
+                    obj["metadata"]["uid"] = old["metadata"]["uid"].clone();
+                    if let Some(st) = old.get("status") {
+                        obj["status"] = st.clone();
+                    }
+                }
+                self.put(path, obj.clone());
+                (StatusCode::OK, obj)
+            }
+            Method::DELETE => match self.get(path) {
+                Some(v) => {
+                    self.remove(path);
+                    (StatusCode::OK, v)
+                }
+                None => not_found(),
+            },
+            Method::POST => (StatusCode::CREATED, body),
+            _ => (StatusCode::METHOD_NOT_ALLOWED, json!({})),
+        }
+    }
+}
+
+async fn serve(
+    api: Arc<FakeApi>,
+    mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
+) {
+    while let Some((req, send)) = handle.next_request().await {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let (code, out) = api.handle(method, &path, body);
+        let resp = Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(&out).unwrap()))
+            .unwrap();
+        send.send_response(resp);
+    }
+}
+
+#[derive(Default)]
+struct FakeProbe {
+    reports: Mutex<HashMap<String, PodReport>>,
+}
+
+impl ProbePods for FakeProbe {
+    fn status<'a>(&'a self, ip: &'a str) -> BoxFuture<'a, Option<PodReport>> {
+        let r = self.reports.lock().unwrap().get(ip).cloned();
+        Box::pin(async move { r })
+    }
+}
+
+struct FakeDiscovery {
+    result: Mutex<std::result::Result<DatabaseLimits, String>>,
+}
+
+impl Discover for FakeDiscovery {
+    fn discover<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<DatabaseLimits>> {
+        let r = self.result.lock().unwrap().clone();
+        let target = format!("{}:{}", target.host, target.port);
+        Box::pin(async move { r.map_err(|_| Error::DiscoveryTimeout { target }) })
+    }
+}
+
+struct Harness {
+    api: Arc<FakeApi>,
+    probe: Arc<FakeProbe>,
+    discovery: Arc<FakeDiscovery>,
+    ctx: Arc<Context>,
+}
+
+fn limits(max: i64) -> DatabaseLimits {
+    DatabaseLimits { max_connections: max, superuser_reserved: 3, reserved_connections: 0, source: BudgetSource::Discovered }
+}
+
+fn secret(name: &str, data: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Secret",
+           "metadata": {"name": name, "namespace": NS, "resourceVersion": "7"}, "data": data})
+}
+
+impl Harness {
+    /// max_connections 60, superuser reserved 3 → reserved 6 → budget 51.
+    fn new(settings: Settings) -> Self {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, NS);
+        let api = Arc::new(FakeApi::default());
+        tokio::spawn(serve(api.clone(), handle));
+        let probe = Arc::new(FakeProbe::default());
+        let discovery = Arc::new(FakeDiscovery { result: Mutex::new(Ok(limits(60))) });
+        let ctx = Arc::new(Context::new(
+            client,
+            Arc::new(Metrics::default()),
+            discovery.clone(),
+            probe.clone(),
+            settings,
+        ));
+        // "dXNlcg==" = "user", "cGFzcw==" = "pass"
+        api.put(
+            "/api/v1/namespaces/default/secrets/app-db-credentials",
+            secret("app-db-credentials", json!({"username": "dXNlcg==", "password": "cGFzcw=="})),
+        );
+        api.put("/api/v1/namespaces/default/secrets/app-users", secret("app-users", json!({"app": "cGFzcw=="})));
+        let mut pool = serde_json::to_value(minimal()).unwrap();
+        pool["metadata"]["generation"] = json!(1);
+        api.put(POOL_PATH, pool);
+        Self { api, probe, discovery, ctx }
+    }
+
+    fn pool(&self) -> Arc<ConnectionPool> {
+        Arc::new(serde_json::from_value(self.api.get(POOL_PATH).unwrap()).unwrap())
+    }
+
+    fn set_replicas(&self, n: i32) {
+        let mut p = self.api.get(POOL_PATH).unwrap();
+        p["spec"]["replicas"] = json!(n);
+        let g = p["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
+        p["metadata"]["generation"] = json!(g);
+        self.api.put(POOL_PATH, p);
+    }
+
+    async fn reconcile(&self) -> Action {
+        reconcile(self.pool(), self.ctx.clone()).await.unwrap()
+    }
+
+    fn config_limit(&self) -> i64 {
+        let cm = self.api.get(CM_PATH).unwrap();
+        cm["metadata"]["annotations"][LIMIT_ANNOTATION].as_str().unwrap().parse().unwrap()
+    }
+
+    fn config_hash(&self) -> String {
+        let cm = self.api.get(CM_PATH).unwrap();
+        desired::config_hash(cm["data"]["pooler.toml"].as_str().unwrap())
+    }
+
+    fn deployment_replicas(&self) -> i64 {
+        self.api.get(DEP_PATH).unwrap()["spec"]["replicas"].as_i64().unwrap()
+    }
+
+    /// Pods `0..n` as the Deployment controller would create them, ready, each reporting
+    /// the ConfigMap's current hash and limit.
+    fn run_pods(&self, n: usize) {
+        let (hash, limit) = (self.config_hash(), self.config_limit());
+        // The Deployment controller's view: rolled out.
+        let mut dep = self.api.get(DEP_PATH).unwrap();
+        dep["status"] = json!({"replicas": n, "updatedReplicas": n, "readyReplicas": n});
+        self.api.put(DEP_PATH, dep);
+        for i in 0..n {
+            let name = format!("app-{i}");
+            let ip = format!("10.0.0.{i}");
+            self.api.put(
+                &format!("{PODS_PATH}/{name}"),
+                json!({"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {"name": name, "namespace": NS,
+                                    "labels": {"app.kubernetes.io/name": "sluice-pooler", "sluice.dev/pool": "app"}},
+                       "spec": {"nodeName": "node-1", "containers": [{"name": "pooler"}]},
+                       "status": {"podIP": ip, "phase": "Running",
+                                  "conditions": [{"type": "Ready", "status": "True"}]}}),
+            );
+            self.report(i, &hash, limit);
+        }
+    }
+
+    fn report(&self, i: usize, hash: &str, limit: i64) {
+        self.probe
+            .reports
+            .lock()
+            .unwrap()
+            .insert(format!("10.0.0.{i}"), PodReport { config_hash: hash.into(), connection_limit: limit });
+    }
+
+    fn terminate_pod(&self, i: usize) {
+        let path = format!("{PODS_PATH}/app-{i}");
+        let mut p = self.api.get(&path).unwrap();
+        p["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        self.api.put(&path, p);
+    }
+
+    fn status(&self) -> Value {
+        self.api.get(POOL_PATH).unwrap()["status"].clone()
+    }
+
+    fn condition(&self, type_: &str) -> Value {
+        self.status()["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == type_)
+            .cloned()
+            .unwrap()
+    }
+
+    /// Creates the pool and brings it to a settled state with `n` running pods.
+    async fn settled(&self, n: i32) {
+        self.set_replicas(n);
+        self.reconcile().await;
+        self.run_pods(n as usize);
+        self.reconcile().await;
+        self.reconcile().await;
+        self.api.take_log();
+    }
+}
+
+fn writes(log: &[Logged]) -> Vec<String> {
+    log.iter()
+        .filter(|l| l.method != Method::GET)
+        .map(|l| format!("{} {}", l.method, l.path))
+        .collect()
+}
+
+fn position(log: &[Logged], method: Method, path: &str) -> Option<usize> {
+    log.iter().position(|l| l.method == method && l.path == path)
+}
+
+#[tokio::test]
+async fn create_applies_every_child_with_the_budgeted_limit() {
+    let h = Harness::new(Settings::default());
+    h.reconcile().await;
+    let log = h.api.take_log();
+    let w = writes(&log);
+    for path in [
+        "/api/v1/namespaces/default/serviceaccounts/app-pooler",
+        CM_PATH,
+        "/api/v1/namespaces/default/services/app",
+        "/apis/policy/v1/namespaces/default/poddisruptionbudgets/app",
+        DEP_PATH,
+        "/apis/sluice.dev/v1alpha1/namespaces/default/connectionpools/app/status",
+    ] {
+        assert!(w.contains(&format!("PATCH {path}")), "no apply of {path}: {w:?}");
+    }
+    assert!(position(&log, Method::PATCH, CM_PATH) < position(&log, Method::PATCH, DEP_PATH));
+    // budget 60 - 3 - 6 = 51; 2 replicas + 1 rollout pod → 17.
+    assert_eq!(h.config_limit(), 17);
+    assert_eq!(h.deployment_replicas(), 2);
+    let budget = &h.status()["budget"];
+    assert_eq!((budget["available"].as_i64(), budget["perReplicaLimit"].as_i64()), (Some(51), Some(17)));
+    assert_eq!(budget["worstCaseTotal"].as_i64(), Some(51));
+    assert_eq!(h.status()["selector"], "app.kubernetes.io/name=sluice-pooler,sluice.dev/pool=app");
+    // Field manager and apply semantics on every write.
+    let patch = log.iter().find(|l| l.path == CM_PATH && l.method == Method::PATCH).unwrap();
+    assert_eq!(patch.body["kind"], "ConfigMap");
+}
+
+#[tokio::test]
+async fn steady_state_makes_no_writes() {
+    let h = Harness::new(Settings::default());
+    h.settled(2).await;
+    for _ in 0..3 {
+        h.reconcile().await;
+        let log = h.api.take_log();
+        assert_eq!(writes(&log), Vec::<String>::new(), "steady state wrote");
+        assert!(!log.is_empty());
+    }
+    assert_eq!(h.condition("Ready")["status"], "True");
+    assert_eq!(h.condition("Progressing")["status"], "False");
+    assert_eq!(h.ctx.metrics.api_requests_with_verb("delete"), 0);
+}
+
+#[tokio::test]
+async fn scale_up_lowers_the_limit_before_the_deployment_grows() {
+    let h = Harness::new(Settings::default());
+    h.settled(2).await;
+    assert_eq!(h.config_limit(), 17);
+    h.set_replicas(4);
+    h.reconcile().await;
+    let log = h.api.take_log();
+    assert!(position(&log, Method::PATCH, CM_PATH).is_some(), "ConfigMap not lowered: {:?}", writes(&log));
+    assert!(position(&log, Method::PATCH, DEP_PATH).is_none(), "Deployment grew before acks");
+    assert_eq!((h.config_limit(), h.deployment_replicas()), (10, 2));
+    assert_eq!(h.condition("Progressing")["reason"], "LoweringLimit");
+    assert_eq!(h.status()["resize"]["phase"], "LoweringLimit");
+
+    // One pod applied the new config: still waiting.
+    let new_hash = h.config_hash();
+    h.report(0, &new_hash, 10);
+    h.reconcile().await;
+    assert!(position(&h.api.take_log(), Method::PATCH, DEP_PATH).is_none());
+    // Both did: the Deployment grows.
+    h.report(1, &new_hash, 10);
+    h.reconcile().await;
+    let log = h.api.take_log();
+    assert!(position(&log, Method::PATCH, DEP_PATH).is_some(), "{:?}", writes(&log));
+    assert!(position(&log, Method::PATCH, CM_PATH).is_none());
+    assert_eq!(h.deployment_replicas(), 4);
+    // New pods start with the lowered config; the pool settles.
+    h.run_pods(4);
+    h.reconcile().await;
+    h.reconcile().await;
+    h.api.take_log();
+    h.reconcile().await;
+    assert_eq!(writes(&h.api.take_log()), Vec::<String>::new());
+    assert_eq!(h.status()["budget"]["perReplicaLimit"], 10);
+    assert!(h.status().get("resize").is_none());
+}
+
+#[tokio::test]
+async fn scale_down_shrinks_before_the_limit_rises() {
+    let h = Harness::new(Settings::default());
+    h.settled(4).await;
+    assert_eq!(h.config_limit(), 10);
+    h.set_replicas(2);
+    h.reconcile().await;
+    let log = h.api.take_log();
+    assert!(position(&log, Method::PATCH, DEP_PATH).is_some(), "{:?}", writes(&log));
+    assert!(position(&log, Method::PATCH, CM_PATH).is_none(), "limit raised before pods were gone");
+    assert_eq!((h.deployment_replicas(), h.config_limit()), (2, 10));
+    assert_eq!(h.condition("Progressing")["reason"], "ScalingDown");
+    // Removed pods are terminating (draining): the limit stays.
+    h.terminate_pod(2);
+    h.terminate_pod(3);
+    h.reconcile().await;
+    assert!(position(&h.api.take_log(), Method::PATCH, CM_PATH).is_none());
+    // Gone: the limit rises.
+    h.api.remove(&format!("{PODS_PATH}/app-2"));
+    h.api.remove(&format!("{PODS_PATH}/app-3"));
+    h.reconcile().await;
+    let log = h.api.take_log();
+    assert!(position(&log, Method::PATCH, CM_PATH).is_some(), "{:?}", writes(&log));
+    assert_eq!(h.config_limit(), 17);
+}
+
+#[tokio::test]
+async fn budget_exceeded_keeps_the_last_good_config() {
+    let h = Harness::new(Settings::default());
+    h.settled(2).await;
+    let cm_before = h.api.get(CM_PATH).unwrap();
+    h.set_replicas(60);
+    h.reconcile().await;
+    let log = h.api.take_log();
+    let w = writes(&log);
+    assert!(!w.iter().any(|p| p.contains("configmaps") || p.contains("deployments")), "{w:?}");
+    assert!(w.iter().any(|p| p.starts_with("POST") && p.contains("events")), "no event: {w:?}");
+    assert_eq!(h.api.get(CM_PATH).unwrap(), cm_before);
+    assert_eq!(h.condition("BudgetExceeded")["status"], "True");
+    assert_eq!(h.condition("Ready")["status"], "False");
+    // A second reconcile of the same infeasible pool writes nothing.
+    h.reconcile().await;
+    assert_eq!(writes(&h.api.take_log()), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn missing_secret_is_degraded_and_names_it() {
+    let h = Harness::new(Settings::default());
+    h.api.remove("/api/v1/namespaces/default/secrets/app-db-credentials");
+    h.reconcile().await;
+    let w = writes(&h.api.take_log());
+    assert!(!w.iter().any(|p| p.contains("configmaps") || p.contains("deployments")), "{w:?}");
+    let c = h.condition("Degraded");
+    assert_eq!((c["status"].as_str(), c["reason"].as_str()), (Some("True"), Some("SecretNotFound")));
+    assert!(c["message"].as_str().unwrap().contains("default/app-db-credentials"), "{c}");
+}
+
+#[tokio::test]
+async fn unreachable_database_is_degraded_and_keeps_config() {
+    let h = Harness::new(Settings::default());
+    h.settled(2).await;
+    let cm_before = h.api.get(CM_PATH).unwrap();
+    *h.discovery.result.lock().unwrap() = Err("down".into());
+    // A spec change forces a fresh discovery.
+    h.set_replicas(3);
+    h.reconcile().await;
+    let w = writes(&h.api.take_log());
+    assert!(!w.iter().any(|p| p.contains("configmaps") || p.contains("deployments")), "{w:?}");
+    assert_eq!(h.api.get(CM_PATH).unwrap(), cm_before);
+    let c = h.condition("Degraded");
+    assert_eq!((c["status"].as_str(), c["reason"].as_str()), (Some("True"), Some("DatabaseUnreachable")));
+}
+
+#[tokio::test]
+async fn pods_that_do_not_acknowledge_are_deleted_after_the_timeout() {
+    let h = Harness::new(Settings { ack_timeout: Duration::ZERO, ..Settings::default() });
+    h.settled(2).await;
+    h.set_replicas(4);
+    h.reconcile().await;
+    let log = h.api.take_log();
+    for i in 0..2 {
+        let path = format!("{PODS_PATH}/app-{i}");
+        assert!(position(&log, Method::DELETE, &path).is_some(), "{:?}", writes(&log));
+    }
+    assert!(position(&log, Method::PATCH, DEP_PATH).is_none());
+}
+
+#[tokio::test]
+async fn secret_rotation_rerolls_config_without_restarting_pods() {
+    let h = Harness::new(Settings::default());
+    h.settled(2).await;
+    let dep_before = h.api.get(DEP_PATH).unwrap();
+    let hash_before = h.config_hash();
+    let mut s = h.api.get("/api/v1/namespaces/default/secrets/app-users").unwrap();
+    s["metadata"]["resourceVersion"] = json!("8");
+    h.api.put("/api/v1/namespaces/default/secrets/app-users", s);
+    h.reconcile().await;
+    let log = h.api.take_log();
+    assert!(position(&log, Method::PATCH, CM_PATH).is_some());
+    assert!(position(&log, Method::PATCH, DEP_PATH).is_none());
+    assert_ne!(h.config_hash(), hash_before);
+    assert_eq!(h.api.get(DEP_PATH).unwrap(), dep_before);
+}
+
+#[test]
+fn secrets_map_to_the_pools_that_reference_them() {
+    let pool = Arc::new(minimal());
+    let mut s = Secret::default();
+    s.metadata.name = Some("app-users".into());
+    s.metadata.namespace = Some("default".into());
+    assert_eq!(pools_referencing(std::slice::from_ref(&pool), &s).len(), 1);
+    s.metadata.namespace = Some("other".into());
+    assert!(pools_referencing(&[pool], &s).is_empty());
+}
