@@ -1,4 +1,6 @@
 //! The `ConnectionPool` custom resource (`sluice.dev/v1alpha1`): spec, status and CRD generation.
+// Several `printcolumn(type_ = ...)` in one `#[kube]` attribute are not duplicates.
+#![allow(clippy::duplicated_attributes)]
 
 use std::collections::BTreeMap;
 
@@ -9,9 +11,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-
-/// The duration format the pooler accepts (`500ms`, `30s`, `1m30s`).
-pub const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h))+$";
 
 /// Desired state of a pool of `sluice-pooler` replicas in front of one database.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -43,7 +42,11 @@ pub const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h))+$";
         json_path = ".status.budget.available",
         description = "server connections the pool may use in total"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionPoolSpec {
@@ -320,7 +323,10 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         for rel in CRD_PATHS {
             let got = std::fs::read_to_string(root.join(rel)).unwrap_or_default();
-            assert!(got == want, "{rel} differs from the generated CRD: run `make crds`");
+            assert!(
+                got == want,
+                "{rel} differs from the generated CRD: run `make crds`"
+            );
         }
     }
 
@@ -332,7 +338,10 @@ mod tests {
         assert!(sub.status.is_some());
         let scale = sub.scale.as_ref().unwrap();
         assert_eq!(scale.spec_replicas_path, ".spec.replicas");
-        assert_eq!(scale.label_selector_path.as_deref(), Some(".status.selector"));
+        assert_eq!(
+            scale.label_selector_path.as_deref(),
+            Some(".status.selector")
+        );
         let cols: Vec<_> = v
             .additional_printer_columns
             .as_ref()
@@ -340,8 +349,14 @@ mod tests {
             .iter()
             .map(|c| c.name.as_str())
             .collect();
-        assert_eq!(cols, ["Replicas", "Ready", "Limit/Replica", "Budget", "Age"]);
-        assert_eq!(crd.spec.names.short_names.as_deref(), Some(&["cpool".to_string()][..]));
+        assert_eq!(
+            cols,
+            ["Replicas", "Ready", "Limit/Replica", "Budget", "Age"]
+        );
+        assert_eq!(
+            crd.spec.names.short_names.as_deref(),
+            Some(&["cpool".to_string()][..])
+        );
     }
 
     #[test]
@@ -354,6 +369,7 @@ mod tests {
             "service.port must be between 1 and 65535",
             "drainTimeout must be a duration",
             "poolMode must be transaction or session",
+            "self.matches('^([0-9]+(ms|s|m|h))+$')",
         ] {
             assert!(yaml.contains(needle), "missing rule: {needle}");
         }

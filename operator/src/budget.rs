@@ -44,7 +44,9 @@ pub struct Budget {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Infeasible {
     /// The database leaves nothing for the pool.
-    #[error("the database leaves {available} connections for the pool (max_connections {max}, superuser reserved {su}, reserved_connections {res}, spec reserved {spec})")]
+    #[error(
+        "the database leaves {available} connections for the pool (max_connections {max}, superuser reserved {su}, reserved_connections {res}, spec reserved {spec})"
+    )]
     NoBudget {
         /// Budget left.
         available: i64,
@@ -58,7 +60,9 @@ pub enum Infeasible {
         spec: i64,
     },
     /// Too many replicas for the budget.
-    #[error("{replicas} replicas (+{extra} during rollouts) need at least {needed} connections, the budget is {available}")]
+    #[error(
+        "{replicas} replicas (+{extra} during rollouts) need at least {needed} connections, the budget is {available}"
+    )]
     TooManyReplicas {
         /// Requested replicas.
         replicas: i64,
@@ -84,10 +88,8 @@ pub fn default_reserved(max_connections: i64) -> i64 {
 /// [`Infeasible::NoBudget`] when nothing is left for the pool.
 pub fn budget(limits: DatabaseLimits, spec_reserved: Option<i64>) -> Result<Budget, Infeasible> {
     let reserved = spec_reserved.unwrap_or_else(|| default_reserved(limits.max_connections));
-    let available = limits.max_connections
-        - limits.superuser_reserved
-        - limits.reserved_connections
-        - reserved;
+    let available =
+        limits.max_connections - limits.superuser_reserved - limits.reserved_connections - reserved;
     if available < 1 {
         return Err(Infeasible::NoBudget {
             available,
@@ -97,7 +99,11 @@ pub fn budget(limits: DatabaseLimits, spec_reserved: Option<i64>) -> Result<Budg
             spec: reserved,
         });
     }
-    Ok(Budget { limits, reserved, available })
+    Ok(Budget {
+        limits,
+        reserved,
+        available,
+    })
 }
 
 /// `connection_limit` per replica when `replicas` pods run (plus the rollout extra).
@@ -152,7 +158,10 @@ mod tests {
     #[test]
     fn infeasible_is_an_error_not_zero() {
         assert!(budget(limits(5, 3, 0), None).is_err());
-        assert!(matches!(per_replica_limit(3, 3), Err(Infeasible::TooManyReplicas { .. })));
+        assert!(matches!(
+            per_replica_limit(3, 3),
+            Err(Infeasible::TooManyReplicas { .. })
+        ));
         assert_eq!(per_replica_limit(4, 3).unwrap(), 1);
     }
 

@@ -74,7 +74,10 @@ pub fn service_account_name(pool: &ConnectionPool) -> String {
 /// Labels selecting the pool's pods (stable for the pool's lifetime).
 pub fn selector_labels(pool: &ConnectionPool) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/name".to_string(), "sluice-pooler".to_string()),
+        (
+            "app.kubernetes.io/name".to_string(),
+            "sluice-pooler".to_string(),
+        ),
         (POOL_LABEL.to_string(), pool.name_any()),
     ])
 }
@@ -113,7 +116,8 @@ pub fn config_hash(toml: &str) -> String {
 /// The config `revision`: changes whenever a referenced Secret changes, so the pooler
 /// re-reads its credential files and reports a new hash.
 pub fn secrets_revision(credentials_rv: &str, users_rv: &str) -> String {
-    sha256_hex(format!("credentials={credentials_rv};users={users_rv}").as_bytes())[..16].to_string()
+    sha256_hex(format!("credentials={credentials_rv};users={users_rv}").as_bytes())[..16]
+        .to_string()
 }
 
 /// Parses a pooler duration (`500ms`, `1m30s`) into milliseconds.
@@ -151,7 +155,10 @@ pub fn parse_duration_ms(s: &str) -> Result<u64> {
         } else {
             return Err(bad());
         };
-        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(bad)?;
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
     }
     Ok(total)
 }
@@ -208,11 +215,19 @@ pub fn pooler_toml(pool: &ConnectionPool, limit: i64, revision: &str) -> Result<
     let _ = writeln!(t, "admin_addr = \"0.0.0.0:{ADMIN_PORT}\"");
     let _ = writeln!(t, "pool_mode = {}", toml_str(s.pool_mode.as_str()));
     let _ = writeln!(t, "connection_limit = {limit}");
-    let _ = writeln!(t, "max_client_connections = {}", s.max_client_connections.unwrap_or(10_000));
+    let _ = writeln!(
+        t,
+        "max_client_connections = {}",
+        s.max_client_connections.unwrap_or(10_000)
+    );
     let _ = writeln!(t, "pool_timeout = {}", dur(&s.pool_timeout, "30s")?);
     let _ = writeln!(t, "idle_timeout = {}", dur(&s.idle_timeout, "10m")?);
     let _ = writeln!(t, "server_lifetime = {}", dur(&s.server_lifetime, "1h")?);
-    let _ = writeln!(t, "drain_timeout = {}", dur(&s.drain_timeout, DEFAULT_DRAIN)?);
+    let _ = writeln!(
+        t,
+        "drain_timeout = {}",
+        dur(&s.drain_timeout, DEFAULT_DRAIN)?
+    );
     let _ = writeln!(t, "revision = {}", toml_str(revision));
     t.push_str("\n[server]\n");
     let _ = writeln!(t, "host = {}", toml_str(&s.database.host));
@@ -229,7 +244,9 @@ pub fn pooler_toml(pool: &ConnectionPool, limit: i64, revision: &str) -> Result<
 }
 
 fn owner_refs(pool: &ConnectionPool) -> Value {
-    let oref = pool.controller_owner_ref(&()).map(|o| serde_json::to_value(o).unwrap_or(Value::Null));
+    let oref = pool
+        .controller_owner_ref(&())
+        .map(|o| serde_json::to_value(o).unwrap_or(Value::Null));
     json!([oref.unwrap_or(Value::Null)])
 }
 
@@ -469,7 +486,11 @@ pub fn service_account(pool: &ConnectionPool) -> Result<ServiceAccount> {
 
 /// The value of [`SPEC_HASH_ANNOTATION`] on an object, if any.
 pub fn spec_hash_of<K: Resource>(obj: &K) -> Option<&str> {
-    obj.meta().annotations.as_ref()?.get(SPEC_HASH_ANNOTATION).map(String::as_str)
+    obj.meta()
+        .annotations
+        .as_ref()?
+        .get(SPEC_HASH_ANNOTATION)
+        .map(String::as_str)
 }
 
 #[cfg(test)]
@@ -481,16 +502,22 @@ pub(crate) mod tests {
     pub(crate) fn pool_from_yaml(yaml: &str) -> ConnectionPool {
         let mut pool: ConnectionPool = serde_yaml::from_str(yaml).unwrap();
         pool.metadata.uid = Some("0d4a3f62-7a51-4b7c-9a8e-1f2d3c4b5a69".into());
-        pool.metadata.namespace.get_or_insert_with(|| "default".into());
+        pool.metadata
+            .namespace
+            .get_or_insert_with(|| "default".into());
         pool
     }
 
     pub(crate) fn minimal() -> ConnectionPool {
-        pool_from_yaml(include_str!("../../config/samples/sluice_v1alpha1_connectionpool_minimal.yaml"))
+        pool_from_yaml(include_str!(
+            "../../config/samples/sluice_v1alpha1_connectionpool_minimal.yaml"
+        ))
     }
 
     pub(crate) fn complete() -> ConnectionPool {
-        pool_from_yaml(include_str!("../../config/samples/sluice_v1alpha1_connectionpool_complete.yaml"))
+        pool_from_yaml(include_str!(
+            "../../config/samples/sluice_v1alpha1_connectionpool_complete.yaml"
+        ))
     }
 
     fn inputs() -> RenderInputs {
@@ -515,7 +542,9 @@ pub(crate) mod tests {
     }
 
     fn golden(name: &str, got: &str) {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name);
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, got).unwrap();
@@ -556,7 +585,10 @@ pub(crate) mod tests {
         a.revision = "other".into();
         let d2 = deployment(&pool, &a).unwrap();
         assert_eq!(d1, d2);
-        assert_ne!(config_map(&pool, 17, "x").unwrap(), config_map(&pool, 3, "x").unwrap());
+        assert_ne!(
+            config_map(&pool, 17, "x").unwrap(),
+            config_map(&pool, 3, "x").unwrap()
+        );
     }
 
     #[test]
@@ -573,7 +605,10 @@ pub(crate) mod tests {
         let toml = pooler_toml(&minimal(), 9, "r").unwrap();
         let cm = config_map(&minimal(), 9, "r").unwrap();
         assert_eq!(cm.data.unwrap()[CONFIG_KEY], toml);
-        assert_eq!(config_hash("test"), "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08");
+        assert_eq!(
+            config_hash("test"),
+            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        );
     }
 
     #[test]

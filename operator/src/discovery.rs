@@ -36,7 +36,11 @@ pub struct Target {
 
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}@{}:{}/{}", self.user, self.host, self.port, self.database)
+        write!(
+            f,
+            "{}@{}:{}/{}",
+            self.user, self.host, self.port, self.database
+        )
     }
 }
 
@@ -56,7 +60,9 @@ pub struct PostgresDiscovery {
 
 impl Default for PostgresDiscovery {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(5) }
+        Self {
+            timeout: Duration::from_secs(5),
+        }
     }
 }
 
@@ -86,15 +92,21 @@ pub async fn discover(target: &Target, timeout: Duration) -> Result<DatabaseLimi
             .password(&target.password)
             .application_name("sluice-operator")
             .connect_timeout(timeout);
-        let (client, conn) = cfg
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|source| Error::Discovery { target: where_(target), source })?;
+        let (client, conn) =
+            cfg.connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|source| Error::Discovery {
+                    target: where_(target),
+                    source,
+                })?;
         let conn = tokio::spawn(conn);
         let max_connections = show(&client, target, "max_connections").await?.unwrap_or(0);
-        let superuser_reserved =
-            show(&client, target, "superuser_reserved_connections").await?.unwrap_or(0);
-        let reserved_connections = show(&client, target, "reserved_connections").await?.unwrap_or(0);
+        let superuser_reserved = show(&client, target, "superuser_reserved_connections")
+            .await?
+            .unwrap_or(0);
+        let reserved_connections = show(&client, target, "reserved_connections")
+            .await?
+            .unwrap_or(0);
         drop(client);
         conn.abort();
         Ok(DatabaseLimits {
@@ -106,7 +118,9 @@ pub async fn discover(target: &Target, timeout: Duration) -> Result<DatabaseLimi
     };
     match tokio::time::timeout(timeout * 2, run).await {
         Ok(r) => r,
-        Err(_) => Err(Error::DiscoveryTimeout { target: where_(target) }),
+        Err(_) => Err(Error::DiscoveryTimeout {
+            target: where_(target),
+        }),
     }
 }
 
@@ -119,10 +133,16 @@ async fn show(client: &tokio_postgres::Client, target: &Target, name: &str) -> R
                 .trim()
                 .parse()
                 .map(Some)
-                .map_err(|_| Error::BadSetting { name: name.into(), value })
+                .map_err(|_| Error::BadSetting {
+                    name: name.into(),
+                    value,
+                })
         }
         Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(None),
-        Err(source) => Err(Error::Discovery { target: where_(target), source }),
+        Err(source) => Err(Error::Discovery {
+            target: where_(target),
+            source,
+        }),
     }
 }
 
@@ -144,7 +164,10 @@ pub struct HttpProbe {
 
 impl Default for HttpProbe {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(2), port: ADMIN_PORT as u16 }
+        Self {
+            timeout: Duration::from_secs(2),
+            port: ADMIN_PORT as u16,
+        }
     }
 }
 
@@ -154,18 +177,31 @@ const MAX_STATUS_BYTES: u64 = 256 * 1024;
 impl ProbePods for HttpProbe {
     fn status<'a>(&'a self, ip: &'a str) -> BoxFuture<'a, Option<PodReport>> {
         Box::pin(async move {
-            tokio::time::timeout(self.timeout, http_status(ip, self.port)).await.ok().flatten()
+            tokio::time::timeout(self.timeout, http_status(ip, self.port))
+                .await
+                .ok()
+                .flatten()
         })
     }
 }
 
 async fn http_status(ip: &str, port: u16) -> Option<PodReport> {
-    let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
-    let mut stream = tokio::net::TcpStream::connect(format!("{host}:{port}")).await.ok()?;
+    let host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    };
+    let mut stream = tokio::net::TcpStream::connect(format!("{host}:{port}"))
+        .await
+        .ok()?;
     let req = format!("GET /status HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n");
     stream.write_all(req.as_bytes()).await.ok()?;
     let mut buf = Vec::new();
-    stream.take(MAX_STATUS_BYTES).read_to_end(&mut buf).await.ok()?;
+    stream
+        .take(MAX_STATUS_BYTES)
+        .read_to_end(&mut buf)
+        .await
+        .ok()?;
     parse_status_response(&buf)
 }
 
@@ -188,7 +224,10 @@ pub fn parse_status_json(body: &[u8]) -> Option<PodReport> {
         connection_limit: i64,
     }
     let s: Status = serde_json::from_slice(body).ok()?;
-    Some(PodReport { config_hash: s.config_hash, connection_limit: s.connection_limit })
+    Some(PodReport {
+        config_hash: s.config_hash,
+        connection_limit: s.connection_limit,
+    })
 }
 
 #[cfg(test)]
@@ -208,14 +247,22 @@ mod tests {
 
     #[tokio::test]
     async fn discovers_limits_and_follows_a_restart() {
-        let mut pg = TempPostgres::builder().max_connections(37).superuser_reserved(4).start().unwrap();
-        let limits = discover(&target(&pg), Duration::from_secs(5)).await.unwrap();
+        let mut pg = TempPostgres::builder()
+            .max_connections(37)
+            .superuser_reserved(4)
+            .start()
+            .unwrap();
+        let limits = discover(&target(&pg), Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(limits.max_connections, 37);
         assert_eq!(limits.superuser_reserved, 4);
         // PostgreSQL 16+ reports its default of 0; older servers do not know the setting.
         assert_eq!(limits.reserved_connections, 0);
         pg.restart_with_max_connections(52).unwrap();
-        let limits = discover(&target(&pg), Duration::from_secs(5)).await.unwrap();
+        let limits = discover(&target(&pg), Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(limits.max_connections, 52);
     }
 
@@ -240,8 +287,13 @@ mod tests {
             .setting("reserved_connections", "2")
             .start()
             .unwrap();
-        let limits = discover(&target(&pg), Duration::from_secs(5)).await.unwrap();
-        assert_eq!((limits.max_connections, limits.reserved_connections), (40, 2));
+        let limits = discover(&target(&pg), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(
+            (limits.max_connections, limits.reserved_connections),
+            (40, 2)
+        );
     }
 
     #[tokio::test]
@@ -252,19 +304,26 @@ mod tests {
         let err = discover(&t, Duration::from_secs(5)).await.unwrap_err();
         assert_eq!(err.metric_label(), "discovery");
         let port = sluice_testkit::free_port().unwrap();
-        let t = Target { port, ..target(&pg) };
+        let t = Target {
+            port,
+            ..target(&pg)
+        };
         let err = discover(&t, Duration::from_secs(2)).await.unwrap_err();
         assert!(err.to_string().contains(&port.to_string()), "{err}");
     }
 
     #[test]
     fn parses_status_responses() {
-        let body = br#"{"version":"0.1.0","config_hash":"abc","connection_limit":18,"draining":false}"#;
+        let body =
+            br#"{"version":"0.1.0","config_hash":"abc","connection_limit":18,"draining":false}"#;
         let mut raw = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n".to_vec();
         raw.extend_from_slice(body);
         assert_eq!(
             parse_status_response(&raw),
-            Some(PodReport { config_hash: "abc".into(), connection_limit: 18 })
+            Some(PodReport {
+                config_hash: "abc".into(),
+                connection_limit: 18
+            })
         );
         assert_eq!(parse_status_response(b"HTTP/1.1 503 x\r\n\r\n{}"), None);
         assert_eq!(parse_status_response(b"garbage"), None);
@@ -279,10 +338,16 @@ mod tests {
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf).await;
             let body = r#"{"config_hash":"h","connection_limit":3}"#;
-            let resp = format!("HTTP/1.0 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+            let resp = format!(
+                "HTTP/1.0 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
             s.write_all(resp.as_bytes()).await.unwrap();
         });
-        let probe = HttpProbe { timeout: Duration::from_secs(2), port };
+        let probe = HttpProbe {
+            timeout: Duration::from_secs(2),
+            port,
+        };
         let r = probe.status("127.0.0.1").await.unwrap();
         assert_eq!(r.connection_limit, 3);
     }

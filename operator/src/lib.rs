@@ -13,14 +13,14 @@ mod resize;
 mod status;
 
 pub use api::{
-    BudgetSource, BudgetStatus, ClientAuthSpec, ConnectionPool, ConnectionPoolSpec,
-    ConnectionPoolStatus, CRD_PATHS, DatabaseSpec, PodTemplateOverrides, PoolMode, ResizeStatus,
+    BudgetSource, BudgetStatus, CRD_PATHS, ClientAuthSpec, ConnectionPool, ConnectionPoolSpec,
+    ConnectionPoolStatus, DatabaseSpec, PodTemplateOverrides, PoolMode, ResizeStatus,
     ServiceOverrides, crd_yaml,
 };
 pub use budget::{Budget, DatabaseLimits, Infeasible, ROLLOUT_EXTRA_PODS};
+pub use cli::main;
 pub use discovery::{Discover, HttpProbe, PostgresDiscovery, ProbePods, Target};
 pub use error::{Error, Result};
 pub use metrics::Metrics;
-pub use resize::{Phase, Plan, PodReport};
-pub use cli::main;
 pub use reconcile::{Context, Settings, error_policy, reconcile, run_controller};
+pub use resize::{Phase, Plan, PodReport};

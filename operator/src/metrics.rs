@@ -44,7 +44,11 @@ impl Default for Metrics {
         let budget = Family::<Labels, Gauge>::default();
         let limit = Family::<Labels, Gauge>::default();
         registry.register("reconciles", "Reconciles started", reconciles.clone());
-        registry.register("reconcile_errors", "Reconciles that failed, by error", errors.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, by error",
+            errors.clone(),
+        );
         registry.register(
             "reconcile_duration_seconds",
             "Time one reconcile took",
@@ -82,26 +86,47 @@ impl Metrics {
     /// Counts a reconcile and returns a guard that records its duration when dropped.
     pub fn reconcile_started(&self) -> DurationGuard<'_> {
         self.reconciles.inc();
-        DurationGuard { hist: &self.duration, start: std::time::Instant::now() }
+        DurationGuard {
+            hist: &self.duration,
+            start: std::time::Instant::now(),
+        }
     }
 
     /// Counts a failed reconcile.
     pub fn reconcile_failed(&self, e: &Error) {
-        self.errors.get_or_create(&vec![("error".into(), e.metric_label().into())]).inc();
+        self.errors
+            .get_or_create(&vec![("error".into(), e.metric_label().into())])
+            .inc();
     }
 
     /// Counts one Kubernetes API request.
     pub fn api_request(&self, verb: &str, resource: &str) {
         self.api_requests
-            .get_or_create(&vec![("verb".into(), verb.into()), ("resource".into(), resource.into())])
+            .get_or_create(&vec![
+                ("verb".into(), verb.into()),
+                ("resource".into(), resource.into()),
+            ])
             .inc();
     }
 
     /// Total API requests with `verb` (for tests and benchmarks).
     pub fn api_requests_with_verb(&self, verb: &str) -> u64 {
         let mut total = 0;
-        for res in ["configmaps", "deployments", "services", "poddisruptionbudgets", "serviceaccounts", "pods", "secrets", "connectionpools", "events"] {
-            let key = vec![("verb".to_string(), verb.to_string()), ("resource".to_string(), res.to_string())];
+        for res in [
+            "configmaps",
+            "deployments",
+            "services",
+            "poddisruptionbudgets",
+            "serviceaccounts",
+            "pods",
+            "secrets",
+            "connectionpools",
+            "events",
+        ] {
+            let key = vec![
+                ("verb".to_string(), verb.to_string()),
+                ("resource".to_string(), res.to_string()),
+            ];
             total += self.api_requests.get_or_create(&key).get();
         }
         total
@@ -109,14 +134,20 @@ impl Metrics {
 
     /// Sets the budget gauges of a pool.
     pub fn set_budget(&self, namespace: &str, name: &str, available: i64, limit: i64) {
-        let l = vec![("namespace".to_string(), namespace.to_string()), ("pool".to_string(), name.to_string())];
+        let l = vec![
+            ("namespace".to_string(), namespace.to_string()),
+            ("pool".to_string(), name.to_string()),
+        ];
         self.budget.get_or_create(&l).set(available);
         self.limit.get_or_create(&l).set(limit);
     }
 
     /// Removes the gauges of a deleted pool.
     pub fn forget_pool(&self, namespace: &str, name: &str) {
-        let l = vec![("namespace".to_string(), namespace.to_string()), ("pool".to_string(), name.to_string())];
+        let l = vec![
+            ("namespace".to_string(), namespace.to_string()),
+            ("pool".to_string(), name.to_string()),
+        ];
         self.budget.remove(&l);
         self.limit.remove(&l);
     }
@@ -166,7 +197,10 @@ async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 
 async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         m.render(),
     )
 }
@@ -198,8 +232,16 @@ mod tests {
         m.api_request("patch", "configmaps");
         m.set_budget("default", "app", 51, 17);
         let text = m.render();
-        assert!(text.contains("sluice_operator_reconciles_total 1"), "{text}");
-        assert!(text.contains("sluice_operator_pool_connection_limit{namespace=\"default\",pool=\"app\"} 17"), "{text}");
+        assert!(
+            text.contains("sluice_operator_reconciles_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "sluice_operator_pool_connection_limit{namespace=\"default\",pool=\"app\"} 17"
+            ),
+            "{text}"
+        );
         assert_eq!(m.api_requests_with_verb("patch"), 1);
     }
 

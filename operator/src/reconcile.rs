@@ -112,7 +112,11 @@ impl Context {
 }
 
 fn key(pool: &ConnectionPool) -> String {
-    format!("{}/{}", pool.namespace().unwrap_or_default(), pool.name_any())
+    format!(
+        "{}/{}",
+        pool.namespace().unwrap_or_default(),
+        pool.name_any()
+    )
 }
 
 /// Reconciles one pool; see the module docs.
@@ -123,7 +127,8 @@ pub async fn reconcile(pool: Arc<ConnectionPool>, ctx: Arc<Context>) -> Result<A
     let _timer = ctx.metrics.reconcile_started();
     if pool.metadata.deletion_timestamp.is_some() {
         // Children go with the pool through their owner references.
-        ctx.metrics.forget_pool(&pool.namespace().unwrap_or_default(), &pool.name_any());
+        ctx.metrics
+            .forget_pool(&pool.namespace().unwrap_or_default(), &pool.name_any());
         return Ok(Action::await_change());
     }
     let action = Reconciler::new(&pool, &ctx).run().await?;
@@ -208,21 +213,35 @@ impl<'a> Reconciler<'a> {
         // 2. The budget.
         let limits = match self.limits(&creds).await {
             Ok(l) => l,
-            Err(e @ (Error::Discovery { .. } | Error::DiscoveryTimeout { .. } | Error::BadSetting { .. })) => {
-                return self.blocked(Blocked::Degraded("DatabaseUnreachable", e.to_string())).await;
+            Err(
+                e @ (Error::Discovery { .. }
+                | Error::DiscoveryTimeout { .. }
+                | Error::BadSetting { .. }),
+            ) => {
+                return self
+                    .blocked(Blocked::Degraded("DatabaseUnreachable", e.to_string()))
+                    .await;
             }
             Err(e @ Error::MissingSecretKey { .. }) => {
-                return self.blocked(Blocked::Degraded("SecretInvalid", e.to_string())).await;
+                return self
+                    .blocked(Blocked::Degraded("SecretInvalid", e.to_string()))
+                    .await;
             }
             Err(e) => return Err(e),
         };
         let reserved = spec.database.reserved_connections.map(i64::from);
         let budget = match budget::budget(limits, reserved) {
             Ok(b) => b,
-            Err(e) => return self.blocked(Blocked::BudgetExceeded(e.to_string(), None)).await,
+            Err(e) => {
+                return self
+                    .blocked(Blocked::BudgetExceeded(e.to_string(), None))
+                    .await;
+            }
         };
         if let Err(e) = desired::grace_seconds(self.pool) {
-            return self.blocked(Blocked::Degraded("InvalidSpec", e.to_string())).await;
+            return self
+                .blocked(Blocked::Degraded("InvalidSpec", e.to_string()))
+                .await;
         }
 
         // 3. Observe.
@@ -232,27 +251,39 @@ impl<'a> Reconciler<'a> {
             .as_ref()
             .and_then(|cm| cm.annotations().get(LIMIT_ANNOTATION))
             .and_then(|v| v.parse().ok());
-        let deployment_replicas =
-            children.deployment.as_ref().and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas);
-        let acknowledged_hash = self.prev.and_then(|s| s.budget.as_ref()).and_then(|b| b.applied_config_hash.clone());
+        let deployment_replicas = children
+            .deployment
+            .as_ref()
+            .and_then(|d| d.spec.as_ref())
+            .and_then(|s| s.replicas);
+        let acknowledged_hash = self
+            .prev
+            .and_then(|s| s.budget.as_ref())
+            .and_then(|b| b.applied_config_hash.clone());
         let hash_for = |limit: i64| {
             desired::pooler_toml(self.pool, limit, &revision)
                 .map(|t| desired::config_hash(&t))
                 .unwrap_or_default()
         };
         let target_replicas = spec.replicas;
-        let steady_limit = budget::per_replica_limit(budget.available, i64::from(target_replicas)).ok();
-        let live_hash = children
-            .config_map
-            .as_ref()
-            .and_then(|cm| cm.annotations().get(desired::CONFIG_HASH_ANNOTATION).cloned());
+        let steady_limit =
+            budget::per_replica_limit(budget.available, i64::from(target_replicas)).ok();
+        let live_hash = children.config_map.as_ref().and_then(|cm| {
+            cm.annotations()
+                .get(desired::CONFIG_HASH_ANNOTATION)
+                .cloned()
+        });
         let steady = steady_limit.is_some_and(|l| {
             let h = hash_for(l);
             live_hash.as_deref() == Some(h.as_str())
                 && acknowledged_hash.as_deref() == Some(h.as_str())
                 && deployment_replicas == Some(target_replicas)
         });
-        let reports = if steady { HashMap::new() } else { self.probe(&children.pods).await };
+        let reports = if steady {
+            HashMap::new()
+        } else {
+            self.probe(&children.pods).await
+        };
         let pods: Vec<PodView> = children
             .pods
             .iter()
@@ -263,12 +294,21 @@ impl<'a> Reconciler<'a> {
                 report: reports.get(&p.name_any()).cloned(),
             })
             .collect();
-        let observed = Observed { config_limit, deployment_replicas, pods, acknowledged_hash: acknowledged_hash.clone() };
+        let observed = Observed {
+            config_limit,
+            deployment_replicas,
+            pods,
+            acknowledged_hash: acknowledged_hash.clone(),
+        };
 
         // 4. Decide.
         let plan = match resize::plan(&observed, budget.available, target_replicas, hash_for) {
             Ok(p) => p,
-            Err(e) => return self.blocked(Blocked::BudgetExceeded(e.to_string(), Some(budget))).await,
+            Err(e) => {
+                return self
+                    .blocked(Blocked::BudgetExceeded(e.to_string(), Some(budget)))
+                    .await;
+            }
         };
         let config_hash = hash_for(plan.config_limit);
 
@@ -279,23 +319,56 @@ impl<'a> Reconciler<'a> {
             revision: revision.clone(),
             default_image: self.ctx.settings.default_image.clone(),
         };
-        self.apply(children.service_account.as_ref(), desired::service_account(self.pool)?, "serviceaccounts").await?;
+        self.apply(
+            children.service_account.as_ref(),
+            desired::service_account(self.pool)?,
+            "serviceaccounts",
+        )
+        .await?;
         let cm_written = self
-            .apply(children.config_map.as_ref(), desired::config_map(self.pool, plan.config_limit, &revision)?, "configmaps")
+            .apply(
+                children.config_map.as_ref(),
+                desired::config_map(self.pool, plan.config_limit, &revision)?,
+                "configmaps",
+            )
             .await?;
-        self.apply(children.service.as_ref(), desired::service(self.pool)?, "services").await?;
-        self.apply(children.pdb.as_ref(), desired::pod_disruption_budget(self.pool)?, "poddisruptionbudgets").await?;
-        self.apply(children.deployment.as_ref(), desired::deployment(self.pool, &inputs)?, "deployments").await?;
+        self.apply(
+            children.service.as_ref(),
+            desired::service(self.pool)?,
+            "services",
+        )
+        .await?;
+        self.apply(
+            children.pdb.as_ref(),
+            desired::pod_disruption_budget(self.pool)?,
+            "poddisruptionbudgets",
+        )
+        .await?;
+        self.apply(
+            children.deployment.as_ref(),
+            desired::deployment(self.pool, &inputs)?,
+            "deployments",
+        )
+        .await?;
 
         if cm_written && config_limit != Some(plan.config_limit) {
             let from = config_limit.map_or("none".to_string(), |l| l.to_string());
-            self.event(EventType::Normal, "ConfigUpdated", format!("connection_limit {from} -> {}", plan.config_limit)).await;
+            self.event(
+                EventType::Normal,
+                "ConfigUpdated",
+                format!("connection_limit {from} -> {}", plan.config_limit),
+            )
+            .await;
         }
         if deployment_replicas.is_some() && deployment_replicas != Some(plan.deployment_replicas) {
             self.event(
                 EventType::Normal,
                 "Scaled",
-                format!("Deployment replicas {} -> {}", deployment_replicas.unwrap_or(0), plan.deployment_replicas),
+                format!(
+                    "Deployment replicas {} -> {}",
+                    deployment_replicas.unwrap_or(0),
+                    plan.deployment_replicas
+                ),
             )
             .await;
         }
@@ -304,7 +377,8 @@ impl<'a> Reconciler<'a> {
         let since = self.resize_since(&plan, &config_hash);
         if plan.phase == Phase::LoweringLimit && self.expired(&since) {
             for pod in children.pods.iter().filter(|p| {
-                plan.unacknowledged.contains(&p.name_any()) && p.metadata.deletion_timestamp.is_none()
+                plan.unacknowledged.contains(&p.name_any())
+                    && p.metadata.deletion_timestamp.is_none()
             }) {
                 self.delete_pod(&pod.name_any()).await?;
             }
@@ -313,7 +387,9 @@ impl<'a> Reconciler<'a> {
         // 7. Status.
         let all_report = !children.pods.is_empty()
             && children.pods.iter().all(|p| {
-                reports.get(&p.name_any()).is_some_and(|r| r.config_hash == config_hash)
+                reports
+                    .get(&p.name_any())
+                    .is_some_and(|r| r.config_hash == config_hash)
             });
         // Pods that start later mount the ConfigMap as it is now, so the hash counts as
         // applied once every existing pod reports it (or there is none).
@@ -324,12 +400,17 @@ impl<'a> Reconciler<'a> {
         };
         let limit = steady_limit.unwrap_or(plan.target_limit);
         let budget_status = budget_block(&budget, limit, target_replicas, applied);
-        self.ctx.metrics.set_budget(&self.ns, &self.name, budget.available, limit);
+        self.ctx
+            .metrics
+            .set_budget(&self.ns, &self.name, budget.available, limit);
         let (replicas, ready) = pod_counts(&children.pods);
         let progressing = if !plan.settled() {
             Some((plan.phase.reason().to_string(), plan.message()))
         } else if rolling_out(children.deployment.as_ref()) {
-            Some(("RollingOut".to_string(), "The pooler Deployment is rolling out".to_string()))
+            Some((
+                "RollingOut".to_string(),
+                "The pooler Deployment is rolling out".to_string(),
+            ))
         } else {
             None
         };
@@ -340,10 +421,15 @@ impl<'a> Reconciler<'a> {
             config_hash: config_hash.clone(),
             since: since.clone(),
         });
-        if self.prev.and_then(|s| s.resize.as_ref()).map(|r| r.phase.as_str()) != resize.as_ref().map(|r| r.phase.as_str())
+        if self
+            .prev
+            .and_then(|s| s.resize.as_ref())
+            .map(|r| r.phase.as_str())
+            != resize.as_ref().map(|r| r.phase.as_str())
             && !plan.settled()
         {
-            self.event(EventType::Normal, plan.phase.reason(), plan.message()).await;
+            self.event(EventType::Normal, plan.phase.reason(), plan.message())
+                .await;
         }
         let report = Report {
             generation: self.pool.metadata.generation,
@@ -374,7 +460,11 @@ impl<'a> Reconciler<'a> {
             Some(s) => Ok(Ok(s)),
             None => Ok(Err(Blocked::Degraded(
                 "SecretNotFound",
-                Error::MissingSecret { namespace: self.ns.clone(), name: name.into() }.to_string(),
+                Error::MissingSecret {
+                    namespace: self.ns.clone(),
+                    name: name.into(),
+                }
+                .to_string(),
             ))),
         }
     }
@@ -390,8 +480,16 @@ impl<'a> Reconciler<'a> {
                 source: BudgetSource::Spec,
             });
         }
-        let cache_key = (self.pool.metadata.generation, creds.resource_version().unwrap_or_default());
-        if let Some(c) = self.ctx.limits.lock().ok().and_then(|m| m.get(&key(self.pool)).cloned())
+        let cache_key = (
+            self.pool.metadata.generation,
+            creds.resource_version().unwrap_or_default(),
+        );
+        if let Some(c) = self
+            .ctx
+            .limits
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key(self.pool)).cloned())
             && c.key == cache_key
             && c.at.elapsed() < self.ctx.settings.discovery_interval
         {
@@ -402,7 +500,11 @@ impl<'a> Reconciler<'a> {
                 .data
                 .as_ref()
                 .and_then(|d| d.get(k))
-                .map(|v| String::from_utf8_lossy(&v.0).trim_end_matches('\n').to_string())
+                .map(|v| {
+                    String::from_utf8_lossy(&v.0)
+                        .trim_end_matches('\n')
+                        .to_string()
+                })
                 .ok_or_else(|| Error::MissingSecretKey {
                     namespace: self.ns.clone(),
                     name: creds.name_any(),
@@ -418,7 +520,14 @@ impl<'a> Reconciler<'a> {
         };
         let limits = self.ctx.discovery.discover(&target).await?;
         if let Ok(mut m) = self.ctx.limits.lock() {
-            m.insert(key(self.pool), CachedLimits { key: cache_key, at: Instant::now(), limits });
+            m.insert(
+                key(self.pool),
+                CachedLimits {
+                    key: cache_key,
+                    at: Instant::now(),
+                    limits,
+                },
+            );
         }
         Ok(limits)
     }
@@ -433,14 +542,26 @@ impl<'a> Reconciler<'a> {
         m.api_request("get", "services");
         let service = self.api::<Service>().get_opt(&self.name).await?;
         m.api_request("get", "poddisruptionbudgets");
-        let pdb = self.api::<PodDisruptionBudget>().get_opt(&self.name).await?;
+        let pdb = self
+            .api::<PodDisruptionBudget>()
+            .get_opt(&self.name)
+            .await?;
         m.api_request("get", "serviceaccounts");
-        let service_account =
-            self.api::<ServiceAccount>().get_opt(&desired::service_account_name(self.pool)).await?;
+        let service_account = self
+            .api::<ServiceAccount>()
+            .get_opt(&desired::service_account_name(self.pool))
+            .await?;
         m.api_request("list", "pods");
         let lp = ListParams::default().labels(&desired::selector_string(self.pool));
         let pods = self.api::<Pod>().list(&lp).await?.items;
-        Ok(Children { config_map, deployment, service, pdb, service_account, pods })
+        Ok(Children {
+            config_map,
+            deployment,
+            service,
+            pdb,
+            service_account,
+            pods,
+        })
     }
 
     async fn probe(&self, pods: &[Pod]) -> HashMap<String, resize::PodReport> {
@@ -472,14 +593,20 @@ impl<'a> Reconciler<'a> {
         }
         self.ctx.metrics.api_request("patch", resource);
         let pp = PatchParams::apply(FIELD_MANAGER).force();
-        self.api::<K>().patch(&desired.name_any(), &pp, &Patch::Apply(&desired)).await?;
+        self.api::<K>()
+            .patch(&desired.name_any(), &pp, &Patch::Apply(&desired))
+            .await?;
         tracing::info!(pool = %key(self.pool), resource, name = %desired.name_any(), "applied");
         Ok(true)
     }
 
     async fn delete_pod(&self, name: &str) -> Result<()> {
         self.ctx.metrics.api_request("delete", "pods");
-        match self.api::<Pod>().delete(name, &DeleteParams::default()).await {
+        match self
+            .api::<Pod>()
+            .delete(name, &DeleteParams::default())
+            .await
+        {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(e.into()),
@@ -487,7 +614,10 @@ impl<'a> Reconciler<'a> {
         self.event(
             EventType::Warning,
             "RestartedPod",
-            format!("Pod {name} did not apply the lowered connection_limit within {:?}", self.ctx.settings.ack_timeout),
+            format!(
+                "Pod {name} did not apply the lowered connection_limit within {:?}",
+                self.ctx.settings.ack_timeout
+            ),
         )
         .await;
         Ok(())
@@ -502,7 +632,9 @@ impl<'a> Reconciler<'a> {
     }
 
     fn expired(&self, since: &str) -> bool {
-        let Ok(t) = since.parse::<Timestamp>() else { return false };
+        let Ok(t) = since.parse::<Timestamp>() else {
+            return false;
+        };
         let age = Timestamp::now().as_second() - t.as_second();
         age >= 0 && age as u64 >= self.ctx.settings.ack_timeout.as_secs()
     }
@@ -545,7 +677,9 @@ impl<'a> Reconciler<'a> {
             self.event(EventType::Warning, reason, message).await;
         }
         self.patch_status(&report).await?;
-        Ok(Action::requeue(Duration::from_secs(30).min(self.ctx.settings.discovery_interval)))
+        Ok(Action::requeue(
+            Duration::from_secs(30).min(self.ctx.settings.discovery_interval),
+        ))
     }
 
     async fn patch_status(&self, report: &Report) -> Result<()> {
@@ -561,14 +695,27 @@ impl<'a> Reconciler<'a> {
             "status": new,
         });
         let pp = PatchParams::apply(FIELD_MANAGER).force();
-        self.api::<ConnectionPool>().patch_status(&self.name, &pp, &Patch::Apply(&body)).await?;
+        self.api::<ConnectionPool>()
+            .patch_status(&self.name, &pp, &Patch::Apply(&body))
+            .await?;
         Ok(())
     }
 
     async fn event(&self, type_: EventType, reason: &str, note: String) {
         self.ctx.metrics.api_request("create", "events");
-        let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
-        if let Err(e) = self.ctx.recorder.publish(&ev, &self.pool.object_ref(&())).await {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self
+            .ctx
+            .recorder
+            .publish(&ev, &self.pool.object_ref(&()))
+            .await
+        {
             tracing::warn!(pool = %key(self.pool), error = %e, "could not record event");
         }
     }
@@ -589,7 +736,10 @@ fn budget_block(b: &Budget, limit: i64, replicas: i32, applied: Option<String>) 
 }
 
 fn pod_counts(pods: &[Pod]) -> (i32, i32) {
-    let live: Vec<&Pod> = pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+    let live: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
     let ready = live
         .iter()
         .filter(|p| {
@@ -612,13 +762,18 @@ fn rolling_out(dep: Option<&Deployment>) -> bool {
 }
 
 /// Pools that reference `secret` by name (credentials or users).
-pub fn pools_referencing(pools: &[Arc<ConnectionPool>], secret: &Secret) -> Vec<ObjectRef<ConnectionPool>> {
+pub fn pools_referencing(
+    pools: &[Arc<ConnectionPool>],
+    secret: &Secret,
+) -> Vec<ObjectRef<ConnectionPool>> {
     let ns = secret.namespace();
     let name = secret.name_any();
     pools
         .iter()
         .filter(|p| p.namespace() == ns)
-        .filter(|p| p.spec.database.credentials_secret == name || p.spec.client_auth.users_secret == name)
+        .filter(|p| {
+            p.spec.database.credentials_secret == name || p.spec.client_auth.users_secret == name
+        })
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
 }
@@ -650,7 +805,10 @@ pub async fn run_controller(
         .owns(scoped::<Deployment>(&client, &namespace), owned.clone())
         .owns(scoped::<ConfigMap>(&client, &namespace), owned.clone())
         .owns(scoped::<Service>(&client, &namespace), owned.clone())
-        .owns(scoped::<PodDisruptionBudget>(&client, &namespace), owned.clone())
+        .owns(
+            scoped::<PodDisruptionBudget>(&client, &namespace),
+            owned.clone(),
+        )
         .owns(scoped::<ServiceAccount>(&client, &namespace), owned)
         .watches(scoped::<Secret>(&client, &namespace), wc, move |secret| {
             pools_referencing(&store.state(), &secret)

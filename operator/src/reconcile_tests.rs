@@ -61,7 +61,11 @@ impl FakeApi {
     }
 
     fn handle(&self, method: Method, path: &str, body: Value) -> (StatusCode, Value) {
-        self.log.lock().unwrap().push(Logged { method: method.clone(), path: path.into(), body: body.clone() });
+        self.log.lock().unwrap().push(Logged {
+            method: method.clone(),
+            path: path.into(),
+            body: body.clone(),
+        });
         let not_found = || {
             (
                 StatusCode::NOT_FOUND,
@@ -77,7 +81,10 @@ impl FakeApi {
                     .filter(|(k, _)| k.starts_with(&format!("{PODS_PATH}/")))
                     .map(|(_, v)| v.clone())
                     .collect();
-                (StatusCode::OK, json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": items}))
+                (
+                    StatusCode::OK,
+                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": items}),
+                )
             }
             Method::GET => match self.get(path) {
                 Some(v) => (StatusCode::OK, v),
@@ -85,7 +92,9 @@ impl FakeApi {
             },
             Method::PATCH if path.ends_with("/status") => {
                 let obj_path = path.trim_end_matches("/status");
-                let Some(mut obj) = self.get(obj_path) else { return not_found() };
+                let Some(mut obj) = self.get(obj_path) else {
+                    return not_found();
+                };
                 obj["status"] = body["status"].clone();
                 self.put(obj_path, obj.clone());
                 (StatusCode::OK, obj)
@@ -166,7 +175,12 @@ struct Harness {
 }
 
 fn limits(max: i64) -> DatabaseLimits {
-    DatabaseLimits { max_connections: max, superuser_reserved: 3, reserved_connections: 0, source: BudgetSource::Discovered }
+    DatabaseLimits {
+        max_connections: max,
+        superuser_reserved: 3,
+        reserved_connections: 0,
+        source: BudgetSource::Discovered,
+    }
 }
 
 fn secret(name: &str, data: Value) -> Value {
@@ -182,7 +196,9 @@ impl Harness {
         let api = Arc::new(FakeApi::default());
         tokio::spawn(serve(api.clone(), handle));
         let probe = Arc::new(FakeProbe::default());
-        let discovery = Arc::new(FakeDiscovery { result: Mutex::new(Ok(limits(60))) });
+        let discovery = Arc::new(FakeDiscovery {
+            result: Mutex::new(Ok(limits(60))),
+        });
         let ctx = Arc::new(Context::new(
             client,
             Arc::new(Metrics::default()),
@@ -193,13 +209,24 @@ impl Harness {
         // "dXNlcg==" = "user", "cGFzcw==" = "pass"
         api.put(
             "/api/v1/namespaces/default/secrets/app-db-credentials",
-            secret("app-db-credentials", json!({"username": "dXNlcg==", "password": "cGFzcw=="})),
+            secret(
+                "app-db-credentials",
+                json!({"username": "dXNlcg==", "password": "cGFzcw=="}),
+            ),
         );
-        api.put("/api/v1/namespaces/default/secrets/app-users", secret("app-users", json!({"app": "cGFzcw=="})));
+        api.put(
+            "/api/v1/namespaces/default/secrets/app-users",
+            secret("app-users", json!({"app": "cGFzcw=="})),
+        );
         let mut pool = serde_json::to_value(minimal()).unwrap();
         pool["metadata"]["generation"] = json!(1);
         api.put(POOL_PATH, pool);
-        Self { api, probe, discovery, ctx }
+        Self {
+            api,
+            probe,
+            discovery,
+            ctx,
+        }
     }
 
     fn pool(&self) -> Arc<ConnectionPool> {
@@ -220,7 +247,11 @@ impl Harness {
 
     fn config_limit(&self) -> i64 {
         let cm = self.api.get(CM_PATH).unwrap();
-        cm["metadata"]["annotations"][LIMIT_ANNOTATION].as_str().unwrap().parse().unwrap()
+        cm["metadata"]["annotations"][LIMIT_ANNOTATION]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
     }
 
     fn config_hash(&self) -> String {
@@ -229,7 +260,9 @@ impl Harness {
     }
 
     fn deployment_replicas(&self) -> i64 {
-        self.api.get(DEP_PATH).unwrap()["spec"]["replicas"].as_i64().unwrap()
+        self.api.get(DEP_PATH).unwrap()["spec"]["replicas"]
+            .as_i64()
+            .unwrap()
     }
 
     /// Pods `0..n` as the Deployment controller would create them, ready, each reporting
@@ -257,11 +290,13 @@ impl Harness {
     }
 
     fn report(&self, i: usize, hash: &str, limit: i64) {
-        self.probe
-            .reports
-            .lock()
-            .unwrap()
-            .insert(format!("10.0.0.{i}"), PodReport { config_hash: hash.into(), connection_limit: limit });
+        self.probe.reports.lock().unwrap().insert(
+            format!("10.0.0.{i}"),
+            PodReport {
+                config_hash: hash.into(),
+                connection_limit: limit,
+            },
+        );
     }
 
     fn terminate_pod(&self, i: usize) {
@@ -304,7 +339,8 @@ fn writes(log: &[Logged]) -> Vec<String> {
 }
 
 fn position(log: &[Logged], method: Method, path: &str) -> Option<usize> {
-    log.iter().position(|l| l.method == method && l.path == path)
+    log.iter()
+        .position(|l| l.method == method && l.path == path)
 }
 
 #[tokio::test]
@@ -321,18 +357,33 @@ async fn create_applies_every_child_with_the_budgeted_limit() {
         DEP_PATH,
         "/apis/sluice.dev/v1alpha1/namespaces/default/connectionpools/app/status",
     ] {
-        assert!(w.contains(&format!("PATCH {path}")), "no apply of {path}: {w:?}");
+        assert!(
+            w.contains(&format!("PATCH {path}")),
+            "no apply of {path}: {w:?}"
+        );
     }
     assert!(position(&log, Method::PATCH, CM_PATH) < position(&log, Method::PATCH, DEP_PATH));
     // budget 60 - 3 - 6 = 51; 2 replicas + 1 rollout pod → 17.
     assert_eq!(h.config_limit(), 17);
     assert_eq!(h.deployment_replicas(), 2);
     let budget = &h.status()["budget"];
-    assert_eq!((budget["available"].as_i64(), budget["perReplicaLimit"].as_i64()), (Some(51), Some(17)));
+    assert_eq!(
+        (
+            budget["available"].as_i64(),
+            budget["perReplicaLimit"].as_i64()
+        ),
+        (Some(51), Some(17))
+    );
     assert_eq!(budget["worstCaseTotal"].as_i64(), Some(51));
-    assert_eq!(h.status()["selector"], "app.kubernetes.io/name=sluice-pooler,sluice.dev/pool=app");
+    assert_eq!(
+        h.status()["selector"],
+        "app.kubernetes.io/name=sluice-pooler,sluice.dev/pool=app"
+    );
     // Field manager and apply semantics on every write.
-    let patch = log.iter().find(|l| l.path == CM_PATH && l.method == Method::PATCH).unwrap();
+    let patch = log
+        .iter()
+        .find(|l| l.path == CM_PATH && l.method == Method::PATCH)
+        .unwrap();
     assert_eq!(patch.body["kind"], "ConfigMap");
 }
 
@@ -359,8 +410,15 @@ async fn scale_up_lowers_the_limit_before_the_deployment_grows() {
     h.set_replicas(4);
     h.reconcile().await;
     let log = h.api.take_log();
-    assert!(position(&log, Method::PATCH, CM_PATH).is_some(), "ConfigMap not lowered: {:?}", writes(&log));
-    assert!(position(&log, Method::PATCH, DEP_PATH).is_none(), "Deployment grew before acks");
+    assert!(
+        position(&log, Method::PATCH, CM_PATH).is_some(),
+        "ConfigMap not lowered: {:?}",
+        writes(&log)
+    );
+    assert!(
+        position(&log, Method::PATCH, DEP_PATH).is_none(),
+        "Deployment grew before acks"
+    );
     assert_eq!((h.config_limit(), h.deployment_replicas()), (10, 2));
     assert_eq!(h.condition("Progressing")["reason"], "LoweringLimit");
     assert_eq!(h.status()["resize"]["phase"], "LoweringLimit");
@@ -374,7 +432,11 @@ async fn scale_up_lowers_the_limit_before_the_deployment_grows() {
     h.report(1, &new_hash, 10);
     h.reconcile().await;
     let log = h.api.take_log();
-    assert!(position(&log, Method::PATCH, DEP_PATH).is_some(), "{:?}", writes(&log));
+    assert!(
+        position(&log, Method::PATCH, DEP_PATH).is_some(),
+        "{:?}",
+        writes(&log)
+    );
     assert!(position(&log, Method::PATCH, CM_PATH).is_none());
     assert_eq!(h.deployment_replicas(), 4);
     // New pods start with the lowered config; the pool settles.
@@ -396,8 +458,15 @@ async fn scale_down_shrinks_before_the_limit_rises() {
     h.set_replicas(2);
     h.reconcile().await;
     let log = h.api.take_log();
-    assert!(position(&log, Method::PATCH, DEP_PATH).is_some(), "{:?}", writes(&log));
-    assert!(position(&log, Method::PATCH, CM_PATH).is_none(), "limit raised before pods were gone");
+    assert!(
+        position(&log, Method::PATCH, DEP_PATH).is_some(),
+        "{:?}",
+        writes(&log)
+    );
+    assert!(
+        position(&log, Method::PATCH, CM_PATH).is_none(),
+        "limit raised before pods were gone"
+    );
     assert_eq!((h.deployment_replicas(), h.config_limit()), (2, 10));
     assert_eq!(h.condition("Progressing")["reason"], "ScalingDown");
     // Removed pods are terminating (draining): the limit stays.
@@ -410,7 +479,11 @@ async fn scale_down_shrinks_before_the_limit_rises() {
     h.api.remove(&format!("{PODS_PATH}/app-3"));
     h.reconcile().await;
     let log = h.api.take_log();
-    assert!(position(&log, Method::PATCH, CM_PATH).is_some(), "{:?}", writes(&log));
+    assert!(
+        position(&log, Method::PATCH, CM_PATH).is_some(),
+        "{:?}",
+        writes(&log)
+    );
     assert_eq!(h.config_limit(), 17);
 }
 
@@ -423,8 +496,16 @@ async fn budget_exceeded_keeps_the_last_good_config() {
     h.reconcile().await;
     let log = h.api.take_log();
     let w = writes(&log);
-    assert!(!w.iter().any(|p| p.contains("configmaps") || p.contains("deployments")), "{w:?}");
-    assert!(w.iter().any(|p| p.starts_with("POST") && p.contains("events")), "no event: {w:?}");
+    assert!(
+        !w.iter()
+            .any(|p| p.contains("configmaps") || p.contains("deployments")),
+        "{w:?}"
+    );
+    assert!(
+        w.iter()
+            .any(|p| p.starts_with("POST") && p.contains("events")),
+        "no event: {w:?}"
+    );
     assert_eq!(h.api.get(CM_PATH).unwrap(), cm_before);
     assert_eq!(h.condition("BudgetExceeded")["status"], "True");
     assert_eq!(h.condition("Ready")["status"], "False");
@@ -436,13 +517,27 @@ async fn budget_exceeded_keeps_the_last_good_config() {
 #[tokio::test]
 async fn missing_secret_is_degraded_and_names_it() {
     let h = Harness::new(Settings::default());
-    h.api.remove("/api/v1/namespaces/default/secrets/app-db-credentials");
+    h.api
+        .remove("/api/v1/namespaces/default/secrets/app-db-credentials");
     h.reconcile().await;
     let w = writes(&h.api.take_log());
-    assert!(!w.iter().any(|p| p.contains("configmaps") || p.contains("deployments")), "{w:?}");
+    assert!(
+        !w.iter()
+            .any(|p| p.contains("configmaps") || p.contains("deployments")),
+        "{w:?}"
+    );
     let c = h.condition("Degraded");
-    assert_eq!((c["status"].as_str(), c["reason"].as_str()), (Some("True"), Some("SecretNotFound")));
-    assert!(c["message"].as_str().unwrap().contains("default/app-db-credentials"), "{c}");
+    assert_eq!(
+        (c["status"].as_str(), c["reason"].as_str()),
+        (Some("True"), Some("SecretNotFound"))
+    );
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("default/app-db-credentials"),
+        "{c}"
+    );
 }
 
 #[tokio::test]
@@ -455,22 +550,36 @@ async fn unreachable_database_is_degraded_and_keeps_config() {
     h.set_replicas(3);
     h.reconcile().await;
     let w = writes(&h.api.take_log());
-    assert!(!w.iter().any(|p| p.contains("configmaps") || p.contains("deployments")), "{w:?}");
+    assert!(
+        !w.iter()
+            .any(|p| p.contains("configmaps") || p.contains("deployments")),
+        "{w:?}"
+    );
     assert_eq!(h.api.get(CM_PATH).unwrap(), cm_before);
     let c = h.condition("Degraded");
-    assert_eq!((c["status"].as_str(), c["reason"].as_str()), (Some("True"), Some("DatabaseUnreachable")));
+    assert_eq!(
+        (c["status"].as_str(), c["reason"].as_str()),
+        (Some("True"), Some("DatabaseUnreachable"))
+    );
 }
 
 #[tokio::test]
 async fn pods_that_do_not_acknowledge_are_deleted_after_the_timeout() {
-    let h = Harness::new(Settings { ack_timeout: Duration::ZERO, ..Settings::default() });
+    let h = Harness::new(Settings {
+        ack_timeout: Duration::ZERO,
+        ..Settings::default()
+    });
     h.settled(2).await;
     h.set_replicas(4);
     h.reconcile().await;
     let log = h.api.take_log();
     for i in 0..2 {
         let path = format!("{PODS_PATH}/app-{i}");
-        assert!(position(&log, Method::DELETE, &path).is_some(), "{:?}", writes(&log));
+        assert!(
+            position(&log, Method::DELETE, &path).is_some(),
+            "{:?}",
+            writes(&log)
+        );
     }
     assert!(position(&log, Method::PATCH, DEP_PATH).is_none());
 }
@@ -481,7 +590,10 @@ async fn secret_rotation_rerolls_config_without_restarting_pods() {
     h.settled(2).await;
     let dep_before = h.api.get(DEP_PATH).unwrap();
     let hash_before = h.config_hash();
-    let mut s = h.api.get("/api/v1/namespaces/default/secrets/app-users").unwrap();
+    let mut s = h
+        .api
+        .get("/api/v1/namespaces/default/secrets/app-users")
+        .unwrap();
     s["metadata"]["resourceVersion"] = json!("8");
     h.api.put("/api/v1/namespaces/default/secrets/app-users", s);
     h.reconcile().await;

@@ -240,7 +240,10 @@ mod tests {
             name: name.into(),
             terminating: false,
             scheduled: true,
-            report: Some(PodReport { config_hash: hash(limit), connection_limit: limit }),
+            report: Some(PodReport {
+                config_hash: hash(limit),
+                connection_limit: limit,
+            }),
         }
     }
 
@@ -248,7 +251,9 @@ mod tests {
         Observed {
             config_limit: Some(limit),
             deployment_replicas: Some(replicas),
-            pods: (0..replicas).map(|i| pod(&format!("p{i}"), limit)).collect(),
+            pods: (0..replicas)
+                .map(|i| pod(&format!("p{i}"), limit))
+                .collect(),
             acknowledged_hash: Some(hash(limit)),
         }
     }
@@ -256,30 +261,45 @@ mod tests {
     #[test]
     fn create_writes_target_limit_and_replicas_at_once() {
         let p = plan(&Observed::default(), 51, 2, hash).unwrap();
-        assert_eq!((p.config_limit, p.deployment_replicas, p.phase), (17, 2, Phase::Idle));
+        assert_eq!(
+            (p.config_limit, p.deployment_replicas, p.phase),
+            (17, 2, Phase::Idle)
+        );
     }
 
     #[test]
     fn scale_up_lowers_then_waits_then_grows() {
         let mut w = world(17, 2);
         let p = plan(&w, 51, 4, hash).unwrap();
-        assert_eq!((p.config_limit, p.deployment_replicas, p.phase), (10, 2, Phase::LoweringLimit));
+        assert_eq!(
+            (p.config_limit, p.deployment_replicas, p.phase),
+            (10, 2, Phase::LoweringLimit)
+        );
         assert_eq!(p.unacknowledged.len(), 2);
         // The ConfigMap is written; one pod applied it.
         w.config_limit = Some(10);
         w.pods[0] = pod("p0", 10);
         let p = plan(&w, 51, 4, hash).unwrap();
-        assert_eq!((p.deployment_replicas, p.unacknowledged.clone()), (2, vec!["p1".to_string()]));
+        assert_eq!(
+            (p.deployment_replicas, p.unacknowledged.clone()),
+            (2, vec!["p1".to_string()])
+        );
         w.pods[1] = pod("p1", 10);
         let p = plan(&w, 51, 4, hash).unwrap();
-        assert_eq!((p.config_limit, p.deployment_replicas, p.phase), (10, 4, Phase::Idle));
+        assert_eq!(
+            (p.config_limit, p.deployment_replicas, p.phase),
+            (10, 4, Phase::Idle)
+        );
     }
 
     #[test]
     fn scale_down_shrinks_then_waits_then_raises() {
         let mut w = world(10, 4);
         let p = plan(&w, 51, 2, hash).unwrap();
-        assert_eq!((p.config_limit, p.deployment_replicas, p.phase), (10, 2, Phase::ScalingDown));
+        assert_eq!(
+            (p.config_limit, p.deployment_replicas, p.phase),
+            (10, 2, Phase::ScalingDown)
+        );
         w.deployment_replicas = Some(2);
         w.pods[2].terminating = true;
         w.pods[3].terminating = true;
@@ -287,14 +307,20 @@ mod tests {
         assert_eq!((p.config_limit, p.phase), (10, Phase::ScalingDown));
         w.pods.truncate(2);
         let p = plan(&w, 51, 2, hash).unwrap();
-        assert_eq!((p.config_limit, p.deployment_replicas, p.phase), (17, 2, Phase::RaisingLimit));
+        assert_eq!(
+            (p.config_limit, p.deployment_replicas, p.phase),
+            (17, 2, Phase::RaisingLimit)
+        );
     }
 
     #[test]
     fn budget_shrink_lowers_without_scaling() {
         let w = world(17, 2);
         let p = plan(&w, 30, 2, hash).unwrap();
-        assert_eq!((p.config_limit, p.deployment_replicas, p.phase), (10, 2, Phase::LoweringLimit));
+        assert_eq!(
+            (p.config_limit, p.deployment_replicas, p.phase),
+            (10, 2, Phase::LoweringLimit)
+        );
     }
 
     #[test]
@@ -306,8 +332,14 @@ mod tests {
     fn stale_pod_blocks_scale_up_but_lower_limit_pod_does_not() {
         let mut w = world(10, 2);
         w.acknowledged_hash = None;
-        w.pods[0].report = Some(PodReport { config_hash: "old".into(), connection_limit: 17 });
-        w.pods[1].report = Some(PodReport { config_hash: "old".into(), connection_limit: 5 });
+        w.pods[0].report = Some(PodReport {
+            config_hash: "old".into(),
+            connection_limit: 17,
+        });
+        w.pods[1].report = Some(PodReport {
+            config_hash: "old".into(),
+            connection_limit: 5,
+        });
         let p = plan(&w, 51, 4, hash).unwrap();
         assert_eq!(p.deployment_replicas, 2);
         assert_eq!(p.unacknowledged, vec!["p0".to_string()]);
@@ -370,11 +402,16 @@ mod tests {
                 // The Deployment controller converges by one pod.
                 1 => {
                     let want = self.replicas.unwrap_or(0) as usize;
-                    let live: Vec<usize> =
-                        (0..self.pods.len()).filter(|&i| !self.pods[i].terminating).collect();
+                    let live: Vec<usize> = (0..self.pods.len())
+                        .filter(|&i| !self.pods[i].terminating)
+                        .collect();
                     if live.len() < want {
                         if let Some(limit) = self.cm_limit {
-                            self.pods.push(SimPod { id: self.next_id, applied: limit, terminating: false });
+                            self.pods.push(SimPod {
+                                id: self.next_id,
+                                applied: limit,
+                                terminating: false,
+                            });
                             self.next_id += 1;
                         }
                     } else if live.len() > want {
@@ -386,7 +423,9 @@ mod tests {
                 2 => {
                     if let (Some(limit), Some(p)) = (
                         self.cm_limit,
-                        self.pods.iter_mut().find(|p| !p.terminating && p.applied != self.cm_limit.unwrap()),
+                        self.pods
+                            .iter_mut()
+                            .find(|p| !p.terminating && p.applied != self.cm_limit.unwrap()),
                     ) {
                         p.applied = limit;
                     }

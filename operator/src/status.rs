@@ -73,7 +73,10 @@ pub fn build(prev: Option<&ConnectionPoolStatus>, r: &Report, now: Time) -> Conn
     let ready = r.ready_replicas >= r.desired_replicas
         && r.degraded.is_none()
         && r.budget_exceeded.is_none();
-    let ready_msg = format!("{}/{} pooler pods ready", r.ready_replicas, r.desired_replicas);
+    let ready_msg = format!(
+        "{}/{} pooler pods ready",
+        r.ready_replicas, r.desired_replicas
+    );
     let ready_reason = if r.budget_exceeded.is_some() {
         "BudgetExceeded"
     } else if r.degraded.is_some() {
@@ -122,7 +125,12 @@ mod tests {
 
     #[test]
     fn unchanged_report_gives_equal_status() {
-        let r = Report { desired_replicas: 2, replicas: 2, ready_replicas: 2, ..Default::default() };
+        let r = Report {
+            desired_replicas: 2,
+            replicas: 2,
+            ready_replicas: 2,
+            ..Default::default()
+        };
         let a = build(None, &r, t(1));
         let b = build(Some(&a), &r, t(2));
         assert_eq!(a, b);
@@ -131,14 +139,32 @@ mod tests {
 
     #[test]
     fn transitions_move_the_time_and_budget_exceeded_is_not_ready() {
-        let r = Report { desired_replicas: 2, replicas: 2, ready_replicas: 2, ..Default::default() };
+        let r = Report {
+            desired_replicas: 2,
+            replicas: 2,
+            ready_replicas: 2,
+            ..Default::default()
+        };
         let a = build(None, &r, t(1));
-        let r2 = Report { budget_exceeded: Some("too many".into()), ..r };
+        let r2 = Report {
+            budget_exceeded: Some("too many".into()),
+            ..r
+        };
         let b = build(Some(&a), &r2, t(2));
         let ready = &b.conditions[0];
-        assert_eq!((ready.status.as_str(), ready.last_transition_time.clone()), ("False", t(2)));
-        let be = b.conditions.iter().find(|c| c.type_ == BUDGET_EXCEEDED).unwrap();
-        assert_eq!((be.status.as_str(), be.message.as_str()), ("True", "too many"));
+        assert_eq!(
+            (ready.status.as_str(), ready.last_transition_time.clone()),
+            ("False", t(2))
+        );
+        let be = b
+            .conditions
+            .iter()
+            .find(|c| c.type_ == BUDGET_EXCEEDED)
+            .unwrap();
+        assert_eq!(
+            (be.status.as_str(), be.message.as_str()),
+            ("True", "too many")
+        );
         // Progressing did not change: its time stays.
         assert_eq!(b.conditions[1].last_transition_time, t(1));
     }
