@@ -1,0 +1,289 @@
+//! The operator against a real control plane (etcd, kube-apiserver, kube-controller-manager)
+//! and a real PostgreSQL: CRD acceptance and CEL rules, the create path, a scale-up through
+//! the scale subresource, a budget change on the database, an infeasible pool, printer
+//! columns and garbage collection. No node agent runs, so pods stay unscheduled.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use sluice_operator::{
+    ConnectionPool, Context, HttpProbe, Metrics, PostgresDiscovery, Settings, crd_yaml,
+    run_controller,
+};
+use sluice_testkit::{ControlPlane, SUPERUSER, TempPostgres};
+
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn limit_of(cm: &ConfigMap) -> Option<i64> {
+    cm.metadata
+        .annotations
+        .as_ref()?
+        .get("sluice.dev/connection-limit")?
+        .parse()
+        .ok()
+}
+
+fn condition(pool: &ConnectionPool, type_: &str) -> Option<(String, String)> {
+    let c = pool
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)?;
+    Some((c.status.clone(), c.message.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_against_a_real_control_plane() {
+    if sluice_testkit::k8s_bin_dir().is_err() {
+        eprintln!("skipping: control plane binaries missing (run `make tools`)");
+        return;
+    }
+    let cp = ControlPlane::start().await.unwrap();
+    let client = cp.client().await.unwrap();
+    let mut pg = TempPostgres::builder().max_connections(60).start().unwrap();
+
+    // The CRD is accepted (CEL rules compile) and becomes Established.
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&crd_yaml().unwrap()).unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(
+        "connectionpools.sluice.dev",
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .unwrap();
+    eventually("CRD established", Duration::from_secs(30), || async {
+        let c = crds.get("connectionpools.sluice.dev").await.ok()?;
+        c.status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+
+    let pools: Api<ConnectionPool> = Api::namespaced(client.clone(), "default");
+    // CEL rejects what it can check statically, with the rule's message.
+    let bad = |spec: serde_json::Value| -> ConnectionPool {
+        serde_json::from_value(json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "ConnectionPool",
+            "metadata": {"name": "bad"}, "spec": spec,
+        }))
+        .unwrap()
+    };
+    let base = json!({"database": {"host": "db", "credentialsSecret": "c", "maxConnections": 40,
+                                   "reservedConnections": 50},
+                      "clientAuth": {"usersSecret": "u"}});
+    let err = pools
+        .create(&PostParams::default(), &bad(base.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("reservedConnections must be less than maxConnections"),
+        "{err}"
+    );
+    let mut spec = base.clone();
+    spec["database"]["reservedConnections"] = json!(5);
+    spec["drainTimeout"] = json!("30 seconds");
+    let err = pools
+        .create(&PostParams::default(), &bad(spec.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("drainTimeout must be a duration"),
+        "{err}"
+    );
+    spec["drainTimeout"] = json!("30s");
+    spec["replicas"] = json!(0);
+    let err = pools
+        .create(&PostParams::default(), &bad(spec))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("replicas must be at least 1"),
+        "{err}"
+    );
+
+    // Secrets and a pool pointing at the real PostgreSQL.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    for (name, data) in [
+        (
+            "app-db-credentials",
+            json!({"username": SUPERUSER.0, "password": SUPERUSER.1}),
+        ),
+        ("app-users", json!({"app": "secret"})),
+    ] {
+        let s: Secret = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data,
+        }))
+        .unwrap();
+        secrets.create(&PostParams::default(), &s).await.unwrap();
+    }
+    let pool: ConnectionPool = serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "ConnectionPool", "metadata": {"name": "app"},
+        "spec": {"replicas": 2,
+                 "database": {"host": "127.0.0.1", "port": pg.port(), "name": "postgres",
+                              "credentialsSecret": "app-db-credentials"},
+                 "clientAuth": {"usersSecret": "app-users"}},
+    }))
+    .unwrap();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+
+    // The operator, in process.
+    let metrics = Arc::new(Metrics::default());
+    let settings = Settings {
+        discovery_interval: Duration::from_secs(2),
+        poll_interval: Duration::from_millis(500),
+        ..Settings::default()
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics.clone(),
+        Arc::new(PostgresDiscovery::default()),
+        Arc::new(HttpProbe::default()),
+        settings,
+    ));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(run_controller(ctx, Some("default".into()), async move {
+        let _ = stop_rx.await;
+    }));
+
+    // Create path: 60 - 3 - 6 = 51 → ⌊51 / 3⌋ = 17.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    eventually(
+        "ConfigMap with limit 17",
+        Duration::from_secs(30),
+        || async { (limit_of(&cms.get("app-config").await.ok()?)? == 17).then_some(()) },
+    )
+    .await;
+    let dep = deps.get("app").await.unwrap();
+    assert_eq!(dep.spec.unwrap().replicas, Some(2));
+    let p = eventually("status budget", Duration::from_secs(30), || async {
+        let p = pools.get("app").await.ok()?;
+        (p.status.as_ref()?.budget.as_ref()?.per_replica_limit == 17).then_some(p)
+    })
+    .await;
+    let b = p.status.unwrap().budget.unwrap();
+    assert_eq!(
+        (
+            b.database_max_connections,
+            b.superuser_reserved,
+            b.available
+        ),
+        (60, 3, 51)
+    );
+
+    // Scale 2 → 4 through the scale subresource: the limit drops before the Deployment grows.
+    pools
+        .patch_scale(
+            "app",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 4}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "Deployment at 4 replicas",
+        Duration::from_secs(30),
+        || async {
+            let cm_limit = limit_of(&cms.get("app-config").await.ok()?)?;
+            let replicas = deps.get("app").await.ok()?.spec?.replicas?;
+            assert!(
+                replicas <= 2 || cm_limit <= 10,
+                "Deployment grew to {replicas} at limit {cm_limit}"
+            );
+            (replicas == 4 && cm_limit == 10).then_some(())
+        },
+    )
+    .await;
+
+    // Steady state: no more writes while the operator keeps requeueing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = metrics.api_requests_with_verb("patch") + metrics.api_requests_with_verb("delete");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = metrics.api_requests_with_verb("patch") + metrics.api_requests_with_verb("delete");
+    assert_eq!(before, after, "steady state wrote");
+
+    // The database grows: 100 - 3 - 10 = 87 → ⌊87 / 5⌋ = 17 within a refresh.
+    pg.restart_with_max_connections(100).unwrap();
+    eventually(
+        "limit follows max_connections",
+        Duration::from_secs(30),
+        || async { (limit_of(&cms.get("app-config").await.ok()?)? == 17).then_some(()) },
+    )
+    .await;
+
+    // Infeasible: BudgetExceeded, config untouched.
+    pools
+        .patch_scale(
+            "app",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 200}})),
+        )
+        .await
+        .unwrap();
+    let (_, msg) = eventually("BudgetExceeded", Duration::from_secs(30), || async {
+        let p = pools.get("app").await.ok()?;
+        condition(&p, "BudgetExceeded").filter(|(s, _)| s == "True")
+    })
+    .await;
+    assert!(msg.contains("200 replicas"), "{msg}");
+    assert_eq!(limit_of(&cms.get("app-config").await.unwrap()), Some(17));
+    assert_eq!(
+        deps.get("app").await.unwrap().spec.unwrap().replicas,
+        Some(4)
+    );
+
+    // Printer columns.
+    let kubectl = sluice_testkit::k8s_bin_dir().unwrap().join("kubectl");
+    let out = std::process::Command::new(kubectl)
+        .args([
+            "--kubeconfig",
+            cp.kubeconfig_path().to_str().unwrap(),
+            "get",
+            "cpool",
+            "app",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for col in ["REPLICAS", "READY", "LIMIT/REPLICA", "BUDGET", "AGE"] {
+        assert!(text.contains(col), "missing column {col}: {text}");
+    }
+
+    // Deleting the pool garbage-collects its children.
+    pools
+        .delete("app", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    eventually("children collected", Duration::from_secs(60), || async {
+        (cms.get_opt("app-config").await.ok()?.is_none()
+            && deps.get_opt("app").await.ok()?.is_none())
+        .then_some(())
+    })
+    .await;
+
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
+}
