@@ -1,2 +1,49 @@
-//! Binary entry point (placeholder until the crate lands).
-fn main() {}
+//! `sluice-pooler --config PATH`: parse arguments, set up logging, run.
+
+use clap::Parser;
+
+/// A fast, bounded PostgreSQL transaction and session pooler.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Path of the config file (TOML).
+    #[arg(long, env = "SLUICE_CONFIG")]
+    config: std::path::PathBuf,
+    /// Override `listen_addr`.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Override `admin_addr`.
+    #[arg(long)]
+    admin_listen: Option<String>,
+    /// Largest client message accepted, in bytes.
+    #[arg(long, env = "SLUICE_MAX_MESSAGE_SIZE", default_value_t = sluice_pooler::DEFAULT_MAX_MESSAGE_SIZE)]
+    max_message_size: usize,
+    /// Log format: `json` or `plain` (env SLUICE_LOG_FORMAT); level via RUST_LOG.
+    #[arg(long, env = "SLUICE_LOG_FORMAT", default_value = "plain")]
+    log_format: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let options = sluice_pooler::Options {
+        config: args.config,
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        max_message_size: args.max_message_size,
+    };
+    runtime.block_on(sluice_pooler::run(options))?;
+    Ok(())
+}

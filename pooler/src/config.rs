@@ -1,0 +1,484 @@
+//! The config file (see `docs/interfaces.md`): parsing, validation, resolution of the
+//! referenced credential files, and change detection for live reload.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use sha2::{Digest, Sha256};
+
+use crate::auth::Secret;
+use crate::error::{Error, Result};
+
+/// How server connections are shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    Transaction,
+    Session,
+}
+
+impl PoolMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::Transaction => "transaction",
+            PoolMode::Session => "session",
+        }
+    }
+}
+
+/// Client authentication method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthMethod {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+}
+
+/// Parses `500ms`, `30s`, `1m30s`, `2h`: integer+unit pairs, units `ms`, `s`, `m`, `h`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(1), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(60), 1)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(3600), 1)
+        } else {
+            return None;
+        };
+        rest = &rest[len..];
+        total = total.checked_add(unit.checked_mul(u32::try_from(n).ok()?)?)?;
+    }
+    Some(total)
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "invalid duration {s:?} (use e.g. \"500ms\", \"30s\", \"1m30s\")"
+        ))
+    })
+}
+
+fn d(secs: u64) -> Duration {
+    Duration::from_secs(secs)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_listen")]
+    listen_addr: String,
+    #[serde(default = "default_admin")]
+    admin_addr: String,
+    #[serde(default = "default_mode")]
+    pool_mode: PoolMode,
+    connection_limit: usize,
+    #[serde(default = "default_max_clients")]
+    max_client_connections: usize,
+    #[serde(default = "default_pool_timeout", deserialize_with = "de_duration")]
+    pool_timeout: Duration,
+    #[serde(default = "default_idle_timeout", deserialize_with = "de_duration")]
+    idle_timeout: Duration,
+    #[serde(default = "default_lifetime", deserialize_with = "de_duration")]
+    server_lifetime: Duration,
+    #[serde(default = "default_check_delay", deserialize_with = "de_duration")]
+    server_check_delay: Duration,
+    #[serde(default = "default_drain", deserialize_with = "de_duration")]
+    drain_timeout: Duration,
+    #[serde(default = "default_prepared")]
+    max_prepared_statements: usize,
+    #[serde(default)]
+    #[allow(dead_code)]
+    revision: Option<String>,
+    server: RawServer,
+    #[serde(default)]
+    auth: RawAuth,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:6432".into()
+}
+fn default_admin() -> String {
+    "0.0.0.0:9930".into()
+}
+fn default_mode() -> PoolMode {
+    PoolMode::Transaction
+}
+fn default_max_clients() -> usize {
+    10_000
+}
+fn default_pool_timeout() -> Duration {
+    d(30)
+}
+fn default_idle_timeout() -> Duration {
+    d(600)
+}
+fn default_lifetime() -> Duration {
+    d(3600)
+}
+fn default_check_delay() -> Duration {
+    d(30)
+}
+fn default_drain() -> Duration {
+    d(30)
+}
+fn default_prepared() -> usize {
+    100
+}
+fn default_port() -> u16 {
+    5432
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    host: String,
+    #[serde(default = "default_port")]
+    port: u16,
+    database: Option<String>,
+    user_file: Option<PathBuf>,
+    password_file: Option<PathBuf>,
+    user: Option<String>,
+    password: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default = "default_method")]
+    method: AuthMethod,
+    users_dir: Option<PathBuf>,
+    users: Option<BTreeMap<String, String>>,
+}
+
+fn default_method() -> AuthMethod {
+    AuthMethod::ScramSha256
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        Self {
+            method: default_method(),
+            users_dir: None,
+            users: None,
+        }
+    }
+}
+
+/// Where and as whom the pooler logs in to PostgreSQL.
+#[derive(Clone)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    pub database: Option<String>,
+    pub user: String,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("database", &self.database)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A validated config with every referenced file read.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen_addr: String,
+    pub admin_addr: String,
+    pub pool_mode: PoolMode,
+    pub connection_limit: usize,
+    pub max_client_connections: usize,
+    pub pool_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub server_lifetime: Duration,
+    pub server_check_delay: Duration,
+    pub drain_timeout: Duration,
+    pub max_prepared_statements: usize,
+    pub server: ServerConfig,
+    pub auth_method: AuthMethod,
+    pub users: HashMap<String, Secret>,
+    /// Lowercase hex SHA-256 of the config file bytes.
+    pub hash: String,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn read_trimmed(p: &Path, what: &str) -> Result<String> {
+    let s = std::fs::read_to_string(p)
+        .map_err(|e| Error::Config(format!("reading {what} {}: {e}", p.display())))?;
+    Ok(s.trim_end_matches(['\n', '\r']).to_string())
+}
+
+/// Regular, non-hidden files of a mounted-Secret-style directory, sorted by name.
+fn dir_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let rd = std::fs::read_dir(dir)
+        .map_err(|e| Error::Config(format!("reading users_dir {}: {e}", dir.display())))?;
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') {
+            continue;
+        }
+        let p = e.path();
+        if std::fs::metadata(&p).map(|m| m.is_file()).unwrap_or(false) {
+            out.push((name, p));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+impl Config {
+    /// Reads, parses and validates the config at `path`, with the files it references.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| Error::Config(format!("reading {}: {e}", path.display())))?;
+        Self::from_bytes(&bytes)
+    }
+
+    /// Parses and validates config file contents; referenced files are read from disk.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let text = std::str::from_utf8(bytes).map_err(|_| Error::Config("not UTF-8".into()))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        if raw.connection_limit == 0 {
+            return Err(Error::Config("connection_limit must be at least 1".into()));
+        }
+        if raw.max_client_connections == 0 {
+            return Err(Error::Config(
+                "max_client_connections must be at least 1".into(),
+            ));
+        }
+        if raw.max_prepared_statements == 0 {
+            return Err(Error::Config(
+                "max_prepared_statements must be at least 1".into(),
+            ));
+        }
+        let user = match (&raw.server.user, &raw.server.user_file) {
+            (Some(u), None) => u.clone(),
+            (None, Some(f)) => read_trimmed(f, "server.user_file")?,
+            _ => {
+                return Err(Error::Config(
+                    "set exactly one of server.user and server.user_file".into(),
+                ));
+            }
+        };
+        if user.is_empty() {
+            return Err(Error::Config("server user is empty".into()));
+        }
+        let password = match (&raw.server.password, &raw.server.password_file) {
+            (Some(p), None) => Some(p.clone()),
+            (None, Some(f)) => Some(read_trimmed(f, "server.password_file")?),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Config(
+                    "set at most one of server.password and server.password_file".into(),
+                ));
+            }
+        };
+        let mut users = HashMap::new();
+        match (&raw.auth.users_dir, &raw.auth.users) {
+            (Some(dir), None) => {
+                for (name, p) in dir_files(dir)? {
+                    users.insert(name, Secret::from_stored(&read_trimmed(&p, "user file")?));
+                }
+            }
+            (None, Some(inline)) => {
+                for (name, pw) in inline {
+                    users.insert(name.clone(), Secret::from_stored(pw));
+                }
+            }
+            (None, None) => {}
+            (Some(_), Some(_)) => {
+                return Err(Error::Config(
+                    "set at most one of auth.users_dir and auth.users".into(),
+                ));
+            }
+        }
+        for addr in [&raw.listen_addr, &raw.admin_addr] {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(Error::Config(format!(
+                    "invalid address {addr:?} (want ip:port)"
+                )));
+            }
+        }
+        Ok(Config {
+            listen_addr: raw.listen_addr,
+            admin_addr: raw.admin_addr,
+            pool_mode: raw.pool_mode,
+            connection_limit: raw.connection_limit,
+            max_client_connections: raw.max_client_connections,
+            pool_timeout: raw.pool_timeout,
+            idle_timeout: raw.idle_timeout,
+            server_lifetime: raw.server_lifetime,
+            server_check_delay: raw.server_check_delay,
+            drain_timeout: raw.drain_timeout,
+            max_prepared_statements: raw.max_prepared_statements,
+            server: ServerConfig {
+                host: raw.server.host,
+                port: raw.server.port,
+                database: raw.server.database,
+                user,
+                password,
+            },
+            auth_method: raw.auth.method,
+            users,
+            hash: hex(&Sha256::digest(bytes)),
+        })
+    }
+}
+
+/// A digest of the config file and every file it references, to detect changes by content.
+///
+/// Never fails: unreadable or unparsable inputs are folded into the digest as such,
+/// so a broken file is reported once, when it changes.
+pub fn fingerprint(path: &Path) -> [u8; 32] {
+    let mut h = Sha256::new();
+    let Ok(bytes) = std::fs::read(path) else {
+        h.update(b"unreadable");
+        return h.finalize().into();
+    };
+    h.update(&bytes);
+    let raw: Option<RawConfig> = std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(|t| toml::from_str(t).ok());
+    let Some(raw) = raw else {
+        return h.finalize().into();
+    };
+    let mut files: Vec<PathBuf> = [raw.server.user_file, raw.server.password_file]
+        .into_iter()
+        .flatten()
+        .collect();
+    if let Some(dir) = raw.auth.users_dir {
+        match dir_files(&dir) {
+            Ok(list) => files.extend(list.into_iter().map(|(_, p)| p)),
+            Err(_) => h.update(b"users_dir unreadable"),
+        }
+    }
+    for f in files {
+        h.update(f.to_string_lossy().as_bytes());
+        h.update([0]);
+        match std::fs::read(&f) {
+            Ok(b) => {
+                h.update((b.len() as u64).to_be_bytes());
+                h.update(&b);
+            }
+            Err(_) => h.update(b"missing"),
+        }
+    }
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "connection_limit = 5\n[server]\nhost = \"127.0.0.1\"\nuser = \"app\"\npassword = \"pw\"\n[auth.users]\napp = \"secret\"\n";
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m30s"), Some(d(90)));
+        assert_eq!(parse_duration("2h"), Some(d(7200)));
+        for bad in ["", "5", "s", "1x", "1 s", "-1s", "1.5s"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn minimal_with_defaults_and_hash() {
+        let c = Config::from_bytes(MIN.as_bytes()).unwrap();
+        assert_eq!(c.connection_limit, 5);
+        assert_eq!(c.pool_mode, PoolMode::Transaction);
+        assert_eq!(c.pool_timeout, d(30));
+        assert_eq!(c.server.port, 5432);
+        assert!(c.users.contains_key("app"));
+        assert_eq!(c.hash, hex(&Sha256::digest(MIN.as_bytes())));
+        assert_eq!(c.hash.len(), 64);
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("username"), "app\n").unwrap();
+        std::fs::write(dir.path().join("password"), "pw\n").unwrap();
+        let users = dir.path().join("users");
+        std::fs::create_dir(&users).unwrap();
+        std::fs::write(users.join("app"), "secret").unwrap();
+        std::fs::write(users.join(".hidden"), "x").unwrap();
+        let text = format!(
+            r#"
+listen_addr = "0.0.0.0:6432"
+admin_addr = "0.0.0.0:9930"
+pool_mode = "session"
+connection_limit = 18
+max_client_connections = 10000
+pool_timeout = "30s"
+idle_timeout = "10m"
+server_lifetime = "1h"
+server_check_delay = "30s"
+drain_timeout = "1m30s"
+max_prepared_statements = 100
+revision = "3f2a"
+[server]
+host = "db.example.svc"
+port = 5432
+user_file = "{d}/username"
+password_file = "{d}/password"
+[auth]
+method = "md5"
+users_dir = "{u}"
+"#,
+            d = dir.path().display(),
+            u = users.display()
+        );
+        let c = Config::from_bytes(text.as_bytes()).unwrap();
+        assert_eq!(c.pool_mode, PoolMode::Session);
+        assert_eq!(c.drain_timeout, d(90));
+        assert_eq!(c.server.user, "app");
+        assert_eq!(c.server.password.as_deref(), Some("pw"));
+        assert_eq!(c.auth_method, AuthMethod::Md5);
+        assert_eq!(c.users.len(), 1);
+        let p = dir.path().join("pooler.toml");
+        std::fs::write(&p, &text).unwrap();
+        let f1 = fingerprint(&p);
+        std::fs::write(users.join("app"), "changed").unwrap();
+        assert_ne!(f1, fingerprint(&p), "a users file change is a change");
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        assert!(Config::from_bytes(format!("conection_limit = 3\n{MIN}").as_bytes()).is_err());
+        assert!(Config::from_bytes(MIN.replace("= 5", "= 0").as_bytes()).is_err());
+        assert!(Config::from_bytes(format!("pool_timeout = \"30\"\n{MIN}").as_bytes()).is_err());
+        assert!(
+            Config::from_bytes(format!("pool_mode = \"statement\"\n{MIN}").as_bytes()).is_err()
+        );
+        assert!(Config::from_bytes(MIN.replace("user = \"app\"\n", "").as_bytes()).is_err());
+    }
+}

@@ -1,0 +1,96 @@
+//! The crate's one error type, and the single path by which errors reach clients.
+
+use std::io;
+
+/// Everything that can go wrong inside the pooler.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A socket read or write failed.
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    /// The peer violated the wire protocol (bad length, unknown message, ...).
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// A message was longer than the configured bound.
+    #[error("message of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    /// Client authentication failed.
+    #[error("password authentication failed for user \"{0}\"")]
+    AuthFailed(String),
+    /// The client asked for an authentication feature we do not offer.
+    #[error("unsupported authentication: {0}")]
+    AuthUnsupported(String),
+    /// Logging in to PostgreSQL failed; the message is PostgreSQL's own.
+    #[error("server login failed: {0}")]
+    ServerLogin(String),
+    /// PostgreSQL sent an ErrorResponse we must pass on as is (raw frame).
+    #[error("server error response")]
+    ServerError(bytes::Bytes),
+    /// No server connection became free within `pool_timeout`.
+    #[error(
+        "no server connection free within pool_timeout ({timeout_ms} ms, connection_limit {limit})"
+    )]
+    PoolTimeout { timeout_ms: u128, limit: usize },
+    /// `max_client_connections` reached.
+    #[error("too many client connections (max_client_connections = {0})")]
+    TooManyClients(usize),
+    /// The pooler is draining.
+    #[error("pooler shutting down")]
+    ShuttingDown,
+    /// Configuration could not be read or is invalid.
+    #[error("config: {0}")]
+    Config(String),
+    /// A server connection broke or misbehaved.
+    #[error("server connection: {0}")]
+    Server(String),
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a client is told about an error: severity, SQLSTATE and message.
+///
+/// This is the only place that turns internal errors into client-visible text, so
+/// internals (addresses, io details, server credentials) never leak.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientError {
+    pub severity: &'static str,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ClientError {
+    /// A FATAL error with the given SQLSTATE and message.
+    pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            severity: "FATAL",
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl Error {
+    /// The client-facing view of this error; `None` when the client should get the
+    /// server's own ErrorResponse ([`Error::ServerError`]) or no message at all (i/o).
+    pub fn to_client(&self) -> Option<ClientError> {
+        let e = match self {
+            Error::Io(_) => return None,
+            Error::ServerError(_) => return None,
+            Error::Protocol(m) => ClientError::fatal("08P01", format!("protocol violation: {m}")),
+            Error::TooLarge { .. } => ClientError::fatal("08P01", self.to_string()),
+            Error::AuthFailed(_) => ClientError::fatal("28P01", self.to_string()),
+            Error::AuthUnsupported(m) => {
+                ClientError::fatal("28000", format!("unsupported authentication: {m}"))
+            }
+            Error::PoolTimeout { .. } | Error::TooManyClients(_) => {
+                ClientError::fatal("53300", self.to_string())
+            }
+            Error::ShuttingDown => ClientError::fatal("57P01", "pooler shutting down"),
+            Error::ServerLogin(_) | Error::Server(_) | Error::Config(_) => {
+                ClientError::fatal("08006", "the pooler could not reach the database server")
+            }
+        };
+        Some(e)
+    }
+}

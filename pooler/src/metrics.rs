@@ -1,0 +1,144 @@
+//! Prometheus metrics (text format via prometheus-client).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::pool::{PoolKey, Snapshot};
+
+/// Labels of per-pool series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub database: String,
+    pub user: String,
+}
+
+impl From<&PoolKey> for PoolLabels {
+    fn from(k: &PoolKey) -> Self {
+        Self {
+            database: k.database.to_string(),
+            user: k.user.to_string(),
+        }
+    }
+}
+
+/// Labels of the error counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub kind: String,
+}
+
+/// Every metric the pooler exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub clients: Family<PoolLabels, Gauge>,
+    pub clients_waiting: Family<PoolLabels, Gauge>,
+    pub server_open: Family<PoolLabels, Gauge>,
+    pub server_in_use: Family<PoolLabels, Gauge>,
+    pub connection_limit: Gauge,
+    pub wait_seconds: Histogram,
+    pub queries: Family<PoolLabels, Counter>,
+    pub transactions: Family<PoolLabels, Counter>,
+    pub pool_timeouts: Counter,
+    pub errors: Family<ErrorLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sluice_pooler");
+        let m = Self {
+            clients: Family::default(),
+            clients_waiting: Family::default(),
+            server_open: Family::default(),
+            server_in_use: Family::default(),
+            connection_limit: Gauge::default(),
+            wait_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
+            queries: Family::default(),
+            transactions: Family::default(),
+            pool_timeouts: Counter::default(),
+            errors: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("clients", "Client connections per pool", m.clients.clone());
+        registry.register(
+            "clients_waiting",
+            "Clients waiting for a server connection",
+            m.clients_waiting.clone(),
+        );
+        registry.register(
+            "server_connections_open",
+            "Server connections open per pool",
+            m.server_open.clone(),
+        );
+        registry.register(
+            "server_connections_in_use",
+            "Server connections in use per pool",
+            m.server_in_use.clone(),
+        );
+        registry.register(
+            "connection_limit",
+            "Process-wide server connection limit",
+            m.connection_limit.clone(),
+        );
+        registry.register(
+            "wait_seconds",
+            "Time clients waited for a server connection",
+            m.wait_seconds.clone(),
+        );
+        registry.register(
+            "queries",
+            "Queries (simple Query and Execute messages)",
+            m.queries.clone(),
+        );
+        registry.register(
+            "transactions",
+            "Transactions (server connection releases at idle)",
+            m.transactions.clone(),
+        );
+        registry.register(
+            "pool_timeouts",
+            "Clients that gave up after pool_timeout",
+            m.pool_timeouts.clone(),
+        );
+        registry.register(
+            "errors",
+            "Client sessions ended by an error, by kind",
+            m.errors.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Counts a session-ending error.
+    pub fn error(&self, kind: &str) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    /// Prometheus text, with gauges refreshed from `snap`.
+    pub fn encode(&self, snap: &Snapshot) -> String {
+        self.connection_limit.set(snap.limit as i64);
+        for (k, c) in &snap.pools {
+            let l = PoolLabels::from(k);
+            self.clients.get_or_create(&l).set(c.clients as i64);
+            self.clients_waiting.get_or_create(&l).set(c.waiting as i64);
+            self.server_open.get_or_create(&l).set(c.open as i64);
+            self.server_in_use.get_or_create(&l).set(c.in_use as i64);
+        }
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

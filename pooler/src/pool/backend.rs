@@ -1,0 +1,285 @@
+//! One server connection to PostgreSQL: login, reset, health check.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::auth::md5_client_response;
+use crate::config::ServerConfig;
+use crate::error::{Error, Result};
+use crate::protocol::{
+    Authentication, BackendKeyData, ErrorFields, Frame, ParameterStatus, PasswordMessage,
+    ReadyForQuery, ResponseScanner, SaslInitialResponse, SaslResponse, TxStatus, split_frame,
+    startup_message,
+};
+
+/// Bound on single server messages read during login/reset (the hot path does not buffer
+/// whole messages).
+const MAX_SERVER_CONTROL_MESSAGE: usize = 1 << 20;
+/// Read buffer size for server connections.
+pub const SERVER_BUF: usize = 64 * 1024;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Names of statements prepared on one server connection, least recently used first out.
+#[derive(Debug, Default)]
+pub struct PreparedLru {
+    map: HashMap<Arc<str>, u64>,
+    tick: u64,
+}
+
+impl PreparedLru {
+    /// Whether `name` is prepared; marks it used.
+    pub fn touch(&mut self, name: &Arc<str>) -> bool {
+        self.tick += 1;
+        match self.map.get_mut(name) {
+            Some(t) => {
+                *t = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records `name`; returns the least recently used name to close when over `cap`.
+    pub fn insert(&mut self, name: Arc<str>, cap: usize) -> Option<Arc<str>> {
+        self.tick += 1;
+        self.map.insert(name.clone(), self.tick);
+        if self.map.len() <= cap {
+            return None;
+        }
+        let victim = self
+            .map
+            .iter()
+            .filter(|(n, _)| **n != name)
+            .min_by_key(|(_, t)| **t)?
+            .0
+            .clone();
+        self.map.remove(&victim);
+        Some(victim)
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.map.remove(name);
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// A logged-in server connection.
+#[derive(Debug)]
+pub struct ServerConn {
+    pub id: u64,
+    pub stream: TcpStream,
+    pub buf: BytesMut,
+    pub scanner: ResponseScanner,
+    pub addr: SocketAddr,
+    pub key: BackendKeyData,
+    pub params: Vec<ParameterStatus>,
+    pub created: Instant,
+    pub prepared: PreparedLru,
+}
+
+async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Frame> {
+    loop {
+        if let Some(f) = split_frame(buf, MAX_SERVER_CONTROL_MESSAGE)? {
+            return Ok(f);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(Error::Server("server closed the connection".into()));
+        }
+    }
+}
+
+impl ServerConn {
+    /// Connects and logs in to `database` with the configured server credentials.
+    ///
+    /// # Errors
+    /// [`Error::ServerError`] carrying PostgreSQL's ErrorResponse when it refuses the
+    /// login (so the client sees PostgreSQL's message), else [`Error::Server`]/[`Error::Io`].
+    pub async fn connect(cfg: &ServerConfig, database: &str) -> Result<Self> {
+        let mut stream = TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
+        stream.set_nodelay(true)?;
+        let addr = stream.peer_addr()?;
+        stream
+            .write_all(&startup_message(&[
+                ("user", &cfg.user),
+                ("database", database),
+            ]))
+            .await?;
+        let mut buf = BytesMut::with_capacity(SERVER_BUF);
+        let password = cfg.password.clone().unwrap_or_default();
+        let mut scram: Option<ScramSha256> = None;
+        let mut params = Vec::new();
+        let mut key = BackendKeyData { pid: 0, secret: 0 };
+        loop {
+            let f = read_frame(&mut stream, &mut buf).await?;
+            match f.tag {
+                b'R' => match Authentication::parse(&f)? {
+                    Authentication::Ok => {}
+                    Authentication::CleartextPassword => {
+                        let m = PasswordMessage {
+                            password: password.clone().into_bytes(),
+                        };
+                        stream.write_all(&m.encode()).await?;
+                    }
+                    Authentication::Md5Password { salt } => {
+                        let r = md5_client_response(&cfg.user, &password, salt);
+                        stream
+                            .write_all(
+                                &PasswordMessage {
+                                    password: r.into_bytes(),
+                                }
+                                .encode(),
+                            )
+                            .await?;
+                    }
+                    Authentication::Sasl { mechanisms } => {
+                        if !mechanisms.iter().any(|m| m == "SCRAM-SHA-256") {
+                            return Err(Error::Server(format!(
+                                "no supported SASL mechanism in {mechanisms:?}"
+                            )));
+                        }
+                        let s =
+                            ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                        let m = SaslInitialResponse {
+                            mechanism: "SCRAM-SHA-256".into(),
+                            data: Bytes::copy_from_slice(s.message()),
+                        };
+                        stream.write_all(&m.encode()).await?;
+                        scram = Some(s);
+                    }
+                    Authentication::SaslContinue(data) => {
+                        let s = scram
+                            .as_mut()
+                            .ok_or_else(|| Error::Server("unexpected SASL continue".into()))?;
+                        s.update(&data)
+                            .map_err(|e| Error::Server(format!("SCRAM: {e}")))?;
+                        let m = SaslResponse {
+                            data: Bytes::copy_from_slice(s.message()),
+                        };
+                        stream.write_all(&m.encode()).await?;
+                    }
+                    Authentication::SaslFinal(data) => {
+                        let s = scram
+                            .as_mut()
+                            .ok_or_else(|| Error::Server("unexpected SASL final".into()))?;
+                        s.finish(&data)
+                            .map_err(|e| Error::Server(format!("SCRAM: {e}")))?;
+                    }
+                },
+                b'S' => params.push(ParameterStatus::parse(&f)?),
+                b'K' => key = BackendKeyData::parse(&f)?,
+                b'Z' => break,
+                b'E' => {
+                    let e = ErrorFields::parse(&f)?;
+                    tracing::warn!(code = %e.code, message = %e.message, "server login refused");
+                    return Err(Error::ServerError(f.raw));
+                }
+                _ => {}
+            }
+        }
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(id, pid = key.pid, "server connection opened");
+        Ok(Self {
+            id,
+            stream,
+            buf,
+            scanner: ResponseScanner::default(),
+            addr,
+            key,
+            params,
+            created: Instant::now(),
+            prepared: PreparedLru::default(),
+        })
+    }
+
+    /// Runs one simple query, discarding its output; true when the connection ends idle.
+    pub async fn run_quiet(&mut self, sql: &str) -> Result<bool> {
+        let q = crate::protocol::Query { sql: sql.into() }.encode();
+        self.stream.write_all(&q).await?;
+        let mut ok = true;
+        loop {
+            let f = read_frame(&mut self.stream, &mut self.buf).await?;
+            match f.tag {
+                b'E' => ok = false,
+                b'Z' => {
+                    let z = ReadyForQuery::parse(&f)?;
+                    return Ok(ok && z.0 == TxStatus::Idle && self.buf.is_empty());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Checks an idle connection with an empty query; false when it is unusable.
+    pub async fn check(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.run_quiet("")).await,
+            Ok(Ok(true))
+        )
+    }
+
+    /// Says goodbye (best effort) and closes.
+    pub async fn terminate(mut self) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            self.stream.write_all(&crate::protocol::terminate()),
+        )
+        .await;
+        tracing::debug!(id = self.id, "server connection closed");
+    }
+}
+
+/// Sends a CancelRequest for backend `key` at `addr` (best effort).
+pub async fn send_cancel(addr: SocketAddr, key: BackendKeyData) {
+    let req = crate::protocol::CancelRequest {
+        pid: key.pid,
+        secret: key.secret,
+    };
+    if let Ok(Ok(mut s)) =
+        tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await
+    {
+        let _ = s.write_all(&req.encode()).await;
+        let mut b = [0u8; 1];
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lru_evicts_least_recent() {
+        let mut l = PreparedLru::default();
+        let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) = ("a".into(), "b".into(), "c".into());
+        assert_eq!(l.insert(a.clone(), 2), None);
+        assert_eq!(l.insert(b.clone(), 2), None);
+        assert!(l.touch(&a));
+        assert_eq!(l.insert(c.clone(), 2), Some(b.clone()));
+        assert!(!l.touch(&b));
+        assert_eq!(l.len(), 2);
+    }
+}

@@ -1,0 +1,771 @@
+//! The client state machine: startup, authentication, then forwarding between the
+//! client and a server connection borrowed from the pool (per transaction or per
+//! session), with prepared-statement mapping in transaction mode.
+//!
+//! Errors reach the client only through [`report`].
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::{Buf, Bytes, BytesMut};
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::auth::{ScramServer, ScramVerifier, verify_md5};
+use crate::config::{AuthMethod, Config, PoolMode};
+use crate::error::{Error, Result};
+use crate::metrics::PoolLabels;
+use crate::pool::{PoolKey, ServerConn, send_cancel};
+use crate::prepared::{
+    ClientStatements, Pending, SpecialQuery, Statement, Tracker, Verdict, special_query,
+};
+use crate::protocol::{
+    Authentication, BackendKeyData, Bind, Close, Describe, Frame, Parse, PasswordMessage,
+    ReadyForQuery, Response, SaslInitialResponse, SaslResponse, Startup, StartupMessage, Target,
+    TxStatus, command_complete, split_frame, split_startup,
+};
+use crate::state::{CancelSlot, Shared};
+
+/// Client read buffer size.
+const CLIENT_BUF: usize = 64 * 1024;
+/// Bound on authentication-phase messages.
+const MAX_AUTH_MESSAGE: usize = 8 * 1024;
+/// Time allowed from connect to logged in.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Time allowed for a reset query (ROLLBACK / DISCARD ALL) when a client leaves.
+const RESET_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves one client connection to its end.
+pub async fn serve_client(mut stream: TcpStream, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let n = shared.clients.fetch_add(1, Ordering::SeqCst) + 1;
+    let drain = shared.drain_signal();
+    let mut buf = BytesMut::with_capacity(CLIENT_BUF);
+    let res =
+        match tokio::time::timeout(LOGIN_TIMEOUT, login(&mut stream, &mut buf, &shared, n)).await {
+            Ok(Ok(Some(login))) => run_session(stream, buf, &shared, login, drain).await,
+            Ok(Ok(None)) => Ok(()),
+            Ok(Err(e)) => {
+                report(&mut stream, &e).await;
+                Err(e)
+            }
+            Err(_) => {
+                let e = Error::Protocol("login timed out".into());
+                report(&mut stream, &e).await;
+                Err(e)
+            }
+        };
+    if let Err(e) = res {
+        let kind = match &e {
+            Error::Io(_) => "io",
+            Error::Protocol(_) | Error::TooLarge { .. } => "protocol",
+            Error::AuthFailed(_) | Error::AuthUnsupported(_) => "auth",
+            Error::PoolTimeout { .. } => "pool_timeout",
+            Error::TooManyClients(_) => "too_many_clients",
+            Error::ShuttingDown => "shutdown",
+            Error::ServerError(_) | Error::ServerLogin(_) | Error::Server(_) => "server",
+            Error::Config(_) => "config",
+        };
+        if kind != "shutdown" {
+            shared.metrics.error(kind);
+            tracing::info!(error = %e, "client session ended");
+        }
+    }
+    shared.clients.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// The one user-facing error path: writes the client-facing form of `e`, if any.
+pub async fn report(stream: &mut TcpStream, e: &Error) {
+    let bytes = match e {
+        Error::ServerError(raw) => raw.clone(),
+        _ => match e.to_client() {
+            Some(ce) => crate::protocol::error_response(&ce),
+            None => return,
+        },
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&bytes)).await;
+}
+
+async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut, max: usize) -> Result<Frame> {
+    loop {
+        if let Some(f) = split_frame(buf, max)? {
+            return Ok(f);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+}
+
+struct Login {
+    key: PoolKey,
+    cancel_key: BackendKeyData,
+    cancel: CancelSlot,
+    server: Option<ServerConn>,
+}
+
+/// Startup packets, auth, and the greeting. `None` when the connection was only an
+/// SSL probe or a CancelRequest.
+async fn login(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    shared: &Shared,
+    n: usize,
+) -> Result<Option<Login>> {
+    let msg = loop {
+        let body = loop {
+            if let Some(b) = split_startup(buf)? {
+                break b;
+            }
+            if stream.read_buf(buf).await? == 0 {
+                return Ok(None);
+            }
+        };
+        match Startup::parse(body)? {
+            Startup::Ssl | Startup::GssEnc => {
+                if !buf.is_empty() {
+                    return Err(Error::Protocol("data after encryption request".into()));
+                }
+                stream.write_all(b"N").await?;
+            }
+            Startup::Cancel(c) => {
+                shared.cancel(c).await;
+                return Ok(None);
+            }
+            Startup::Startup(m) => break m,
+        }
+    };
+    if shared.is_draining() {
+        return Err(Error::ShuttingDown);
+    }
+    let cfg = shared.config();
+    if n > cfg.max_client_connections {
+        return Err(Error::TooManyClients(cfg.max_client_connections));
+    }
+    let StartupMessage { params } = msg;
+    let user = params.get("user").cloned().unwrap_or_default();
+    let database = params
+        .get("database")
+        .filter(|d| !d.is_empty())
+        .cloned()
+        .unwrap_or_else(|| user.clone());
+    authenticate(stream, buf, &cfg, &user).await?;
+    let key = PoolKey::new(&database, &user);
+    let mut server = None;
+    let server_params = match shared.pools.params(&key) {
+        Some(p) => p,
+        None => {
+            // First client of this pool: a server connection tells us the parameters
+            // (and that the database exists).
+            let conn = shared.pools.acquire(&key, &cfg).await?;
+            let p = Arc::new(conn.params.clone());
+            if shared.mode == PoolMode::Session {
+                server = Some(conn);
+            } else {
+                shared.pools.release(&key, conn, true, &cfg);
+            }
+            p
+        }
+    };
+    let (cancel_key, cancel) = shared.register_cancel();
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&Authentication::Ok.encode());
+    for p in server_params.iter() {
+        out.extend_from_slice(&p.encode());
+    }
+    out.extend_from_slice(&cancel_key.encode());
+    out.extend_from_slice(&ReadyForQuery(TxStatus::Idle).encode());
+    if let Err(e) = stream.write_all(&out).await {
+        shared.unregister_cancel(cancel_key);
+        if let Some(c) = server {
+            shared.pools.release(&key, c, true, &cfg);
+        }
+        return Err(e.into());
+    }
+    Ok(Some(Login {
+        key,
+        cancel_key,
+        cancel,
+        server,
+    }))
+}
+
+async fn authenticate(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    cfg: &Config,
+    user: &str,
+) -> Result<()> {
+    let secret = cfg.users.get(user);
+    match cfg.auth_method {
+        AuthMethod::ScramSha256 => {
+            let sasl = Authentication::Sasl {
+                mechanisms: vec!["SCRAM-SHA-256".into()],
+            };
+            stream.write_all(&sasl.encode()).await?;
+            let f = read_frame(stream, buf, MAX_AUTH_MESSAGE).await?;
+            let init = SaslInitialResponse::parse(&f)?;
+            if init.mechanism != "SCRAM-SHA-256" {
+                return Err(Error::AuthUnsupported(format!(
+                    "SASL mechanism {}",
+                    init.mechanism
+                )));
+            }
+            // Unknown users go through the same exchange against a random verifier.
+            let verifier = secret.and_then(|s| s.scram.clone()).unwrap_or_else(|| {
+                ScramVerifier::derive(
+                    &format!("{:x}", rand::random::<u128>()),
+                    b"sluice-unknown",
+                    4096,
+                )
+            });
+            let nonce =
+                base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 18]>());
+            let (server, first) = ScramServer::start(verifier, &init.data, &nonce)?;
+            stream
+                .write_all(&Authentication::SaslContinue(Bytes::from(first)).encode())
+                .await?;
+            let f = read_frame(stream, buf, MAX_AUTH_MESSAGE).await?;
+            let resp = SaslResponse::parse(&f)?;
+            let fin = server.finish(&resp.data, user)?;
+            if secret.is_none() {
+                return Err(Error::AuthFailed(user.to_string()));
+            }
+            stream
+                .write_all(&Authentication::SaslFinal(Bytes::from(fin)).encode())
+                .await?;
+        }
+        AuthMethod::Md5 => {
+            let salt: [u8; 4] = rand::random();
+            stream
+                .write_all(&Authentication::Md5Password { salt }.encode())
+                .await?;
+            let f = read_frame(stream, buf, MAX_AUTH_MESSAGE).await?;
+            let pw = PasswordMessage::parse(&f)?;
+            let ok = secret.is_some_and(|s| {
+                verify_md5(
+                    user,
+                    s.plain.as_deref(),
+                    s.md5.as_deref(),
+                    salt,
+                    &pw.password,
+                )
+            });
+            if !ok {
+                return Err(Error::AuthFailed(user.to_string()));
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Session<'a> {
+    shared: &'a Shared,
+    key: PoolKey,
+    client: TcpStream,
+    cbuf: BytesMut,
+    server: Option<ServerConn>,
+    tracker: Tracker,
+    stmts: ClientStatements,
+    /// Bytes to send to the server, batched.
+    to_server: BytesMut,
+    /// Bytes to send to the client that are not a plain slice of the server buffer.
+    to_client: Vec<u8>,
+    cancel: CancelSlot,
+    mode: PoolMode,
+    draining: bool,
+    queries: Counter,
+    transactions: Counter,
+}
+
+async fn run_session(
+    client: TcpStream,
+    cbuf: BytesMut,
+    shared: &Shared,
+    login: Login,
+    mut drain: watch::Receiver<bool>,
+) -> Result<()> {
+    let labels = PoolLabels::from(&login.key);
+    shared.pools.limiter().client_delta(&login.key, 1);
+    let mut s = Session {
+        shared,
+        queries: shared.metrics.queries.get_or_create(&labels).clone(),
+        transactions: shared.metrics.transactions.get_or_create(&labels).clone(),
+        key: login.key,
+        client,
+        cbuf,
+        server: None,
+        tracker: Tracker::default(),
+        stmts: ClientStatements::default(),
+        to_server: BytesMut::with_capacity(16 * 1024),
+        to_client: Vec::new(),
+        cancel: login.cancel,
+        mode: shared.mode,
+        draining: false,
+    };
+    if let Some(c) = login.server {
+        s.attach(c);
+    }
+    let res = s.run(&mut drain).await;
+    let res = match res {
+        Err(e) => {
+            report(&mut s.client, &e).await;
+            Err(e)
+        }
+        ok => ok,
+    };
+    s.finish().await;
+    shared.unregister_cancel(login.cancel_key);
+    shared.pools.limiter().client_delta(&s.key, -1);
+    res
+}
+
+enum Event {
+    Client(std::io::Result<usize>),
+    Server(std::io::Result<usize>),
+    Drain,
+}
+
+impl Session<'_> {
+    fn transaction_mode(&self) -> bool {
+        self.mode == PoolMode::Transaction
+    }
+
+    fn attach(&mut self, c: ServerConn) {
+        *self.cancel.lock().unwrap_or_else(|e| e.into_inner()) = Some((c.addr, c.key));
+        self.server = Some(c);
+    }
+
+    fn detach(&mut self) -> Option<ServerConn> {
+        *self.cancel.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.server.take()
+    }
+
+    async fn run(&mut self, drain: &mut watch::Receiver<bool>) -> Result<()> {
+        loop {
+            while let Some(f) = split_frame(&mut self.cbuf, self.shared.max_message)? {
+                if f.tag == b'X' {
+                    return Ok(());
+                }
+                self.on_client_message(f).await?;
+            }
+            self.flush_server().await?;
+            self.flush_synth().await?;
+            self.maybe_release();
+            if self.draining && self.server.is_none() && self.cbuf.is_empty() {
+                return Err(Error::ShuttingDown);
+            }
+            let ev = {
+                let client = &mut self.client;
+                let cbuf = &mut self.cbuf;
+                let server = &mut self.server;
+                let draining = self.draining;
+                tokio::select! {
+                    r = client.read_buf(cbuf) => Event::Client(r),
+                    r = async {
+                        match server.as_mut() {
+                            Some(s) => s.stream.read_buf(&mut s.buf).await,
+                            None => std::future::pending().await,
+                        }
+                    } => Event::Server(r),
+                    _ = drain.changed(), if !draining => Event::Drain,
+                }
+            };
+            match ev {
+                Event::Client(r) => {
+                    if r? == 0 {
+                        return Ok(());
+                    }
+                }
+                Event::Server(r) => {
+                    let n = match r {
+                        Ok(n) => n,
+                        Err(e) => return Err(self.server_lost(e.to_string())),
+                    };
+                    if n == 0 {
+                        // Forward what is left (often PostgreSQL's FATAL) first.
+                        let _ = self.on_server_data().await;
+                        return Err(self.server_lost("server closed the connection".into()));
+                    }
+                    self.on_server_data().await?;
+                }
+                Event::Drain => self.draining = true,
+            }
+        }
+    }
+
+    fn server_lost(&mut self, why: String) -> Error {
+        if self.detach().is_some() {
+            self.shared.pools.discard(&self.key);
+        }
+        self.tracker.reset();
+        Error::Server(why)
+    }
+
+    async fn ensure_server(&mut self) -> Result<&mut ServerConn> {
+        if self.server.is_none() {
+            if self.draining || self.shared.is_draining() {
+                return Err(Error::ShuttingDown);
+            }
+            let cfg = self.shared.config();
+            let t0 = Instant::now();
+            let r = self.shared.pools.acquire(&self.key, &cfg).await;
+            self.shared
+                .metrics
+                .wait_seconds
+                .observe(t0.elapsed().as_secs_f64());
+            match r {
+                Ok(c) => self.attach(c),
+                Err(e) => {
+                    if matches!(e, Error::PoolTimeout { .. }) {
+                        self.shared.metrics.pool_timeouts.inc();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(self.server.as_mut().expect("attached above"))
+    }
+
+    /// Makes sure `st` exists on the held server connection, queueing a Parse if not.
+    fn prepare_on_server(&mut self, st: &Statement, swallow: bool) {
+        let cap = self.shared.config().max_prepared_statements;
+        let sc = self.server.as_mut().expect("server held");
+        if sc.prepared.touch(&st.server_name) {
+            return;
+        }
+        if let Some(victim) = sc.prepared.insert(st.server_name.clone(), cap) {
+            let c = Close {
+                target: Target::Statement,
+                name: victim.to_string(),
+            };
+            self.to_server.extend_from_slice(&c.encode());
+            self.tracker.push(Pending::Close { swallow: true });
+        }
+        self.to_server.extend_from_slice(&st.parse);
+        self.tracker.push(Pending::Parse {
+            name: Some(st.server_name.clone()),
+            swallow,
+        });
+    }
+
+    async fn forward(&mut self, f: &Frame) -> Result<()> {
+        self.ensure_server().await?;
+        self.to_server.extend_from_slice(&f.raw);
+        Ok(())
+    }
+
+    async fn on_client_message(&mut self, f: Frame) -> Result<()> {
+        let rewrite = self.transaction_mode();
+        match f.tag {
+            b'Q' => {
+                self.queries.inc();
+                if rewrite && looks_special(&f.raw[5..]) {
+                    let q = crate::protocol::Query::parse(&f)?;
+                    match special_query(&q.sql) {
+                        Some(SpecialQuery::Deallocate(name)) if self.stmts.remove(&name) => {
+                            return self.answer_locally("DEALLOCATE");
+                        }
+                        Some(SpecialQuery::DeallocateAll) => {
+                            self.stmts.clear();
+                            return self.answer_locally("DEALLOCATE ALL");
+                        }
+                        Some(SpecialQuery::DiscardAll) => {
+                            self.stmts.clear();
+                            self.forward(&f).await?;
+                            self.server.as_mut().expect("held").prepared.clear();
+                            self.tracker.push(Pending::Query);
+                            return Ok(());
+                        }
+                        _ => {}
+                    }
+                }
+                self.forward(&f).await?;
+                self.tracker.push(Pending::Query);
+            }
+            b'P' if rewrite => {
+                let p = Parse::parse(&f)?;
+                if p.name.is_empty() {
+                    self.forward(&f).await?;
+                    self.tracker.push(Pending::Parse {
+                        name: None,
+                        swallow: false,
+                    });
+                    return Ok(());
+                }
+                let st = self.stmts.register(&p);
+                let sc = self.ensure_server().await?;
+                if sc.prepared.touch(&st.server_name) {
+                    self.tracker.push(Pending::SynthParse);
+                } else {
+                    self.prepare_on_server(&st, false);
+                }
+            }
+            b'B' if rewrite => {
+                let b = Bind::parse(&f)?;
+                let st = (!b.statement.is_empty())
+                    .then(|| self.stmts.get(&b.statement))
+                    .flatten();
+                self.ensure_server().await?;
+                match st {
+                    Some(st) => {
+                        self.prepare_on_server(&st, true);
+                        let nb = Bind {
+                            statement: st.server_name.to_string(),
+                            ..b
+                        };
+                        self.to_server.extend_from_slice(&nb.encode());
+                    }
+                    None => self.to_server.extend_from_slice(&f.raw),
+                }
+                self.tracker.push(Pending::Bind);
+            }
+            b'D' if rewrite => {
+                let d = Describe::parse(&f)?;
+                let st = (d.target == Target::Statement && !d.name.is_empty())
+                    .then(|| self.stmts.get(&d.name))
+                    .flatten();
+                self.ensure_server().await?;
+                match st {
+                    Some(st) => {
+                        self.prepare_on_server(&st, true);
+                        let nd = Describe {
+                            target: Target::Statement,
+                            name: st.server_name.to_string(),
+                        };
+                        self.to_server.extend_from_slice(&nd.encode());
+                    }
+                    None => self.to_server.extend_from_slice(&f.raw),
+                }
+                self.tracker.push(Pending::Describe);
+            }
+            b'C' if rewrite => {
+                let c = Close::parse(&f)?;
+                if c.target == Target::Statement && !c.name.is_empty() {
+                    // Server statements are shared; only the client's mapping goes.
+                    self.stmts.remove(&c.name);
+                    self.tracker.push(Pending::SynthClose);
+                } else {
+                    self.forward(&f).await?;
+                    self.tracker.push(Pending::Close { swallow: false });
+                }
+            }
+            b'P' => {
+                self.forward(&f).await?;
+                self.tracker.push(Pending::Parse {
+                    name: None,
+                    swallow: false,
+                });
+            }
+            b'B' => {
+                self.forward(&f).await?;
+                self.tracker.push(Pending::Bind);
+            }
+            b'D' => {
+                self.forward(&f).await?;
+                self.tracker.push(Pending::Describe);
+            }
+            b'C' => {
+                self.forward(&f).await?;
+                self.tracker.push(Pending::Close { swallow: false });
+            }
+            b'E' => {
+                self.queries.inc();
+                self.forward(&f).await?;
+                self.tracker.push(Pending::Execute);
+            }
+            b'S' => {
+                self.forward(&f).await?;
+                self.tracker.push(Pending::Sync);
+            }
+            b'H' => {
+                self.forward(&f).await?;
+                self.tracker.mark_unsynced();
+            }
+            b'F' => {
+                self.forward(&f).await?;
+                self.tracker.push(Pending::Query);
+            }
+            b'd' | b'c' | b'f' => {
+                // COPY data only means something while a server connection is held.
+                if self.server.is_some() {
+                    self.to_server.extend_from_slice(&f.raw);
+                }
+            }
+            b'p' => return Err(Error::Protocol("unexpected password message".into())),
+            other => {
+                return Err(Error::Protocol(format!(
+                    "unknown message type '{}'",
+                    other.escape_ascii()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers a simple query the pooler handled itself, in order.
+    fn answer_locally(&mut self, tag: &'static str) -> Result<()> {
+        if self.server.is_some() {
+            self.tracker.push(Pending::SynthQuery(tag));
+        } else {
+            self.to_client.extend_from_slice(&command_complete(tag));
+            self.to_client
+                .extend_from_slice(&ReadyForQuery(TxStatus::Idle).encode());
+        }
+        Ok(())
+    }
+
+    async fn flush_server(&mut self) -> Result<()> {
+        if self.to_server.is_empty() {
+            return Ok(());
+        }
+        let Some(sc) = self.server.as_mut() else {
+            self.to_server.clear();
+            return Ok(());
+        };
+        if let Err(e) = sc.stream.write_all(&self.to_server).await {
+            return Err(self.server_lost(e.to_string()));
+        }
+        self.to_server.clear();
+        Ok(())
+    }
+
+    async fn flush_synth(&mut self) -> Result<()> {
+        if self.server.as_ref().is_none_or(|s| s.scanner.at_boundary()) {
+            self.tracker.take_synth(&mut self.to_client);
+        }
+        if !self.to_client.is_empty() {
+            self.client.write_all(&self.to_client).await?;
+            self.to_client.clear();
+        }
+        Ok(())
+    }
+
+    /// Forwards buffered server bytes to the client: in bulk, inspecting only message
+    /// headers, dropping responses to injected messages and inserting synthetic ones.
+    async fn on_server_data(&mut self) -> Result<()> {
+        let Some(sc) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let buf = &sc.buf[..];
+        let mut pos = 0;
+        let mut flushed = 0;
+        let mut direct = true;
+        self.to_client.clear();
+        loop {
+            if self.tracker.has_synth() && sc.scanner.at_boundary() {
+                // Synthetic answers are due here: splice them in.
+                self.to_client.extend_from_slice(&buf[flushed..pos]);
+                flushed = pos;
+                direct = false;
+                self.tracker.take_synth(&mut self.to_client);
+            }
+            match sc.scanner.next(&buf[pos..]) {
+                Response::NeedMore => break,
+                Response::Pass(n) => {
+                    sc.scanner.consumed(n);
+                    pos += n;
+                }
+                Response::Message { tag, len, status } => {
+                    match self.tracker.on_message(tag, status) {
+                        Verdict::Keep => sc.scanner.accept(len),
+                        Verdict::Drop => {
+                            if buf.len() - pos < len {
+                                break;
+                            }
+                            self.to_client.extend_from_slice(&buf[flushed..pos]);
+                            pos += len;
+                            flushed = pos;
+                            direct = false;
+                        }
+                    }
+                }
+            }
+        }
+        if direct {
+            self.client.write_all(&buf[..pos]).await?;
+        } else {
+            self.to_client.extend_from_slice(&buf[flushed..pos]);
+            self.client.write_all(&self.to_client).await?;
+            self.to_client.clear();
+        }
+        sc.buf.advance(pos);
+        if sc.buf.capacity() < crate::pool::SERVER_BUF / 2 {
+            sc.buf.reserve(crate::pool::SERVER_BUF);
+        }
+        for name in self.tracker.failed.drain(..) {
+            sc.prepared.remove(&name);
+        }
+        self.flush_synth().await?;
+        self.maybe_release();
+        Ok(())
+    }
+
+    /// Transaction mode: returns the server connection once everything sent has been
+    /// answered and the server is idle. Session mode: only when draining.
+    fn maybe_release(&mut self) {
+        let Some(sc) = self.server.as_ref() else {
+            return;
+        };
+        let idle =
+            self.tracker.is_settled() && self.tracker.status == TxStatus::Idle && sc.buf.is_empty();
+        if !idle {
+            return;
+        }
+        if self.transaction_mode() {
+            self.transactions.inc();
+            let cfg = self.shared.config();
+            let c = self.detach().expect("held");
+            self.shared.pools.release(&self.key, c, true, &cfg);
+        } else if self.draining {
+            let cfg = self.shared.config();
+            let c = self.detach().expect("held");
+            self.shared.pools.release(&self.key, c, false, &cfg);
+        }
+    }
+
+    /// The client is gone: clean up a held server connection before it is reused.
+    async fn finish(&mut self) {
+        let Some(mut sc) = self.detach() else { return };
+        let cfg = self.shared.config();
+        let settled = self.tracker.is_settled() && sc.buf.is_empty();
+        let clean = if !settled {
+            // Something is still running: cancel it and drop the connection.
+            tokio::spawn(send_cancel(sc.addr, sc.key));
+            false
+        } else {
+            let status = self.tracker.status;
+            let session = self.mode == PoolMode::Session;
+            let reset = async {
+                let mut ok = true;
+                if status != TxStatus::Idle {
+                    ok = sc.run_quiet("ROLLBACK").await?;
+                }
+                if ok && (session || status != TxStatus::Idle) {
+                    ok = sc.run_quiet("DISCARD ALL").await?;
+                    sc.prepared.clear();
+                }
+                Ok::<bool, Error>(ok)
+            };
+            matches!(
+                tokio::time::timeout(RESET_TIMEOUT, reset).await,
+                Ok(Ok(true))
+            )
+        };
+        self.shared
+            .pools
+            .release(&self.key, sc, clean && !self.shared.is_draining(), &cfg);
+    }
+}
+
+/// Cheap pre-check before parsing a Query for DEALLOCATE / DISCARD.
+fn looks_special(body: &[u8]) -> bool {
+    body.iter()
+        .find(|c| !c.is_ascii_whitespace())
+        .is_some_and(|c| matches!(c, b'd' | b'D'))
+}
