@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -149,7 +150,42 @@ async fn operator_against_a_real_control_plane() {
     .unwrap();
     pools.create(&PostParams::default(), &pool).await.unwrap();
 
-    // The operator, in process.
+    // The operator, in process, with exactly the rights of config/rbac/role.yaml.
+    let role_yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/rbac/role.yaml"
+    ))
+    .unwrap();
+    let role: ClusterRole = serde_yaml::from_str(&role_yaml).unwrap();
+    let ssa = PatchParams::apply("test").force();
+    Api::<ClusterRole>::all(client.clone())
+        .patch("operator", &ssa, &Patch::Apply(&role))
+        .await
+        .unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": "operator"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "operator"},
+        "subjects": [{"kind": "ServiceAccount", "name": "sluice-operator", "namespace": "default"}],
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .patch("operator", &ssa, &Patch::Apply(&binding))
+        .await
+        .unwrap();
+    let kubeconfig = kube::config::Kubeconfig::read_from(cp.kubeconfig_path()).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    config.auth_info.impersonate = Some("system:serviceaccount:default:sluice-operator".into());
+    config.auth_info.impersonate_groups = Some(vec![
+        "system:serviceaccounts".into(),
+        "system:authenticated".into(),
+    ]);
+    let operator_client = kube::Client::try_from(config).unwrap();
     let metrics = Arc::new(Metrics::default());
     let settings = Settings {
         discovery_interval: Duration::from_secs(2),
@@ -157,7 +193,7 @@ async fn operator_against_a_real_control_plane() {
         ..Settings::default()
     };
     let ctx = Arc::new(Context::new(
-        client.clone(),
+        operator_client.clone(),
         metrics.clone(),
         Arc::new(PostgresDiscovery::default()),
         Arc::new(HttpProbe::default()),
@@ -177,6 +213,12 @@ async fn operator_against_a_real_control_plane() {
         || async { (limit_of(&cms.get("app-config").await.ok()?)? == 17).then_some(()) },
     )
     .await;
+    // The operator's identity really is limited (it may not delete its children).
+    let err = Api::<ConfigMap>::namespaced(operator_client.clone(), "default")
+        .delete("app-config", &DeleteParams::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("forbidden"), "{err}");
     let dep = deps.get("app").await.unwrap();
     assert_eq!(dep.spec.unwrap().replicas, Some(2));
     let p = eventually("status budget", Duration::from_secs(30), || async {
