@@ -375,10 +375,15 @@ impl<'a> Reconciler<'a> {
 
         // 6. Pods that do not acknowledge a lowered limit in time are restarted.
         let since = self.resize_since(&plan, &config_hash);
+        // Every pod gets the full timeout, counted from the write or its own creation.
         if plan.phase == Phase::LoweringLimit && self.expired(&since) {
             for pod in children.pods.iter().filter(|p| {
                 plan.unacknowledged.contains(&p.name_any())
                     && p.metadata.deletion_timestamp.is_none()
+                    && p.metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .is_none_or(|t| self.expired(&t.0.to_string()))
             }) {
                 self.delete_pod(&pod.name_any()).await?;
             }

@@ -204,13 +204,14 @@ pub fn plan(
             .map(|p| p.name.clone())
             .collect();
         let shrinking = out.deployment_replicas < current_replicas;
-        if shrinking || pods > out.deployment_replicas as usize || !draining.is_empty() {
+        let want = out.deployment_replicas as usize;
+        if shrinking || pods > want || !draining.is_empty() {
             out.phase = Phase::ScalingDown;
-            out.awaiting_removal = if draining.is_empty() || shrinking {
-                observed.pods.iter().map(|p| p.name.clone()).collect()
-            } else {
-                draining
-            };
+            // The draining pods, plus the pods beyond the new replica count that the
+            // Deployment has yet to remove.
+            let live: Vec<&PodView> = observed.pods.iter().filter(|p| !p.terminating).collect();
+            let excess = live.iter().skip(want).map(|p| p.name.clone());
+            out.awaiting_removal = draining.into_iter().chain(excess).collect();
             return Ok(out);
         }
         limit = target_limit;
