@@ -1,0 +1,189 @@
+//! The `sluice-operator` binary: `crd` prints the committed CRD, and two `run` processes
+//! with `--leader-election` against a real control plane: one holds the Lease and
+//! reconciles, the other takes over when the first stops.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+use sluice_operator::{ConnectionPool, crd_yaml};
+use sluice_testkit::ControlPlane;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice-operator");
+
+#[test]
+fn crd_command_prints_the_committed_crd() {
+    let out = Command::new(BIN).arg("crd").output().unwrap();
+    assert!(out.status.success());
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds/connectionpool.yaml"
+    ))
+    .unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        committed,
+        "run `make crds`"
+    );
+}
+
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(kubeconfig: &std::path::Path, metrics_port: u16, name: &str) -> Operator {
+    let child = Command::new(BIN)
+        .args([
+            "run",
+            "--namespace",
+            "default",
+            "--leader-election",
+            "--lease-namespace",
+            "default",
+        ])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .env("KUBECONFIG", kubeconfig)
+        .env("POD_NAME", name)
+        .env("SLUICE_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Operator(child)
+}
+
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    Some(buf)
+}
+
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_election_hands_over() {
+    if sluice_testkit::k8s_bin_dir().is_err() {
+        eprintln!("skipping: control plane binaries missing (run `make tools`)");
+        return;
+    }
+    let cp = ControlPlane::start().await.unwrap();
+    let client = cp.client().await.unwrap();
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&crd_yaml().unwrap()).unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(
+        "connectionpools.sluice.dev",
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .unwrap();
+    eventually("CRD established", Duration::from_secs(30), || async {
+        let c = crds.get("connectionpools.sluice.dev").await.ok()?;
+        c.status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    for name in ["creds", "users"] {
+        let s: Secret = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name}, "stringData": {"username": "u", "password": "p"}}))
+        .unwrap();
+        secrets.create(&PostParams::default(), &s).await.unwrap();
+    }
+
+    let (p1, p2) = (
+        sluice_testkit::free_port().unwrap(),
+        sluice_testkit::free_port().unwrap(),
+    );
+    let first = spawn(&cp.kubeconfig_path(), p1, "first");
+    eventually("first /readyz", Duration::from_secs(30), || async {
+        http_get(p1, "/readyz").await.filter(|r| r.contains("200"))
+    })
+    .await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let holder = || async {
+        leases
+            .get("sluice-operator")
+            .await
+            .ok()?
+            .spec?
+            .holder_identity
+    };
+    let h1 = eventually("a lease holder", Duration::from_secs(30), holder).await;
+    assert!(h1.starts_with("first"), "{h1}");
+    let second = spawn(&cp.kubeconfig_path(), p2, "second");
+    eventually("second /healthz", Duration::from_secs(30), || async {
+        http_get(p2, "/healthz").await.filter(|r| r.contains("200"))
+    })
+    .await;
+
+    // The leader reconciles a pool (spec maxConnections: no database needed).
+    let pools: Api<ConnectionPool> = Api::namespaced(client.clone(), "default");
+    let pool: ConnectionPool = serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "ConnectionPool", "metadata": {"name": "p"},
+        "spec": {"database": {"host": "db", "credentialsSecret": "creds", "maxConnections": 40},
+                 "clientAuth": {"usersSecret": "users"}}}))
+    .unwrap();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    eventually(
+        "ConfigMap from the leader",
+        Duration::from_secs(30),
+        || async { cms.get_opt("p-config").await.ok()? },
+    )
+    .await;
+    let m1 = http_get(p1, "/metrics").await.unwrap();
+    let m2 = http_get(p2, "/metrics").await.unwrap();
+    assert!(m1.contains("sluice_operator_reconciles_total"), "{m1}");
+    assert!(
+        !m2.contains("sluice_operator_reconciles_total 1"),
+        "standby reconciled: {m2}"
+    );
+
+    // The leader stops (SIGTERM): the standby takes over.
+    let pid = first.0.id();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let h2 = eventually(
+        "the standby holds the lease",
+        Duration::from_secs(60),
+        || async { holder().await.filter(|h| h.starts_with("second")) },
+    )
+    .await;
+    assert!(h2.starts_with("second"));
+    drop(first);
+    drop(second);
+}
