@@ -17,8 +17,9 @@
 //!   the agent is killed with SIGKILL; the next agent removes leftover namespaces.
 //!
 //! # Assumptions
-//! - One agent per machine at a time (it owns `sluice0` and 198.18.0.0/24); it runs
-//!   as root with `ip`, `setpriv`, `unshare`, `mount` and `kill` on the PATH.
+//! - One agent per machine at a time: it owns `sluice0` and 198.18.0.0/24, and a
+//!   second agent waits on the `flock` of [`net::LOCK_PATH`] until the first exits.
+//! - It runs as root with `ip`, `setpriv`, `unshare`, `mount` and `kill` on the PATH.
 
 pub mod net;
 pub mod pod;
@@ -46,7 +47,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use net::cleanup_host;
+pub use net::{cleanup_host, cleanup_host_if_unused};
 pub use sluice_testkit::cluster::{BRIDGE_IP, KUBERNETES_SERVICE_IP};
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -67,6 +68,8 @@ pub struct AgentConfig {
     pub state_dir: Option<PathBuf>,
     /// Skip network namespaces and give each pod a loopback IP (127.0.1.x).
     pub loopback_only: bool,
+    /// How long to wait for another agent on this machine to exit (default 5 min).
+    pub lock_timeout: Duration,
 }
 
 impl AgentConfig {
@@ -78,6 +81,7 @@ impl AgentConfig {
             images: HashMap::new(),
             state_dir: None,
             loopback_only: false,
+            lock_timeout: Duration::from_secs(300),
         }
     }
 
@@ -118,6 +122,7 @@ struct Worker {
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     let client = sluice_testkit::client_from_kubeconfig(&config.kubeconfig).await?;
     let (server, ca_pem) = api_server_and_ca(&config.kubeconfig)?;
+    let _host_lock = net::acquire_host_lock(config.lock_timeout).await?;
     let net = if config.loopback_only {
         tracing::error!("LOOPBACK MODE requested: pods get 127.0.1.x and share the host network");
         cleanup_host();

@@ -229,3 +229,60 @@ pub fn cleanup_host() {
     }
     ip_quiet(&["link", "del", BRIDGE]);
 }
+
+/// The host-wide lock file that makes one node agent per machine.
+pub const LOCK_PATH: &str = "/run/sluice-node-agent.lock";
+
+/// An exclusive `flock` on [`LOCK_PATH`], released on drop (or when the process dies).
+#[derive(Debug)]
+pub struct HostLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+fn try_lock() -> Result<Option<HostLock>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(LOCK_PATH)
+        .with_context(|| format!("opening {LOCK_PATH}"))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(HostLock { _lock: lock })),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(e).context("flock"),
+    }
+}
+
+/// Takes the host lock, waiting up to `timeout` while another agent holds it (this is
+/// how concurrent test processes take turns on the bridge and subnet).
+///
+/// # Errors
+/// When the lock is still held after `timeout`.
+pub async fn acquire_host_lock(timeout: std::time::Duration) -> Result<HostLock> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut logged = false;
+    loop {
+        if let Some(lock) = try_lock()? {
+            return Ok(lock);
+        }
+        if !logged {
+            tracing::warn!(
+                "another sluice-node-agent holds {LOCK_PATH}; waiting up to {timeout:?}"
+            );
+            logged = true;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("another sluice-node-agent still holds {LOCK_PATH} after {timeout:?}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// [`cleanup_host`], but only when no agent is running (the host lock is free).
+/// For test fixtures cleaning up after an agent that may have been killed.
+pub fn cleanup_host_if_unused() {
+    if let Ok(Some(_lock)) = try_lock() {
+        cleanup_host();
+    }
+}
