@@ -156,6 +156,8 @@ pub struct Tracker {
     pub status: TxStatus,
     /// Server statements found not to exist after an error (to forget).
     pub failed: Vec<Arc<str>>,
+    /// The server is in copy-in mode, where it ignores Sync and Flush.
+    copy_in: bool,
 }
 
 impl Default for Tracker {
@@ -165,6 +167,7 @@ impl Default for Tracker {
             unsynced: false,
             status: TxStatus::Idle,
             failed: Vec::new(),
+            copy_in: false,
         }
     }
 }
@@ -173,6 +176,11 @@ impl Tracker {
     /// Records a message sent (or answered locally), in order.
     pub fn push(&mut self, p: Pending) {
         match p {
+            Pending::Sync if self.copy_in => {
+                // Ignored by the server during copy-in: no ReadyForQuery for it.
+                self.unsynced = false;
+                return;
+            }
             Pending::Sync => self.unsynced = false,
             Pending::Query | Pending::SynthQuery(_) => {}
             _ => self.unsynced = true,
@@ -184,6 +192,11 @@ impl Tracker {
     /// continuation) was sent.
     pub fn mark_unsynced(&mut self) {
         self.unsynced = true;
+    }
+
+    /// The client sent CopyDone or CopyFail: copy-in mode ends.
+    pub fn copy_end(&mut self) {
+        self.copy_in = false;
     }
 
     /// Nothing owed and no open extended-protocol batch.
@@ -239,6 +252,14 @@ impl Tracker {
             }
             b'T' | b'n' => {
                 self.pop_if(|p| *p == Pending::Describe);
+            }
+            b'G' | b'W' => {
+                // Copy-in: Syncs the client sent right after Execute are ignored by
+                // the server, so no ReadyForQuery will answer them.
+                self.copy_in = true;
+                while self.queue.len() > 1 && self.queue[1] == Pending::Sync {
+                    self.queue.remove(1);
+                }
             }
             b'C' | b'I' | b's' => {
                 self.pop_if(|p| *p == Pending::Execute);
@@ -383,6 +404,22 @@ mod tests {
         t.on_message(b'Z', b'T');
         assert!(t.is_settled());
         assert_eq!(t.status, TxStatus::InTransaction);
+    }
+
+    #[test]
+    fn extended_copy_in_ignores_syncs_sent_during_copy() {
+        let mut t = Tracker::default();
+        t.push(Pending::Bind);
+        t.push(Pending::Execute);
+        t.push(Pending::Sync);
+        t.on_message(b'2', 0);
+        t.on_message(b'G', 0);
+        t.copy_end();
+        t.push(Pending::Sync);
+        t.on_message(b'C', 0);
+        assert!(!t.is_settled());
+        t.on_message(b'Z', b'I');
+        assert!(t.is_settled(), "one ReadyForQuery settles it");
     }
 
     #[test]

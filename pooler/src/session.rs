@@ -462,6 +462,7 @@ impl Session<'_> {
 
     async fn on_client_message(&mut self, f: Frame) -> Result<()> {
         let rewrite = self.transaction_mode();
+        tracing::trace!(tag = %(f.tag as char), "client message");
         match f.tag {
             b'Q' => {
                 self.queries.inc();
@@ -591,7 +592,13 @@ impl Session<'_> {
                 self.forward(&f).await?;
                 self.tracker.push(Pending::Query);
             }
-            b'd' | b'c' | b'f' => {
+            b'c' | b'f' => {
+                self.tracker.copy_end();
+                if self.server.is_some() {
+                    self.to_server.extend_from_slice(&f.raw);
+                }
+            }
+            b'd' => {
                 // COPY data only means something while a server connection is held.
                 if self.server.is_some() {
                     self.to_server.extend_from_slice(&f.raw);
@@ -672,6 +679,7 @@ impl Session<'_> {
                     pos += n;
                 }
                 Response::Message { tag, len, status } => {
+                    tracing::trace!(tag = %(tag as char), len, "server message");
                     match self.tracker.on_message(tag, status) {
                         Verdict::Keep => sc.scanner.accept(len),
                         Verdict::Drop => {

@@ -40,22 +40,46 @@ pub async fn start(pg: &TempPostgres, top: &str) -> Result<Pooler> {
     start_with_text(&config_text(pg, top)).await
 }
 
+/// Logs to the test output when RUST_LOG is set.
+pub fn init_logs() {
+    if std::env::var("RUST_LOG").is_ok() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 pub async fn start_with_text(text: &str) -> Result<Pooler> {
+    init_logs();
     let dir = tempfile::tempdir()?;
     let config_path = dir.path().join("pooler.toml");
     std::fs::write(&config_path, text)?;
-    let bound = sluice_pooler::bind(Options::new(&config_path)).await.context("binding pooler")?;
+    let bound = sluice_pooler::bind(Options::new(&config_path))
+        .await
+        .context("binding pooler")?;
     let (tx, rx) = oneshot::channel::<()>();
     let (addr, admin, shared) = (bound.addr(), bound.admin_addr(), bound.shared());
     let task = tokio::spawn(bound.serve(async move {
         let _ = rx.await;
     }));
-    Ok(Pooler { addr, admin, shared, config_path, dir, shutdown: Some(tx), task: Some(task) })
+    Ok(Pooler {
+        addr,
+        admin,
+        shared,
+        config_path,
+        dir,
+        shutdown: Some(tx),
+        task: Some(task),
+    })
 }
 
 impl Pooler {
     pub fn conn_str(&self, user: &str, password: &str, db: &str) -> String {
-        format!("host=127.0.0.1 port={} user={user} password={password} dbname={db}", self.addr.port())
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname={db}",
+            self.addr.port()
+        )
     }
 
     pub fn app_conn_str(&self) -> String {
@@ -92,11 +116,19 @@ impl Pooler {
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
     let mut out = String::new();
     s.read_to_string(&mut out).await?;
-    let code: u16 = out.split_whitespace().nth(1).context("no status")?.parse()?;
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let code: u16 = out
+        .split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((code, body))
 }
 
@@ -129,11 +161,20 @@ where
 
 /// A PostgreSQL for one test (blocking start, off the async threads).
 pub async fn postgres(max_connections: u32) -> Result<TempPostgres> {
-    tokio::task::spawn_blocking(move || TempPostgres::builder().max_connections(max_connections).start()).await?
+    tokio::task::spawn_blocking(move || {
+        TempPostgres::builder()
+            .max_connections(max_connections)
+            .start()
+    })
+    .await?
 }
 
 /// Runs a client binary (psql, pgbench) with PGPASSWORD set; returns (success, stdout, stderr).
-pub async fn run_tool(program: &str, args: &[String], password: &str) -> Result<(bool, String, String)> {
+pub async fn run_tool(
+    program: &str,
+    args: &[String],
+    password: &str,
+) -> Result<(bool, String, String)> {
     let out = tokio::process::Command::new(program)
         .args(args)
         .env("PGPASSWORD", password)
