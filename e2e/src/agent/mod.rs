@@ -260,7 +260,7 @@ async fn run_inner(
         // A worker that finished while its pod still exists (e.g. a failed setup) is
         // restarted on the next tick, unless the pod object is gone.
         workers.retain(|_, w| !w.task.is_finished());
-        services.reconcile(&shared.net, &svcs.state(), &slices.state()).await;
+        services.reconcile(&shared.net, &svcs.state(), &slices.state(), &state).await;
     }
 
     tracing::info!("node agent shutting down: stopping pods");

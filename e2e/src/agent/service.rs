@@ -16,12 +16,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use super::net::Network;
+use super::net::{Mode, Network};
 
 type Key = (String, String, i32);
 
@@ -90,13 +91,58 @@ pub fn ready_endpoints(
     out
 }
 
+/// Ready endpoints of one Service port from the pods its selector matches: the
+/// loopback fallback, where the API server refuses 127.0.1.x in EndpointSlices.
+pub fn ready_pod_endpoints(
+    svc: &Service,
+    port: &ServicePort,
+    pods: &[Arc<Pod>],
+) -> Vec<SocketAddr> {
+    let Some(selector) = svc.spec.as_ref().and_then(|s| s.selector.as_ref()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for pod in pods {
+        let labels = pod.metadata.labels.as_ref();
+        let matches = pod.metadata.namespace == svc.metadata.namespace
+            && selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
+        let ready = pod.metadata.deletion_timestamp.is_none()
+            && pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let ip = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()?.parse::<Ipv4Addr>().ok());
+        let (true, true, Some(ip)) = (matches, ready, ip) else { continue };
+        let target = match &port.target_port {
+            None => Some(port.port),
+            Some(IntOrString::Int(p)) => Some(*p),
+            Some(IntOrString::String(name)) => pod
+                .spec
+                .as_ref()
+                .into_iter()
+                .flat_map(|s| s.containers.iter())
+                .flat_map(|c| c.ports.iter().flatten())
+                .find(|p| p.name.as_deref() == Some(name))
+                .map(|p| p.container_port),
+        };
+        if let Some(p) = target.and_then(|p| u16::try_from(p).ok()) {
+            out.push(SocketAddr::from((ip, p)));
+        }
+    }
+    out.sort();
+    out
+}
+
 impl Services {
-    /// Makes the forwarders match `services` and their endpoints in `slices`.
+    /// Makes the forwarders match `services` and their endpoints in `slices` (in
+    /// loopback mode: in the ready `pods` their selectors match).
     pub async fn reconcile(
         &mut self,
         net: &Network,
         services: &[Arc<Service>],
         slices: &[Arc<EndpointSlice>],
+        pods: &[Arc<Pod>],
     ) {
         let mut want: HashMap<Key, (Ipv4Addr, Vec<SocketAddr>)> = HashMap::new();
         for svc in services {
@@ -112,7 +158,10 @@ impl Services {
                 if p.protocol.as_deref().unwrap_or("TCP") != "TCP" {
                     continue;
                 }
-                let eps = ready_endpoints(ns, name, p.name.as_deref(), slices);
+                let eps = match net.mode() {
+                    Mode::Namespaces => ready_endpoints(ns, name, p.name.as_deref(), slices),
+                    Mode::Loopback => ready_pod_endpoints(svc, p, pods),
+                };
                 want.insert((ns.clone(), name.clone(), p.port), (ip, eps));
             }
         }
