@@ -127,7 +127,7 @@ impl Metrics {
                 ("verb".to_string(), verb.to_string()),
                 ("resource".to_string(), res.to_string()),
             ];
-            total += self.api_requests.get_or_create(&key).get();
+            total += self.api_requests.get(&key).map_or(0, |c| c.get());
         }
         total
     }

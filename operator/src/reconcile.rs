@@ -376,17 +376,18 @@ impl<'a> Reconciler<'a> {
         // 6. Pods that do not acknowledge a lowered limit in time are restarted.
         let since = self.resize_since(&plan, &config_hash);
         // Every pod gets the full timeout, counted from the write or its own creation.
-        if plan.phase == Phase::LoweringLimit && self.expired(&since) {
-            for pod in children.pods.iter().filter(|p| {
-                plan.unacknowledged.contains(&p.name_any())
-                    && p.metadata.deletion_timestamp.is_none()
-                    && p.metadata
-                        .creation_timestamp
-                        .as_ref()
-                        .is_none_or(|t| self.expired(&t.0.to_string()))
-            }) {
-                self.delete_pod(&pod.name_any()).await?;
-            }
+        let expired = |name: &str| {
+            self.expired(&since)
+                && children.pods.iter().any(|p| {
+                    p.name_any() == name
+                        && p.metadata
+                            .creation_timestamp
+                            .as_ref()
+                            .is_none_or(|t| self.expired(&t.0.to_string()))
+                })
+        };
+        if let Some(name) = resize::pod_to_restart(&observed, &plan, expired) {
+            self.delete_pod(name).await?;
         }
 
         // 7. Status.
@@ -590,10 +591,13 @@ impl<'a> Reconciler<'a> {
             + Clone
             + Serialize
             + DeserializeOwned
-            + std::fmt::Debug,
+            + std::fmt::Debug
+            + Drift,
     {
         let want = desired::spec_hash_of(&desired).map(str::to_string);
-        if live.is_some_and(|l| desired::spec_hash_of(l).map(str::to_string) == want) {
+        if live.is_some_and(|l| {
+            desired::spec_hash_of(l).map(str::to_string) == want && !l.drifted_from(&desired)
+        }) {
             return Ok(false);
         }
         self.ctx.metrics.api_request("patch", resource);
@@ -725,6 +729,31 @@ impl<'a> Reconciler<'a> {
         }
     }
 }
+
+/// Fields that others might change on a child behind the spec-hash annotation's back and
+/// that matter for the budget; a difference forces a re-apply.
+trait Drift {
+    fn drifted_from(&self, _desired: &Self) -> bool {
+        false
+    }
+}
+
+impl Drift for ConfigMap {
+    fn drifted_from(&self, desired: &Self) -> bool {
+        self.data != desired.data
+    }
+}
+
+impl Drift for Deployment {
+    fn drifted_from(&self, desired: &Self) -> bool {
+        let replicas = |d: &Deployment| d.spec.as_ref().and_then(|s| s.replicas);
+        replicas(self) != replicas(desired)
+    }
+}
+
+impl Drift for Service {}
+impl Drift for PodDisruptionBudget {}
+impl Drift for ServiceAccount {}
 
 fn budget_block(b: &Budget, limit: i64, replicas: i32, applied: Option<String>) -> BudgetStatus {
     BudgetStatus {

@@ -573,14 +573,25 @@ async fn pods_that_do_not_acknowledge_are_deleted_after_the_timeout() {
     h.set_replicas(4);
     h.reconcile().await;
     let log = h.api.take_log();
-    for i in 0..2 {
-        let path = format!("{PODS_PATH}/app-{i}");
-        assert!(
-            position(&log, Method::DELETE, &path).is_some(),
-            "{:?}",
-            writes(&log)
-        );
-    }
+    // One pod at a time.
+    let deleted = |log: &[Logged], i: usize| {
+        position(log, Method::DELETE, &format!("{PODS_PATH}/app-{i}")).is_some()
+    };
+    assert!(deleted(&log, 0), "{:?}", writes(&log));
+    assert!(!deleted(&log, 1), "{:?}", writes(&log));
+    assert!(position(&log, Method::PATCH, DEP_PATH).is_none());
+    // Never while another pod drains.
+    h.run_pods(2);
+    h.report(0, "old", 17);
+    h.report(1, "old", 17);
+    h.terminate_pod(0);
+    h.reconcile().await;
+    let log = h.api.take_log();
+    assert!(
+        !writes(&log).iter().any(|w| w.starts_with("DELETE")),
+        "{:?}",
+        writes(&log)
+    );
     assert!(position(&log, Method::PATCH, DEP_PATH).is_none());
 }
 
@@ -613,4 +624,37 @@ fn secrets_map_to_the_pools_that_reference_them() {
     assert_eq!(pools_referencing(std::slice::from_ref(&pool), &s).len(), 1);
     s.metadata.namespace = Some("other".into());
     assert!(pools_referencing(&[pool], &s).is_empty());
+}
+
+#[tokio::test]
+async fn manual_changes_that_break_the_budget_are_reverted() {
+    let h = Harness::new(Settings::default());
+    h.settled(2).await;
+    // Someone scales the Deployment directly and edits the limit.
+    let mut dep = h.api.get(DEP_PATH).unwrap();
+    dep["spec"]["replicas"] = json!(10);
+    h.api.put(DEP_PATH, dep);
+    let mut cm = h.api.get(CM_PATH).unwrap();
+    cm["data"]["pooler.toml"] = json!("connection_limit = 1000\n");
+    h.api.put(CM_PATH, cm);
+    h.reconcile().await;
+    let log = h.api.take_log();
+    assert!(
+        position(&log, Method::PATCH, DEP_PATH).is_some(),
+        "{:?}",
+        writes(&log)
+    );
+    assert!(
+        position(&log, Method::PATCH, CM_PATH).is_some(),
+        "{:?}",
+        writes(&log)
+    );
+    // The limit is first made safe for the 10 pods that may still exist: ⌊51 / 11⌋ = 4.
+    assert_eq!(h.deployment_replicas(), 2);
+    assert_eq!(h.config_limit(), 4);
+    let toml = h.api.get(CM_PATH).unwrap()["data"]["pooler.toml"].clone();
+    assert!(
+        toml.as_str().unwrap().contains("connection_limit = 4\n"),
+        "{toml}"
+    );
 }

@@ -181,11 +181,24 @@ pub fn plan(
         target_limit,
     };
 
-    // 2. Scale up only once no pod can hold more than the new limit.
+    // 2. Scale up only once no pod can hold more than the new limit, and no pod is
+    //    draining: the `+ 1` of the budget is for one rollout pod, not for pods left over
+    //    from an earlier scale-down or restart.
     if target_replicas > current_replicas {
+        let draining: Vec<String> = observed
+            .pods
+            .iter()
+            .filter(|p| p.terminating)
+            .map(|p| p.name.clone())
+            .collect();
         if !unacknowledged.is_empty() {
             out.phase = Phase::LoweringLimit;
             out.unacknowledged = unacknowledged;
+            return Ok(out);
+        }
+        if !draining.is_empty() || observed.pods.len() > current_replicas as usize {
+            out.phase = Phase::ScalingDown;
+            out.awaiting_removal = draining;
             return Ok(out);
         }
         out.deployment_replicas = target_replicas;
@@ -225,6 +238,27 @@ pub fn plan(
         out.unacknowledged = unacknowledged;
     }
     Ok(out)
+}
+
+/// The one pod to restart now because it has not applied a lowered limit, if any.
+///
+/// At most one pod is restarted at a time and never while another pod drains: the
+/// Deployment replaces a deleted pod at once, so a restart briefly adds one pod, which the
+/// budget's `+ 1` covers only once. `expired(name)` says whether the pod has had its full
+/// acknowledgement timeout.
+pub fn pod_to_restart<'a>(
+    observed: &'a Observed,
+    plan: &Plan,
+    expired: impl Fn(&str) -> bool,
+) -> Option<&'a str> {
+    if plan.phase != Phase::LoweringLimit || observed.pods.iter().any(|p| p.terminating) {
+        return None;
+    }
+    observed
+        .pods
+        .iter()
+        .find(|p| p.scheduled && plan.unacknowledged.contains(&p.name) && expired(&p.name))
+        .map(|p| p.name.as_str())
 }
 
 #[cfg(test)]
@@ -392,7 +426,7 @@ mod tests {
 
         /// One event chosen by `choice`; the invariant is checked by the caller.
         fn step(&mut self, choice: u8, target: i32) {
-            match choice % 6 {
+            match choice % 7 {
                 // The operator reconciles.
                 0 => {
                     if let Ok(p) = plan(&self.observed(), self.budget, target, hash) {
@@ -446,6 +480,21 @@ mod tests {
                         self.pods[0].terminating = true;
                     }
                 }
+                // The operator restarts a pod that has not acknowledged in time (the
+                // Deployment controller then replaces it).
+                5 => {
+                    let obs = self.observed();
+                    if let Ok(p) = plan(&obs, self.budget, target, hash)
+                        && let Some(name) = pod_to_restart(&obs, &p, |_| true)
+                    {
+                        let name = name.to_string();
+                        if let Some(pod) =
+                            self.pods.iter_mut().find(|p| format!("p{}", p.id) == name)
+                        {
+                            pod.terminating = true;
+                        }
+                    }
+                }
                 // Nothing happens (time passes).
                 _ => {}
             }
@@ -453,7 +502,9 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512)
+        ))]
 
         /// For any budget, any sequence of replica targets and any interleaving of pod
         /// reloads, pod exits, rollouts and reconciles, the pods together never hold more
