@@ -18,6 +18,7 @@
 //!   case the directory (certs, logs, etcd data, kubeconfig) is kept and its path logged.
 
 use std::fs;
+use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -94,7 +95,9 @@ impl ControlPlane {
     /// become ready; the error carries the tail of the relevant logs.
     pub async fn start() -> Result<Self> {
         let bin = k8s_bin_dir()?;
+        reap_orphans();
         let dir = tempfile::Builder::new().prefix("sluice-k8s-").tempdir()?;
+        fs::write(dir.path().join("owner.pid"), std::process::id().to_string())?;
         let path = dir.path().to_path_buf();
         let port = free_port()?;
         let mut cp = Self { dir: Some(dir), path, port, etcd_port: 0, procs: Vec::new() };
@@ -252,6 +255,9 @@ current-context: sluice
             .stderr(log)
             .spawn()
             .with_context(|| format!("spawning {name}"))?;
+        let mut pids =
+            fs::OpenOptions::new().create(true).append(true).open(self.path.join("pids"))?;
+        writeln!(pids, "{}", child.id())?;
         self.procs.push((name.to_string(), child));
         Ok(())
     }
@@ -404,6 +410,7 @@ impl Drop for ControlPlane {
         if keep_requested()
             && let Some(dir) = self.dir.take()
         {
+            let _ = fs::remove_file(dir.path().join("owner.pid"));
             let kept = dir.keep();
             eprintln!("SLUICE_KEEP_CLUSTER=1: kept control plane dir {}", kept.display());
         }
@@ -428,6 +435,32 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client> {
     )
     .await?;
     Ok(kube::Client::try_from(config)?)
+}
+
+/// Kills the processes and removes the directories of control planes whose owning
+/// process died without dropping them (e.g. a test run killed with SIGKILL). A
+/// process is killed only if its command line still names that directory.
+fn reap_orphans() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let is_ours = entry.file_name().to_string_lossy().starts_with("sluice-k8s-");
+        let Some(owner) = fs::read_to_string(dir.join("owner.pid")).ok().filter(|_| is_ours) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{}", owner.trim())).exists() {
+            continue;
+        }
+        let dir_str = dir.display().to_string();
+        for pid in fs::read_to_string(dir.join("pids")).unwrap_or_default().lines() {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&dir_str) {
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
+        }
+        tracing::warn!(dir = %dir_str, "removed the control plane of a dead process");
+        let _ = fs::remove_dir_all(&dir);
+    }
 }
 
 /// SIGTERM, wait up to `grace`, SIGKILL, reap.
