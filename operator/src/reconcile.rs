@@ -39,7 +39,7 @@ use crate::desired::{self, FIELD_MANAGER, LIMIT_ANNOTATION, RenderInputs};
 use crate::discovery::{Discover, ProbePods, Target};
 use crate::error::{Error, Result};
 use crate::metrics::{self, Metrics};
-use crate::resize::{self, Observed, Phase, Plan, PodView};
+use crate::resize::{self, Observed, Plan, PodView};
 use crate::status::{self, Report};
 
 /// Settings of the reconciler.
