@@ -232,12 +232,10 @@ impl Tracker {
         let front_query = matches!(self.queue.front(), Some(Pending::Query));
         match tag {
             b'1' => {
-                if let Some(Pending::Parse { swallow, .. }) =
+                if let Some(Pending::Parse { swallow: true, .. }) =
                     self.pop_if(|p| matches!(p, Pending::Parse { .. }))
                 {
-                    if swallow {
-                        return Verdict::Drop;
-                    }
+                    return Verdict::Drop;
                 }
             }
             b'2' => {

@@ -137,7 +137,7 @@ async fn login(
                 shared.cancel(c).await;
                 return Ok(None);
             }
-            Startup::Startup(m) => break m,
+            Startup::Message(m) => break m,
         }
     };
     if shared.is_draining() {
@@ -209,7 +209,7 @@ async fn authenticate(
             };
             stream.write_all(&sasl.encode()).await?;
             let f = read_frame(stream, buf, MAX_AUTH_MESSAGE).await?;
-            let init = SaslInitialResponse::parse(&f)?;
+            let init = SaslInitialResponse::decode(&f)?;
             if init.mechanism != "SCRAM-SHA-256" {
                 return Err(Error::AuthUnsupported(format!(
                     "SASL mechanism {}",
@@ -231,7 +231,7 @@ async fn authenticate(
                 .write_all(&Authentication::SaslContinue(Bytes::from(first)).encode())
                 .await?;
             let f = read_frame(stream, buf, MAX_AUTH_MESSAGE).await?;
-            let resp = SaslResponse::parse(&f)?;
+            let resp = SaslResponse::decode(&f)?;
             let fin = server.finish(&resp.data, user)?;
             if secret.is_none() {
                 return Err(Error::AuthFailed(user.to_string()));
@@ -246,7 +246,7 @@ async fn authenticate(
                 .write_all(&Authentication::Md5Password { salt }.encode())
                 .await?;
             let f = read_frame(stream, buf, MAX_AUTH_MESSAGE).await?;
-            let pw = PasswordMessage::parse(&f)?;
+            let pw = PasswordMessage::decode(&f)?;
             let ok = secret.is_some_and(|s| {
                 verify_md5(
                     user,
@@ -467,7 +467,7 @@ impl Session<'_> {
             b'Q' => {
                 self.queries.inc();
                 if rewrite && looks_special(&f.raw[5..]) {
-                    let q = crate::protocol::Query::parse(&f)?;
+                    let q = crate::protocol::Query::decode(&f)?;
                     match special_query(&q.sql) {
                         Some(SpecialQuery::Deallocate(name)) if self.stmts.remove(&name) => {
                             return self.answer_locally("DEALLOCATE");
@@ -490,7 +490,7 @@ impl Session<'_> {
                 self.tracker.push(Pending::Query);
             }
             b'P' if rewrite => {
-                let p = Parse::parse(&f)?;
+                let p = Parse::decode(&f)?;
                 if p.name.is_empty() {
                     self.forward(&f).await?;
                     self.tracker.push(Pending::Parse {
@@ -508,7 +508,7 @@ impl Session<'_> {
                 }
             }
             b'B' if rewrite => {
-                let b = Bind::parse(&f)?;
+                let b = Bind::decode(&f)?;
                 let st = (!b.statement.is_empty())
                     .then(|| self.stmts.get(&b.statement))
                     .flatten();
@@ -527,7 +527,7 @@ impl Session<'_> {
                 self.tracker.push(Pending::Bind);
             }
             b'D' if rewrite => {
-                let d = Describe::parse(&f)?;
+                let d = Describe::decode(&f)?;
                 let st = (d.target == Target::Statement && !d.name.is_empty())
                     .then(|| self.stmts.get(&d.name))
                     .flatten();
@@ -546,7 +546,7 @@ impl Session<'_> {
                 self.tracker.push(Pending::Describe);
             }
             b'C' if rewrite => {
-                let c = Close::parse(&f)?;
+                let c = Close::decode(&f)?;
                 if c.target == Target::Statement && !c.name.is_empty() {
                     // Server statements are shared; only the client's mapping goes.
                     self.stmts.remove(&c.name);

@@ -80,7 +80,7 @@ pub struct ScramServer {
     cbind: &'static str,
 }
 
-fn attr<'a>(part: Option<&'a str>, name: char) -> Result<&'a str> {
+fn attr(part: Option<&str>, name: char) -> Result<&str> {
     part.and_then(|p| p.strip_prefix(name))
         .and_then(|p| p.strip_prefix('='))
         .ok_or_else(|| Error::Protocol(format!("malformed SCRAM message (expected {name}=)")))

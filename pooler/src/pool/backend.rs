@@ -133,7 +133,7 @@ impl ServerConn {
         loop {
             let f = read_frame(&mut stream, &mut buf).await?;
             match f.tag {
-                b'R' => match Authentication::parse(&f)? {
+                b'R' => match Authentication::decode(&f)? {
                     Authentication::Ok => {}
                     Authentication::CleartextPassword => {
                         let m = PasswordMessage {
@@ -186,11 +186,11 @@ impl ServerConn {
                             .map_err(|e| Error::Server(format!("SCRAM: {e}")))?;
                     }
                 },
-                b'S' => params.push(ParameterStatus::parse(&f)?),
-                b'K' => key = BackendKeyData::parse(&f)?,
+                b'S' => params.push(ParameterStatus::decode(&f)?),
+                b'K' => key = BackendKeyData::decode(&f)?,
                 b'Z' => break,
                 b'E' => {
-                    let e = ErrorFields::parse(&f)?;
+                    let e = ErrorFields::decode(&f)?;
                     tracing::warn!(code = %e.code, message = %e.message, "server login refused");
                     return Err(Error::ServerError(f.raw));
                 }
@@ -222,7 +222,7 @@ impl ServerConn {
             match f.tag {
                 b'E' => ok = false,
                 b'Z' => {
-                    let z = ReadyForQuery::parse(&f)?;
+                    let z = ReadyForQuery::decode(&f)?;
                     return Ok(ok && z.0 == TxStatus::Idle && self.buf.is_empty());
                 }
                 _ => {}

@@ -35,7 +35,7 @@ pub enum Authentication {
 }
 
 impl Authentication {
-    pub fn parse(f: &Frame) -> Result<Self> {
+    pub fn decode(f: &Frame) -> Result<Self> {
         let mut b = expect(f, b'R')?;
         if b.len() < 4 {
             return Err(Error::Protocol("short Authentication".into()));
@@ -110,7 +110,7 @@ pub enum TxStatus {
 pub struct ReadyForQuery(pub TxStatus);
 
 impl ReadyForQuery {
-    pub fn parse(f: &Frame) -> Result<Self> {
+    pub fn decode(f: &Frame) -> Result<Self> {
         Self::from_body(&expect(f, b'Z')?)
     }
     pub fn from_body(b: &[u8]) -> Result<Self> {
@@ -139,7 +139,7 @@ pub struct ParameterStatus {
 }
 
 impl ParameterStatus {
-    pub fn parse(f: &Frame) -> Result<Self> {
+    pub fn decode(f: &Frame) -> Result<Self> {
         let mut b = expect(f, b'S')?;
         Ok(Self {
             name: read_cstr(&mut b)?,
@@ -164,7 +164,7 @@ pub struct BackendKeyData {
 }
 
 impl BackendKeyData {
-    pub fn parse(f: &Frame) -> Result<Self> {
+    pub fn decode(f: &Frame) -> Result<Self> {
         let mut b = expect(f, b'K')?;
         if b.len() != 8 {
             return Err(Error::Protocol("bad BackendKeyData".into()));
@@ -191,7 +191,7 @@ pub struct ErrorFields {
 }
 
 impl ErrorFields {
-    pub fn parse(f: &Frame) -> Result<Self> {
+    pub fn decode(f: &Frame) -> Result<Self> {
         let mut b = expect(f, b'E')?;
         let mut e = ErrorFields::default();
         while b.has_remaining() {
@@ -266,22 +266,22 @@ mod tests {
             Authentication::SaslContinue(Bytes::from_static(b"r=abc")),
             Authentication::SaslFinal(Bytes::from_static(b"v=xyz")),
         ] {
-            assert_eq!(Authentication::parse(&frame(a.encode())).unwrap(), a);
+            assert_eq!(Authentication::decode(&frame(a.encode())).unwrap(), a);
         }
-        assert!(Authentication::parse(&frame(finish(b'R', &[0, 0, 0, 7]))).is_err());
+        assert!(Authentication::decode(&frame(finish(b'R', &[0, 0, 0, 7]))).is_err());
     }
 
     #[test]
     fn ready_for_query_status() {
         let z = ReadyForQuery(TxStatus::Failed);
-        assert_eq!(ReadyForQuery::parse(&frame(z.encode())).unwrap(), z);
-        assert!(ReadyForQuery::parse(&frame(finish(b'Z', b"Q"))).is_err());
+        assert_eq!(ReadyForQuery::decode(&frame(z.encode())).unwrap(), z);
+        assert!(ReadyForQuery::decode(&frame(finish(b'Z', b"Q"))).is_err());
     }
 
     #[test]
     fn error_response_fields() {
         let e = ClientError::fatal("53300", "too many");
-        let f = ErrorFields::parse(&frame(error_response(&e))).unwrap();
+        let f = ErrorFields::decode(&frame(error_response(&e))).unwrap();
         assert_eq!(
             (f.severity.as_str(), f.code.as_str(), f.message.as_str()),
             ("FATAL", "53300", "too many")
@@ -294,12 +294,12 @@ mod tests {
             name: "TimeZone".into(),
             value: "UTC".into(),
         };
-        assert_eq!(ParameterStatus::parse(&frame(p.encode())).unwrap(), p);
+        assert_eq!(ParameterStatus::decode(&frame(p.encode())).unwrap(), p);
         let k = BackendKeyData {
             pid: 42,
             secret: -1,
         };
-        assert_eq!(BackendKeyData::parse(&frame(k.encode())).unwrap(), k);
-        assert!(BackendKeyData::parse(&frame(finish(b'K', &[0; 4]))).is_err());
+        assert_eq!(BackendKeyData::decode(&frame(k.encode())).unwrap(), k);
+        assert!(BackendKeyData::decode(&frame(finish(b'K', &[0; 4]))).is_err());
     }
 }

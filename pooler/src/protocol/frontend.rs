@@ -22,7 +22,7 @@ pub enum Startup {
     /// CancelRequest with the pooler's own keys.
     Cancel(CancelRequest),
     /// StartupMessage (protocol 3.0).
-    Startup(StartupMessage),
+    Message(StartupMessage),
 }
 
 /// The parameters of a StartupMessage.
@@ -80,7 +80,7 @@ impl Startup {
                 if !params.contains_key("user") {
                     return Err(Error::Protocol("no user name in startup packet".into()));
                 }
-                Ok(Startup::Startup(StartupMessage { params }))
+                Ok(Startup::Message(StartupMessage { params }))
             }
             other => Err(Error::Protocol(format!(
                 "unsupported frontend protocol {}.{}",
@@ -141,7 +141,7 @@ pub struct PasswordMessage {
 }
 
 impl PasswordMessage {
-    pub fn parse(f: &Frame) -> Result<Self> {
+    pub fn decode(f: &Frame) -> Result<Self> {
         let b = expect(f, b'p')?;
         let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
         Ok(Self {
@@ -163,7 +163,7 @@ pub struct SaslInitialResponse {
 }
 
 impl SaslInitialResponse {
-    pub fn parse(f: &Frame) -> Result<Self> {
+    pub fn decode(f: &Frame) -> Result<Self> {
         let mut b = expect(f, b'p')?;
         let mechanism = read_cstr(&mut b)?;
         if b.len() < 4 {
@@ -191,7 +191,7 @@ pub struct SaslResponse {
 }
 
 impl SaslResponse {
-    pub fn parse(f: &Frame) -> Result<Self> {
+    pub fn decode(f: &Frame) -> Result<Self> {
         Ok(Self {
             data: expect(f, b'p')?,
         })
@@ -208,7 +208,7 @@ pub struct Query {
 }
 
 impl Query {
-    pub fn parse(f: &Frame) -> Result<Self> {
+    pub fn decode(f: &Frame) -> Result<Self> {
         let mut b = expect(f, b'Q')?;
         Ok(Self {
             sql: read_cstr(&mut b)?,
@@ -231,7 +231,7 @@ pub struct Parse {
 }
 
 impl Parse {
-    pub fn parse(f: &Frame) -> Result<Self> {
+    pub fn decode(f: &Frame) -> Result<Self> {
         let mut b = expect(f, b'P')?;
         let name = read_cstr(&mut b)?;
         let query = read_cstr(&mut b)?;
@@ -266,7 +266,7 @@ pub struct Bind {
 }
 
 impl Bind {
-    pub fn parse(f: &Frame) -> Result<Self> {
+    pub fn decode(f: &Frame) -> Result<Self> {
         let mut b = expect(f, b'B')?;
         let portal = read_cstr(&mut b)?;
         let statement = read_cstr(&mut b)?;
@@ -323,7 +323,7 @@ pub struct Describe {
 }
 
 impl Describe {
-    pub fn parse(f: &Frame) -> Result<Self> {
+    pub fn decode(f: &Frame) -> Result<Self> {
         let (target, name) = target_name(expect(f, b'D')?)?;
         Ok(Self { target, name })
     }
@@ -340,7 +340,7 @@ pub struct Close {
 }
 
 impl Close {
-    pub fn parse(f: &Frame) -> Result<Self> {
+    pub fn decode(f: &Frame) -> Result<Self> {
         let (target, name) = target_name(expect(f, b'C')?)?;
         Ok(Self { target, name })
     }
@@ -362,7 +362,7 @@ mod tests {
     #[test]
     fn startup_roundtrip_and_special_codes() {
         let raw = startup_message(&[("user", "app"), ("database", "db")]);
-        let Startup::Startup(m) = Startup::parse(raw.slice(4..)).unwrap() else {
+        let Startup::Message(m) = Startup::parse(raw.slice(4..)).unwrap() else {
             panic!()
         };
         assert_eq!(m.params["user"], "app");
@@ -396,39 +396,39 @@ mod tests {
             query: "select $1".into(),
             param_types: Bytes::from_static(&[0, 1, 0, 0, 0, 23]),
         };
-        assert_eq!(Parse::parse(&frame(p.encode())).unwrap(), p);
+        assert_eq!(Parse::decode(&frame(p.encode())).unwrap(), p);
         let b = Bind {
             portal: "".into(),
             statement: "s1".into(),
             rest: Bytes::from_static(&[0, 0]),
         };
-        assert_eq!(Bind::parse(&frame(b.encode())).unwrap(), b);
+        assert_eq!(Bind::decode(&frame(b.encode())).unwrap(), b);
         let d = Describe {
             target: Target::Statement,
             name: "s1".into(),
         };
-        assert_eq!(Describe::parse(&frame(d.encode())).unwrap(), d);
+        assert_eq!(Describe::decode(&frame(d.encode())).unwrap(), d);
         let c = Close {
             target: Target::Portal,
             name: "".into(),
         };
-        assert_eq!(Close::parse(&frame(c.encode())).unwrap(), c);
+        assert_eq!(Close::decode(&frame(c.encode())).unwrap(), c);
         let q = Query {
             sql: "select 1".into(),
         };
-        assert_eq!(Query::parse(&frame(q.encode())).unwrap(), q);
+        assert_eq!(Query::decode(&frame(q.encode())).unwrap(), q);
     }
 
     #[test]
     fn malformed_bodies_are_errors() {
         let f = frame(finish(b'P', b"s1\0select"));
-        assert!(Parse::parse(&f).is_err());
+        assert!(Parse::decode(&f).is_err());
         let f = frame(finish(b'P', b"s1\0q\0\0\x02\0\0\0\x17"));
-        assert!(Parse::parse(&f).is_err());
+        assert!(Parse::decode(&f).is_err());
         let f = frame(finish(b'D', b"Xname\0"));
-        assert!(Describe::parse(&f).is_err());
+        assert!(Describe::decode(&f).is_err());
         let f = frame(finish(b'p', b"SCRAM-SHA-256\0\0\0\0\x09abc"));
-        assert!(SaslInitialResponse::parse(&f).is_err());
+        assert!(SaslInitialResponse::decode(&f).is_err());
     }
 
     #[test]
@@ -437,6 +437,6 @@ mod tests {
             mechanism: "SCRAM-SHA-256".into(),
             data: Bytes::from_static(b"n,,n=,r=x"),
         };
-        assert_eq!(SaslInitialResponse::parse(&frame(s.encode())).unwrap(), s);
+        assert_eq!(SaslInitialResponse::decode(&frame(s.encode())).unwrap(), s);
     }
 }

@@ -1,0 +1,669 @@
+//! Limits, overload, live reload, drain, admin API and hostile input, against a real
+//! PostgreSQL.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use bytes::{BufMut, BytesMut};
+use common::*;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use sha2::Digest;
+use sluice_testkit::{APP_DB, APP_USER, SUPERUSER};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::error::SqlState;
+
+/// Samples the number of app backends every 10 ms until stopped; returns (max, samples).
+fn sampler(
+    su: tokio_postgres::Client,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(i64, usize)> {
+    tokio::spawn(async move {
+        let (mut max, mut n) = (0, 0);
+        while !stop.load(Ordering::SeqCst) {
+            if let Ok(c) = backends(&su).await {
+                max = max.max(c);
+                n += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (max, n)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_clients_never_exceed_limit_of_five() -> Result<()> {
+    let pg = postgres(40).await?;
+    let mut p = start(&pg, "connection_limit = 5").await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampling = sampler(pg.connect_superuser().await?, stop.clone());
+    let barrier = Arc::new(tokio::sync::Barrier::new(200));
+    let mut tasks = Vec::new();
+    for i in 0..200i32 {
+        let cs = p.app_conn_str();
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = sluice_testkit::connect(&cs).await?;
+            barrier.wait().await;
+            for j in 0..3i32 {
+                let r = c
+                    .query_one(
+                        "SELECT $1::int4 + $2::int4, pg_sleep(0.002)::text",
+                        &[&i, &j],
+                    )
+                    .await?;
+                ensure!(r.get::<_, i32>(0) == i + j, "wrong result");
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    let mut failures = Vec::new();
+    for t in tasks {
+        if let Err(e) = t.await? {
+            failures.push(format!("{e:#}"));
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (max, samples) = sampling.await?;
+    assert!(
+        failures.is_empty(),
+        "{} clients failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    assert!(samples >= 10, "only {samples} samples");
+    assert!(max <= 5, "saw {max} server connections");
+    assert!(max >= 1);
+    p.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overflow_clients_get_pool_timeout_error() -> Result<()> {
+    let pg = postgres(40).await?;
+    let mut p = start(&pg, "connection_limit = 2\npool_timeout = \"300ms\"").await?;
+    let mut long = Vec::new();
+    for _ in 0..2 {
+        let c = p.connect().await?;
+        long.push(tokio::spawn(async move {
+            c.simple_query("SELECT pg_sleep(2)").await.map(|_| ())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut errors = Vec::new();
+    for _ in 0..3 {
+        let c = p.connect().await?;
+        let t0 = Instant::now();
+        let e = c
+            .simple_query("SELECT 1")
+            .await
+            .expect_err("no server connection free");
+        assert!(
+            t0.elapsed() < Duration::from_millis(1500),
+            "gave up after pool_timeout"
+        );
+        errors.push(e);
+    }
+    for e in &errors {
+        let db = e.as_db_error().context("a server error")?;
+        assert_eq!(db.code(), &SqlState::TOO_MANY_CONNECTIONS);
+        assert!(
+            db.message().contains("connection_limit 2"),
+            "{}",
+            db.message()
+        );
+        assert!(db.message().contains("pool_timeout"), "{}", db.message());
+    }
+    for t in long {
+        t.await?.context("long queries are unaffected")?;
+    }
+    let c = p.connect().await?;
+    c.simple_query("SELECT 1").await?;
+    let (_, metrics) = p.admin_get("/metrics").await?;
+    assert!(
+        metrics.contains("sluice_pooler_pool_timeouts_total 3"),
+        "{metrics}"
+    );
+    p.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_client_connections_rejects_at_startup() -> Result<()> {
+    let pg = postgres(40).await?;
+    let mut p = start(&pg, "connection_limit = 2\nmax_client_connections = 3").await?;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(p.connect().await?);
+    }
+    let e = p.connect().await.expect_err("fourth client refused");
+    let e = e
+        .downcast_ref::<tokio_postgres::Error>()
+        .context("postgres error")?;
+    let db = e.as_db_error().context("an ErrorResponse")?;
+    assert_eq!(db.code(), &SqlState::TOO_MANY_CONNECTIONS);
+    assert!(
+        db.message().contains("max_client_connections = 3"),
+        "{}",
+        db.message()
+    );
+    held[0].simple_query("SELECT 1").await?;
+    drop(held.pop());
+    let ok = eventually(5, || async { p.connect().await.is_ok() }).await;
+    assert!(ok, "a slot frees up when a client leaves");
+    p.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn live_reload_lowers_limit_under_load() -> Result<()> {
+    let pg = postgres(60).await?;
+    let mut p = start(&pg, "connection_limit = 20").await?;
+    let su = pg.connect_superuser().await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicI64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..30 {
+        let (cs, stop, done) = (p.app_conn_str(), stop.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = sluice_testkit::connect(&cs).await?;
+            while !stop.load(Ordering::SeqCst) {
+                c.simple_query("SELECT pg_sleep(0.05)").await?;
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    assert!(
+        eventually(10, || async { backends(&su).await.unwrap_or(0) >= 15 }).await,
+        "load reaches the old limit"
+    );
+    let old_hash = p.status().await?["config_hash"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let text = config_text(&pg, "connection_limit = 5");
+    std::fs::write(&p.config_path, &text)?;
+    let new_hash = format!("{:x}", sha2::Sha256::digest(text.as_bytes()));
+    let t0 = Instant::now();
+    assert!(
+        eventually(5, || async {
+            p.status()
+                .await
+                .map(|s| s["config_hash"] == new_hash.as_str() && s["connection_limit"] == 5)
+                .unwrap_or(false)
+        })
+        .await,
+        "new config applied"
+    );
+    assert_ne!(old_hash, new_hash);
+    assert!(
+        eventually(5, || async { backends(&su).await.unwrap_or(99) <= 5 }).await,
+        "server connections drop to 5"
+    );
+    let settle = t0.elapsed();
+    // Stays at or below the new limit while the load goes on.
+    let stop_s = Arc::new(AtomicBool::new(false));
+    let sampling = sampler(pg.connect_superuser().await?, stop_s.clone());
+    let before = done.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_s.store(true, Ordering::SeqCst);
+    let (max, _) = sampling.await?;
+    assert!(max <= 5, "saw {max} after the reload");
+    assert!(
+        done.load(Ordering::SeqCst) > before,
+        "clients keep being served"
+    );
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await?.context("no client error during the reload")?;
+    }
+    assert!(settle < Duration::from_secs(5));
+    p.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invalid_config_is_rejected_and_the_old_one_kept() -> Result<()> {
+    let pg = postgres(20).await?;
+    let mut p = start(&pg, "connection_limit = 3").await?;
+    let hash = p.status().await?["config_hash"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    std::fs::write(
+        &p.config_path,
+        config_text(&pg, "connection_limit = 3\nconection_limit = 4"),
+    )?;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let st = p.status().await?;
+    assert_eq!(st["config_hash"].as_str(), Some(hash.as_str()));
+    assert_eq!(st["connection_limit"], 3);
+    p.connect().await?.simple_query("SELECT 1").await?;
+    // A valid file afterwards is applied.
+    std::fs::write(&p.config_path, config_text(&pg, "connection_limit = 4"))?;
+    assert!(
+        eventually(5, || async {
+            p.status()
+                .await
+                .map(|s| s["connection_limit"] == 4)
+                .unwrap_or(false)
+        })
+        .await
+    );
+    p.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_endpoints_and_in_process_drain() -> Result<()> {
+    let pg = postgres(20).await?;
+    let mut p = start(&pg, "connection_limit = 3\ndrain_timeout = \"10s\"").await?;
+    assert_eq!(p.admin_get("/healthz").await?, (200, "ok".to_string()));
+    assert_eq!(p.admin_get("/readyz").await?, (200, "ready".to_string()));
+    let mut c = p.connect().await?;
+    c.simple_query("SELECT 1").await?;
+    let idle = p.connect().await?;
+    let st = p.status().await?;
+    let expected = format!("{:x}", sha2::Sha256::digest(std::fs::read(&p.config_path)?));
+    assert_eq!(st["config_hash"].as_str(), Some(expected.as_str()));
+    assert_eq!(st["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(st["pool_mode"], "transaction");
+    assert_eq!(st["connection_limit"], 3);
+    assert_eq!(st["draining"], false);
+    assert_eq!(st["clients"]["active"], 2);
+    assert_eq!(st["server_connections"]["open"], 1);
+    assert_eq!(st["server_connections"]["idle"], 1);
+    assert_eq!(st["pools"][0]["database"], APP_DB);
+    assert_eq!(st["pools"][0]["user"], APP_USER.0);
+    let (code, metrics) = p.admin_get("/metrics").await?;
+    assert_eq!(code, 200);
+    for name in [
+        "sluice_pooler_clients{",
+        "sluice_pooler_server_connections_open{",
+        "sluice_pooler_wait_seconds_bucket",
+        "sluice_pooler_queries_total{",
+        "sluice_pooler_transactions_total{",
+        "sluice_pooler_connection_limit 3",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
+    }
+    // Drain with a transaction in flight: it finishes; then the client is closed.
+    let tx = c.transaction().await?;
+    tx.simple_query("SELECT pg_sleep(0.5)").await?;
+    let admin = p.admin;
+    let shutdown = tokio::spawn(async move { p.shutdown().await.map(|_| p) });
+    assert!(
+        eventually(5, || async {
+            http_get(admin, "/readyz")
+                .await
+                .map(|r| r.0 == 503)
+                .unwrap_or(false)
+        })
+        .await,
+        "not ready while draining"
+    );
+    assert!(
+        http_get(admin, "/status")
+            .await?
+            .1
+            .contains("\"draining\":true")
+    );
+    assert!(
+        http_get(admin, "/healthz").await?.0 == 200,
+        "still alive while draining"
+    );
+    // The transaction in flight goes on and commits.
+    let r = tx.simple_query("SELECT 'still here'").await?;
+    assert_eq!(r.len(), 3);
+    tx.commit().await?;
+    let _p = shutdown.await??;
+    assert!(
+        c.simple_query("SELECT 1").await.is_err(),
+        "closed after the transaction"
+    );
+    assert!(
+        idle.is_closed() || idle.simple_query("SELECT 1").await.is_err(),
+        "idle client closed"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_request_reaches_the_backend() -> Result<()> {
+    let pg = postgres(20).await?;
+    let mut p = start(&pg, "connection_limit = 2").await?;
+    let c = p.connect().await?;
+    let token = c.cancel_token();
+    let t0 = Instant::now();
+    let q = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(20)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token.cancel_query(tokio_postgres::NoTls).await?;
+    let e = q.await?.expect_err("cancelled");
+    assert_eq!(e.code(), Some(&SqlState::QUERY_CANCELED));
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    p.shutdown().await?;
+    Ok(())
+}
+
+// ---- raw protocol helpers ----
+
+fn startup(params: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    b.put_u32(0);
+    b.put_u32(196_608);
+    for (k, v) in params {
+        b.put_slice(k.as_bytes());
+        b.put_u8(0);
+        b.put_slice(v.as_bytes());
+        b.put_u8(0);
+    }
+    b.put_u8(0);
+    let len = b.len() as u32;
+    b[..4].copy_from_slice(&len.to_be_bytes());
+    b.to_vec()
+}
+
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+async fn read_msg(s: &mut TcpStream) -> Result<(u8, Vec<u8>)> {
+    let tag = s.read_u8().await?;
+    let len = s.read_u32().await? as usize;
+    ensure!((4..1 << 20).contains(&len), "bad length {len}");
+    let mut body = vec![0; len - 4];
+    s.read_exact(&mut body).await?;
+    Ok((tag, body))
+}
+
+/// (severity, code, message) of an ErrorResponse body.
+fn fields(body: &[u8]) -> (String, String, String) {
+    let (mut sev, mut code, mut m) = (String::new(), String::new(), String::new());
+    for f in body.split(|&b| b == 0) {
+        if f.is_empty() {
+            continue;
+        }
+        let v = String::from_utf8_lossy(&f[1..]).to_string();
+        match f[0] {
+            b'V' => sev = v,
+            b'C' => code = v,
+            b'M' => m = v,
+            _ => {}
+        }
+    }
+    (sev, code, m)
+}
+
+/// Reads until an ErrorResponse and returns its fields; fails on anything else but auth.
+async fn expect_error(s: &mut TcpStream) -> Result<(String, String, String)> {
+    loop {
+        let (tag, body) = tokio::time::timeout(Duration::from_secs(5), read_msg(s)).await??;
+        match tag {
+            b'E' => return Ok(fields(&body)),
+            b'S' | b'K' | b'Z' | b'R' | b'N' => continue,
+            t => bail!("unexpected message {}", t as char),
+        }
+    }
+}
+
+async fn expect_closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// Logs in with SCRAM over a raw socket; returns the socket after ReadyForQuery.
+async fn raw_login(addr: std::net::SocketAddr, password: &str) -> Result<TcpStream> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(&startup(&[("user", APP_USER.0), ("database", APP_DB)]))
+        .await?;
+    let (tag, _) = read_msg(&mut s).await?;
+    ensure!(tag == b'R');
+    let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+    let mut body = b"SCRAM-SHA-256\0".to_vec();
+    body.extend_from_slice(&(scram.message().len() as i32).to_be_bytes());
+    body.extend_from_slice(scram.message());
+    s.write_all(&msg(b'p', &body)).await?;
+    let (tag, body) = read_msg(&mut s).await?;
+    ensure!(
+        tag == b'R' && body[..4] == 11i32.to_be_bytes(),
+        "SASL continue"
+    );
+    scram.update(&body[4..])?;
+    s.write_all(&msg(b'p', scram.message())).await?;
+    loop {
+        let (tag, body) = read_msg(&mut s).await?;
+        match tag {
+            b'E' => bail!("login failed: {:?}", fields(&body)),
+            b'Z' => return Ok(s),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_input_gets_clear_errors_and_others_are_unaffected() -> Result<()> {
+    let pg = postgres(20).await?;
+    let mut p = start(&pg, "connection_limit = 2").await?;
+    let good = p.connect().await?;
+    let st = good.prepare("SELECT $1::int4").await?;
+
+    // Startup packet with an impossible length.
+    let mut s = TcpStream::connect(p.addr).await?;
+    s.write_all(&[0, 0, 0, 3, 1, 2, 3]).await?;
+    let (sev, code, m) = expect_error(&mut s).await?;
+    assert_eq!((sev.as_str(), code.as_str()), ("FATAL", "08P01"), "{m}");
+    assert!(expect_closed(&mut s).await);
+
+    // Oversize startup packet: rejected from the header alone.
+    let mut s = TcpStream::connect(p.addr).await?;
+    s.write_all(&[0, 0x10, 0, 0, 0, 3, 0, 0]).await?;
+    let (_, code, m) = expect_error(&mut s).await?;
+    assert_eq!(code, "08P01");
+    assert!(m.contains("exceeds the limit"), "{m}");
+
+    // Unsupported protocol version.
+    let mut s = TcpStream::connect(p.addr).await?;
+    s.write_all(&[0, 0, 0, 8, 0, 2, 0, 0]).await?;
+    let (_, code, m) = expect_error(&mut s).await?;
+    assert_eq!(code, "08P01");
+    assert!(m.contains("unsupported frontend protocol 2.0"), "{m}");
+
+    // Garbage in the startup parameters.
+    let mut s = TcpStream::connect(p.addr).await?;
+    let mut bad = startup(&[("user", "app")]);
+    bad.truncate(bad.len() - 2);
+    let len = bad.len() as u32;
+    bad[..4].copy_from_slice(&len.to_be_bytes());
+    s.write_all(&bad).await?;
+    let (_, code, _) = expect_error(&mut s).await?;
+    assert_eq!(code, "08P01");
+
+    // SSLRequest is answered 'N', then a normal login works.
+    let mut s = TcpStream::connect(p.addr).await?;
+    s.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await?;
+    assert_eq!(s.read_u8().await?, b'N');
+    drop(s);
+
+    // Oversize message after login.
+    let mut s = raw_login(p.addr, APP_USER.1).await?;
+    s.write_all(&[b'Q', 0x7f, 0xff, 0xff, 0xff]).await?;
+    let (_, code, m) = expect_error(&mut s).await?;
+    assert_eq!(code, "08P01");
+    assert!(m.contains("exceeds the limit of 16777216 bytes"), "{m}");
+    assert!(expect_closed(&mut s).await);
+
+    // Bad length and unknown message type after login.
+    let mut s = raw_login(p.addr, APP_USER.1).await?;
+    s.write_all(&[b'Q', 0, 0, 0, 2]).await?;
+    assert_eq!(expect_error(&mut s).await?.1, "08P01");
+    let mut s = raw_login(p.addr, APP_USER.1).await?;
+    s.write_all(&msg(b'!', b"")).await?;
+    let (_, code, m) = expect_error(&mut s).await?;
+    assert_eq!(code, "08P01");
+    assert!(m.contains("unknown message type"), "{m}");
+    // Malformed Parse body.
+    let mut s = raw_login(p.addr, APP_USER.1).await?;
+    s.write_all(&msg(b'P', b"s1\0select 1")).await?;
+    assert_eq!(expect_error(&mut s).await?.1, "08P01");
+
+    // Wrong password and unknown user.
+    for (user, pw) in [(APP_USER.0, "wrong"), ("nobody", "x")] {
+        let e = sluice_testkit::connect(&p.conn_str(user, pw, APP_DB))
+            .await
+            .expect_err("refused");
+        let e = e
+            .downcast_ref::<tokio_postgres::Error>()
+            .context("pg error")?;
+        let db = e.as_db_error().context("ErrorResponse")?;
+        assert_eq!(db.code(), &SqlState::INVALID_PASSWORD);
+        assert!(db.message().contains(&format!(
+            "password authentication failed for user \"{user}\""
+        )));
+    }
+    assert!(raw_login(p.addr, "wrong").await.is_err());
+
+    // Nobody else noticed.
+    let v: i32 = good.query_one(&st, &[&7i32]).await?.get(0);
+    assert_eq!(v, 7);
+    let (_, metrics) = p.admin_get("/metrics").await?;
+    assert!(
+        metrics.contains("sluice_pooler_errors_total{kind=\"protocol\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("sluice_pooler_errors_total{kind=\"auth\"}"));
+    p.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_the_binary_under_pgbench_load() -> Result<()> {
+    let pg = postgres(40).await?;
+    let init = tokio::process::Command::new("pgbench")
+        .args([
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port().to_string(),
+            "-U",
+            APP_USER.0,
+            APP_DB,
+        ])
+        .env("PGPASSWORD", APP_USER.1)
+        .output()
+        .await?;
+    ensure!(
+        init.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let (port, admin) = (sluice_testkit::free_port()?, sluice_testkit::free_port()?);
+    let text = config_text(&pg, "connection_limit = 4\ndrain_timeout = \"5s\"")
+        .replace(
+            "127.0.0.1:0\"\nadmin",
+            &format!("127.0.0.1:{port}\"\nadmin"),
+        )
+        .replace(
+            "admin_addr = \"127.0.0.1:0\"",
+            &format!("admin_addr = \"127.0.0.1:{admin}\""),
+        );
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("pooler.toml");
+    std::fs::write(&cfg, text)?;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice-pooler"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()?;
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse()?;
+    assert!(
+        eventually(10, || async {
+            http_get(admin_addr, "/healthz").await.is_ok()
+        })
+        .await,
+        "pooler up"
+    );
+    let bench = tokio::process::Command::new("pgbench")
+        .args([
+            "-n",
+            "-M",
+            "extended",
+            "-c",
+            "6",
+            "-j",
+            "6",
+            "-T",
+            "20",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .args(["-U", APP_USER.0, APP_DB])
+        .env("PGPASSWORD", APP_USER.1)
+        .output();
+    let bench = tokio::spawn(bench);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = child.id().context("pid")?;
+    let t0 = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    let status = tokio::time::timeout(Duration::from_secs(8), child.wait())
+        .await
+        .context("exited in time")??;
+    let took = t0.elapsed();
+    assert!(status.success(), "clean exit: {status:?}");
+    assert!(
+        took < Duration::from_millis(5500),
+        "exited within drain_timeout ({took:?})"
+    );
+    let out = tokio::time::timeout(Duration::from_secs(30), bench).await???;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("number of failed transactions: 0"),
+        "{stdout}\n{stderr}"
+    );
+    let processed: i64 = stdout
+        .lines()
+        .find(|l| l.starts_with("number of transactions actually processed"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.trim().parse().ok())
+        .context("processed count")?;
+    assert!(processed > 0);
+    // Errors only at transaction boundaries: the shutdown notice, never a failed statement.
+    let failed: Vec<&str> = stderr.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(failed.is_empty(), "a statement failed: {failed:?}");
+    let su = pg.connect_superuser().await?;
+    // Every transaction pgbench saw complete is committed, and nothing else.
+    let app_db = sluice_testkit::connect(&pg.conn_str(SUPERUSER.0, SUPERUSER.1, APP_DB)).await?;
+    let history: i64 = app_db
+        .query_one("SELECT count(*) FROM pgbench_history", &[])
+        .await?
+        .get(0);
+    assert_eq!(
+        history, processed,
+        "committed transactions match what pgbench counted"
+    );
+    assert!(
+        eventually(5, || async { backends(&su).await.unwrap_or(1) == 0 }).await,
+        "no leftover server connections"
+    );
+    Ok(())
+}
