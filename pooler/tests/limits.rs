@@ -667,3 +667,34 @@ async fn sigterm_drains_the_binary_under_pgbench_load() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_idle_connections_are_checked_and_idle_ones_reaped() -> Result<()> {
+    let pg = postgres(20).await?;
+    let mut p = start(
+        &pg,
+        "connection_limit = 2\nserver_check_delay = \"0s\"\nidle_timeout = \"2s\"",
+    )
+    .await?;
+    let su = pg.connect_superuser().await?;
+    let c = p.connect().await?;
+    c.simple_query("SELECT 1").await?;
+    assert_eq!(backends(&su).await?, 1);
+    // Kill the idle server connection behind the pooler's back.
+    su.simple_query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app'")
+        .await?;
+    assert!(eventually(5, || async { backends(&su).await.unwrap_or(1) == 0 }).await);
+    // The check before reuse notices and the client never sees the dead connection.
+    let r = c.simple_query("SELECT 2").await?;
+    assert_eq!(r.len(), 3);
+    assert_eq!(backends(&su).await?, 1);
+    // idle_timeout closes it once unused.
+    assert!(
+        eventually(6, || async { backends(&su).await.unwrap_or(1) == 0 }).await,
+        "reaped after idle_timeout"
+    );
+    assert_eq!(p.status().await?["server_connections"]["open"], 0);
+    c.simple_query("SELECT 3").await?;
+    p.shutdown().await?;
+    Ok(())
+}
