@@ -21,6 +21,7 @@
 //!   second agent waits on the `flock` of [`net::LOCK_PATH`] until the first exits.
 //! - It runs as root with `ip`, `setpriv`, `unshare`, `mount` and `kill` on the PATH.
 
+pub mod mounts;
 pub mod net;
 pub mod pod;
 pub mod service;
@@ -100,6 +101,7 @@ pub struct Shared {
     state_dir: PathBuf,
     pod_api_server: String,
     ca_pem: String,
+    mounts: mounts::MountPoints,
 }
 
 impl std::fmt::Debug for Shared {
@@ -156,6 +158,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         state_dir,
         pod_api_server,
         ca_pem,
+        mounts: mounts::MountPoints::default(),
     });
     let stop = CancellationToken::new();
     let result = run_inner(&config, shared.clone(), stop.clone(), shutdown).await;

@@ -458,7 +458,9 @@ impl PodRun {
         let env = self.env(&c, token).await?;
         let argv = self.argv(&c, &env)?;
         let mut script = String::new();
+        let uid = self.pod.metadata.uid.clone().unwrap_or_default();
         for (src, target) in self.mounts(&c) {
+            self.shared.mounts.ensure(&uid, Path::new(&target), !src.is_dir())?;
             let (src, target) = (shell_quote(&src.display().to_string()), shell_quote(&target));
             // A file source (subPath) needs a file mount point; a directory a directory.
             script.push_str(&format!(
@@ -696,6 +698,7 @@ impl PodRun {
         if let Some(net) = self.net.take() {
             self.shared.net.release(&net);
         }
+        self.shared.mounts.release(self.pod.metadata.uid.as_deref().unwrap_or(""));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 
