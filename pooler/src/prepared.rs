@@ -263,6 +263,8 @@ impl Tracker {
                 self.pop_if(|p| *p == Pending::Execute);
             }
             b'E' if !front_query => {
+                // An error also ends copy-in mode.
+                self.copy_in = false;
                 // The server skips everything up to the next Sync.
                 while let Some(p) = self.queue.front() {
                     if *p == Pending::Sync || *p == Pending::Query {
@@ -274,6 +276,7 @@ impl Tracker {
                 }
             }
             b'Z' => {
+                self.copy_in = false;
                 self.status = match status {
                     b'T' => TxStatus::InTransaction,
                     b'E' => TxStatus::Failed,
@@ -418,6 +421,23 @@ mod tests {
         assert!(!t.is_settled());
         t.on_message(b'Z', b'I');
         assert!(t.is_settled(), "one ReadyForQuery settles it");
+    }
+
+    #[test]
+    fn error_during_extended_copy_ends_copy_mode() {
+        let mut t = Tracker::default();
+        t.push(Pending::Bind);
+        t.push(Pending::Execute);
+        t.push(Pending::Sync);
+        t.on_message(b'2', 0);
+        t.on_message(b'G', 0);
+        t.on_message(b'E', 0);
+        t.push(Pending::Sync);
+        assert!(!t.is_settled(), "the Sync after the error is answered");
+        t.on_message(b'Z', b'I');
+        assert!(t.is_settled());
+        t.push(Pending::Sync);
+        assert!(!t.is_settled(), "later Syncs are tracked again");
     }
 
     #[test]

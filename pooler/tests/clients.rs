@@ -96,6 +96,25 @@ async fn exercise_tokio_postgres(p: &Pooler, table: &str) -> Result<()> {
     sink.send(bytes::Bytes::from(data)).await?;
     let copied = sink.as_mut().finish().await?;
     assert_eq!(copied, 500);
+    // COPY in with bad data fails cleanly and the client goes on.
+    let bad = a
+        .copy_in(&format!("COPY {table} (id, v) FROM STDIN"))
+        .await?;
+    let mut bad = Box::pin(bad);
+    let sent = bad
+        .send(bytes::Bytes::from_static(b"not-an-int\tx\n"))
+        .await;
+    let finished = match sent {
+        Ok(()) => bad.as_mut().finish().await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    let e = finished.expect_err("bad COPY data is an error");
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_TEXT_REPRESENTATION)
+    );
+    let one: i32 = a.query_one("SELECT 1::int4", &[]).await?.get(0);
+    assert_eq!(one, 1);
     // COPY out.
     let stream = a
         .copy_out(&format!(
