@@ -164,6 +164,11 @@ pub async fn run(
             tracing::error!(pod = %k, "pod worker failed: {e:#}");
             run.kill_now().await;
             run.cleanup();
+            // The agent starts a new worker for the pod on its next tick; pace retries.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = shutdown.cancelled() => {}
+            }
         }
     }
     tracing::info!(pod = %k, "pod gone from node");
@@ -237,7 +242,13 @@ impl PodRun {
                 status = async move {
                     match child { Some(c) => c.wait().await, None => std::future::pending().await }
                 } => self.on_exit(status),
-                _ = rx.changed() => {}
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        // The agent dropped this pod's channel: it is going away.
+                        self.terminate(Some(10)).await;
+                        return Ok(false);
+                    }
+                }
                 _ = shutdown.cancelled() => {}
                 _ = sleep_until(probe_at) => self.probe().await,
                 _ = sleep_until(start_at) => {}
