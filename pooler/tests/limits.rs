@@ -698,3 +698,79 @@ async fn dead_idle_connections_are_checked_and_idle_ones_reaped() -> Result<()> 
     p.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn users_dir_and_credential_files_reload_without_dropping_clients() -> Result<()> {
+    let pg = postgres(20).await?;
+    let dir = tempfile::tempdir()?;
+    let users = dir.path().join("users");
+    std::fs::create_dir(&users)?;
+    std::fs::write(users.join(APP_USER.0), format!("{}\n", APP_USER.1))?;
+    // A stored SCRAM verifier for a second user.
+    std::fs::write(
+        users.join("reader"),
+        postgres_protocol::password::scram_sha_256(b"reader-pw"),
+    )?;
+    std::fs::write(dir.path().join("username"), APP_USER.0)?;
+    std::fs::write(dir.path().join("password"), APP_USER.1)?;
+    let text = format!(
+        "listen_addr = \"127.0.0.1:0\"\nadmin_addr = \"127.0.0.1:0\"\nconnection_limit = 2\n\
+         [server]\nhost = \"127.0.0.1\"\nport = {}\nuser_file = \"{d}/username\"\npassword_file = \"{d}/password\"\n\
+         [auth]\nusers_dir = \"{u}\"\n",
+        pg.port(),
+        d = dir.path().display(),
+        u = users.display()
+    );
+    let mut p = start_with_text(&text).await?;
+    let hash = p.status().await?["config_hash"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let kept = p.connect().await?;
+    kept.simple_query("SELECT 1").await?;
+    let reader = sluice_testkit::connect(&p.conn_str("reader", "reader-pw", APP_DB)).await?;
+    reader.simple_query("SELECT 1").await?;
+    // Change the password in the mounted-Secret-style directory.
+    std::fs::write(users.join(APP_USER.0), "rotated-pw")?;
+    let new_ok = eventually(5, || async {
+        sluice_testkit::connect(&p.conn_str(APP_USER.0, "rotated-pw", APP_DB))
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(new_ok, "the new password works");
+    assert!(
+        p.connect().await.is_err(),
+        "the old password no longer works"
+    );
+    kept.simple_query("SELECT 1")
+        .await
+        .context("existing clients stay connected")?;
+    // The pooler.toml bytes did not change, so neither did the hash.
+    assert_eq!(
+        p.status().await?["config_hash"].as_str(),
+        Some(hash.as_str())
+    );
+    p.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn md5_client_auth() -> Result<()> {
+    let pg = postgres(20).await?;
+    let text = config_text(&pg, "connection_limit = 1")
+        .replace("[auth.users]", "[auth]\nmethod = \"md5\"\n[auth.users]");
+    let mut p = start_with_text(&text).await?;
+    let c = p.connect().await?;
+    let v: i32 = c.query_one("SELECT 5::int4", &[]).await?.get(0);
+    assert_eq!(v, 5);
+    let e = sluice_testkit::connect(&p.conn_str(APP_USER.0, "nope", APP_DB))
+        .await
+        .expect_err("wrong md5 password");
+    let e = e
+        .downcast_ref::<tokio_postgres::Error>()
+        .context("pg error")?;
+    assert_eq!(e.code(), Some(&SqlState::INVALID_PASSWORD));
+    p.shutdown().await?;
+    Ok(())
+}
