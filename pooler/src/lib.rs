@@ -190,7 +190,7 @@ async fn reaper_loop(shared: Arc<Shared>) {
             shared
                 .pools
                 .limiter()
-                .reap(cfg.idle_timeout, cfg.server_lifetime),
+                .reap(cfg.idle_timeout, cfg.server_lifetime, |c| c.is_broken()),
         );
     }
 }

@@ -434,11 +434,11 @@ impl Session<'_> {
 
     /// Makes sure `st` exists on the held server connection, queueing a Parse if not.
     fn prepare_on_server(&mut self, st: &Statement, swallow: bool) {
-        let cap = self.shared.config().max_prepared_statements;
         let sc = self.server.as_mut().expect("server held");
         if sc.prepared.touch(&st.server_name) {
             return;
         }
+        let cap = self.shared.config().max_prepared_statements;
         if let Some(victim) = sc.prepared.insert(st.server_name.clone(), cap) {
             let c = Close {
                 target: Target::Statement,
@@ -508,23 +508,22 @@ impl Session<'_> {
                 }
             }
             b'B' if rewrite => {
-                let b = Bind::decode(&f)?;
-                let st = (!b.statement.is_empty())
-                    .then(|| self.stmts.get(&b.statement))
-                    .flatten();
+                let (name, range) = Bind::peek_statement(&f.raw)?;
+                let st = (!name.is_empty()).then(|| self.stmts.get(name)).flatten();
                 self.ensure_server().await?;
                 match st {
                     Some(st) => {
                         self.prepare_on_server(&st, true);
-                        let nb = Bind {
-                            statement: st.server_name.to_string(),
-                            ..b
-                        };
-                        self.to_server.extend_from_slice(&nb.encode());
+                        Bind::write_renamed(&f.raw, range, &st.server_name, &mut self.to_server);
                     }
                     None => self.to_server.extend_from_slice(&f.raw),
                 }
                 self.tracker.push(Pending::Bind);
+            }
+            b'D' if rewrite && f.raw.get(5) == Some(&b'P') => {
+                // Portals are per connection and never renamed.
+                self.forward(&f).await?;
+                self.tracker.push(Pending::Describe);
             }
             b'D' if rewrite => {
                 let d = Describe::decode(&f)?;

@@ -774,3 +774,37 @@ async fn md5_client_auth() -> Result<()> {
     p.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_restart_is_invisible_to_the_next_transactions() -> Result<()> {
+    let mut pg = postgres(20).await?;
+    let mut p = start(&pg, "connection_limit = 3").await?;
+    let clients = [p.connect().await?, p.connect().await?, p.connect().await?];
+    // Three idle server connections.
+    let mut running = Vec::new();
+    for c in &clients {
+        running.push(c.simple_query("SELECT pg_sleep(0.2)"));
+    }
+    for r in futures::future::join_all(running).await {
+        r?;
+    }
+    let all_idle = eventually(5, || async {
+        p.status()
+            .await
+            .map(|s| s["server_connections"]["idle"] == 3)
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(all_idle, "three idle server connections");
+    tokio::task::block_in_place(|| pg.restart_with_max_connections(20))?;
+    // Every dead idle connection is noticed before use, none reaches a client.
+    for c in &clients {
+        let r = c
+            .simple_query("SELECT 1")
+            .await
+            .context("query after the restart")?;
+        assert_eq!(r.len(), 3);
+    }
+    p.shutdown().await?;
+    Ok(())
+}

@@ -230,6 +230,19 @@ impl ServerConn {
         }
     }
 
+    /// Cheap, non-blocking: whether an idle connection was closed by the server or has
+    /// unexpected bytes waiting (e.g. the FATAL PostgreSQL sends when it shuts down).
+    pub fn is_broken(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return true;
+        }
+        let mut b = [0u8; 512];
+        match self.stream.try_read(&mut b) {
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            Ok(_) => true,
+        }
+    }
+
     /// Checks an idle connection with an empty query; false when it is unusable.
     pub async fn check(&mut self) -> bool {
         if !self.buf.is_empty() {

@@ -278,8 +278,14 @@ impl<C> Limiter<C> {
         close
     }
 
-    /// Idle connections idle longer than `idle_timeout` or older than `lifetime`.
-    pub fn reap(&self, idle_timeout: Duration, lifetime: Duration) -> Vec<C> {
+    /// Idle connections idle longer than `idle_timeout`, older than `lifetime`, or for
+    /// which `dead` says so.
+    pub fn reap(
+        &self,
+        idle_timeout: Duration,
+        lifetime: Duration,
+        mut dead: impl FnMut(&mut C) -> bool,
+    ) -> Vec<C> {
         let mut s = self.lock();
         let now = Instant::now();
         let mut close = Vec::new();
@@ -287,7 +293,10 @@ impl<C> Limiter<C> {
         for (k, list) in s.idle.iter_mut() {
             let mut i = 0;
             while i < list.len() {
-                if now - list[i].since >= idle_timeout || now - list[i].created >= lifetime {
+                if now - list[i].since >= idle_timeout
+                    || now - list[i].created >= lifetime
+                    || dead(&mut list[i].conn)
+                {
                     close.push(list.remove(i).conn);
                     removed.push(k.clone());
                 } else {
@@ -469,13 +478,26 @@ mod tests {
         tokio::time::advance(Duration::from_secs(5)).await;
         l.release(&k, 2, Instant::now(), true);
         l.release(&k, 3, t0, true);
-        let mut closed = l.reap(Duration::from_secs(4), Duration::from_secs(100));
+        let mut closed = l.reap(Duration::from_secs(4), Duration::from_secs(100), |_| false);
         closed.sort();
         assert_eq!(closed, vec![1]);
-        let closed = l.reap(Duration::from_secs(100), Duration::from_secs(5));
+        let closed = l.reap(Duration::from_secs(100), Duration::from_secs(5), |_| false);
         assert_eq!(closed, vec![3]);
         assert_eq!(l.snapshot().open, 1);
+        assert!(
+            l.reap(Duration::from_secs(100), Duration::from_secs(100), |_| {
+                false
+            })
+            .is_empty()
+        );
         assert!(matches!(l.acquire(&k), Acquire::Conn(2, _)));
+        l.release(&k, 2, Instant::now(), true);
+        assert_eq!(
+            l.reap(Duration::from_secs(100), Duration::from_secs(100), |c| *c
+                == 2),
+            vec![2]
+        );
+        assert_eq!(l.snapshot().open, 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -105,6 +105,14 @@ impl Pools {
             match grant {
                 Grant::Open => return self.open(key, cfg).await,
                 Grant::Conn((mut c, idle)) => {
+                    if c.is_broken() {
+                        tracing::info!(
+                            id = c.id,
+                            "idle server connection was closed by the server; replacing"
+                        );
+                        self.limiter.discard(key);
+                        continue;
+                    }
                     if c.created.elapsed() >= cfg.server_lifetime {
                         self.limiter.discard(key);
                         close_all(vec![c]);

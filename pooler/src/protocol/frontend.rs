@@ -266,6 +266,8 @@ pub struct Bind {
 }
 
 impl Bind {
+    /// Full decode (the hot path uses [`Bind::peek_statement`] instead).
+    #[cfg(test)]
     pub fn decode(f: &Frame) -> Result<Self> {
         let mut b = expect(f, b'B')?;
         let portal = read_cstr(&mut b)?;
@@ -276,6 +278,43 @@ impl Bind {
             rest: b,
         })
     }
+    /// Zero-copy look at a raw Bind frame: the statement name and its byte range.
+    pub fn peek_statement(raw: &[u8]) -> Result<(&str, std::ops::Range<usize>)> {
+        let bad = || Error::Protocol("malformed Bind".into());
+        if raw.len() < 5 || raw[0] != b'B' {
+            return Err(bad());
+        }
+        let portal_end = 5 + raw[5..].iter().position(|&c| c == 0).ok_or_else(bad)?;
+        let start = portal_end + 1;
+        let end = start
+            + raw
+                .get(start..)
+                .ok_or_else(bad)?
+                .iter()
+                .position(|&c| c == 0)
+                .ok_or_else(bad)?;
+        let name = std::str::from_utf8(&raw[start..end]).map_err(|_| bad())?;
+        Ok((name, start..end))
+    }
+
+    /// Appends `raw` (a Bind frame) to `out` with the statement name in `range`
+    /// replaced by `statement`, without intermediate allocations.
+    pub fn write_renamed(
+        raw: &[u8],
+        range: std::ops::Range<usize>,
+        statement: &str,
+        out: &mut BytesMut,
+    ) {
+        let len = raw.len() - 1 - range.len() + statement.len();
+        out.reserve(len + 1);
+        out.put_u8(b'B');
+        out.put_u32(len as u32);
+        out.put_slice(&raw[5..range.start]);
+        out.put_slice(statement.as_bytes());
+        out.put_slice(&raw[range.end..]);
+    }
+
+    #[cfg(test)]
     pub fn encode(&self) -> Bytes {
         let mut body = BytesMut::with_capacity(self.rest.len() + 32);
         put_cstr(&mut body, &self.portal);
@@ -403,6 +442,20 @@ mod tests {
             rest: Bytes::from_static(&[0, 0]),
         };
         assert_eq!(Bind::decode(&frame(b.encode())).unwrap(), b);
+        let raw = b.encode();
+        let (name, range) = Bind::peek_statement(&raw).unwrap();
+        assert_eq!(name, "s1");
+        let mut out = BytesMut::new();
+        Bind::write_renamed(&raw, range, "sluice_abc", &mut out);
+        let renamed = Bind::decode(&frame(out.freeze())).unwrap();
+        assert_eq!(
+            renamed,
+            Bind {
+                statement: "sluice_abc".into(),
+                ..b.clone()
+            }
+        );
+        assert!(Bind::peek_statement(b"B\0\0\0\x06ab").is_err());
         let d = Describe {
             target: Target::Statement,
             name: "s1".into(),
