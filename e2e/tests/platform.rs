@@ -564,7 +564,8 @@ async fn service_forwarder_volumes_and_service_account_identity() -> Result<()> 
 
 /// The agent also runs in-process (`agent::run(config, shutdown)`): a bare pod whose
 /// `command` is a host program (`sh`) with `restartPolicy: Never` ends `Succeeded`, and
-/// shutting the agent down removes the bridge.
+/// shutting the agent down removes the bridge. Then the same with `agent::AgentHandle`
+/// (own thread), whose drop stops the agent and cleans up synchronously.
 #[tokio::test]
 async fn in_process_agent_runs_a_pod_to_completion() -> Result<()> {
     bounded(async {
@@ -603,6 +604,29 @@ async fn in_process_agent_runs_a_pod_to_completion() -> Result<()> {
         assert_eq!(phase, "Succeeded", "log: {}", sluice_testkit::cluster::tail(&cp.dir().join("node/logs/default_once.log"), 20));
         let bridge = Command::new("ip").args(["link", "show", "sluice0"]).output()?;
         assert!(!bridge.status.success(), "bridge removed on shutdown");
+
+        let config = sluice_e2e::agent::AgentConfig::new(cp.kubeconfig_path())
+            .image("sluice-e2e-echo", env!("CARGO_BIN_EXE_sluice-e2e-echo"));
+        let handle = sluice_e2e::agent::AgentHandle::start(config)?;
+        let echo: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "echo"},
+            "spec": {"containers": [{"name": "echo", "image": "sluice-e2e-echo"}]},
+        }))?;
+        pods.create(&PostParams::default(), &echo).await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let ip = loop {
+            let pod = pods.get("echo").await?;
+            if is_ready(&pod) {
+                break pod_ip(&pod)?;
+            }
+            assert!(handle.is_running() && Instant::now() < deadline, "echo pod not ready");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let pid = http_get(SocketAddr::from((ip, 8080)), "/pid").await?;
+        drop(handle);
+        assert!(!std::path::Path::new(&format!("/proc/{}", pid.trim())).exists(), "pod process stopped");
+        let bridge = Command::new("ip").args(["link", "show", "sluice0"]).output()?;
+        assert!(!bridge.status.success(), "bridge removed when the handle is dropped");
         Ok(())
     })
     .await

@@ -279,6 +279,61 @@ async fn run_inner(
     Ok(())
 }
 
+/// A node agent on its own thread and tokio runtime, so that stopping it can wait for
+/// its cleanup from synchronous code: dropping the handle (e.g. in a test fixture's
+/// `Drop`, even while a test unwinds) cancels the agent and blocks until it has stopped
+/// the pod processes and removed the bridge and namespaces.
+#[derive(Debug)]
+pub struct AgentHandle {
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl AgentHandle {
+    /// Starts [`run`] with `config` on a new thread.
+    ///
+    /// # Errors
+    /// When the thread or its runtime cannot be created.
+    pub fn start(config: AgentConfig) -> Result<Self> {
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let thread = std::thread::Builder::new()
+            .name("sluice-node-agent".into())
+            .spawn(move || runtime.block_on(run(config, token.cancelled_owned())))?;
+        Ok(Self { stop, thread: Some(thread) })
+    }
+
+    /// Whether the agent still runs (it stops on its own only after an error).
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Stops the agent, waits for its cleanup and returns how it ended.
+    ///
+    /// # Errors
+    /// The agent's own error, or a panic of its thread.
+    pub fn stop(mut self) -> Result<()> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> Result<()> {
+        self.stop.cancel();
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| anyhow::anyhow!("node agent thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for AgentHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_inner() {
+            tracing::warn!("node agent: {e:#}");
+        }
+    }
+}
+
 fn should_bind(p: &Pod) -> bool {
     let scheduler = p.spec.as_ref().and_then(|s| s.scheduler_name.as_deref());
     p.metadata.deletion_timestamp.is_none()
