@@ -1,0 +1,153 @@
+//! `make bench-operator`: the operator at scale on the real control plane with
+//! the node agent. Creates N ConnectionPools at once (1 replica each, one shared
+//! PostgreSQL with a large budget), measures the time until all are Ready, the
+//! operator's CPU seconds and peak RSS, the API requests it made per pool, and
+//! then the mutating requests it makes in 60 s of steady state.
+//!
+//! Usage: sluice-bench-operator [REPORT.md]   (env POOLS, default 200; STEADY_SECS, default 60)
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::{StreamExt, TryStreamExt};
+use sluice_e2e::fixture::{Fixture, Options, http_get, pool_api};
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_secs(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').context("stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
+/// Peak resident set (VmHWM) in MiB.
+fn peak_rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .context("VmHWM")?
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()?;
+    Ok(kib / 1024.0)
+}
+
+/// Sum of `sluice_operator_api_requests_total`, all and mutating only.
+async fn api_requests(metrics_addr: &str) -> Result<(f64, f64)> {
+    let text = http_get(metrics_addr, "/metrics").await?;
+    let (mut all, mut mutating) = (0.0, 0.0);
+    for line in text.lines().filter(|l| l.starts_with("sluice_operator_api_requests_total")) {
+        let v: f64 = line.rsplit(' ').next().unwrap_or("0").parse().unwrap_or(0.0);
+        all += v;
+        if ["create", "patch", "update", "delete", "replace"]
+            .iter()
+            .any(|verb| line.contains(&format!("verb=\"{verb}\"")))
+        {
+            mutating += v;
+        }
+    }
+    Ok((all, mutating))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .init();
+    let pools = env_num("POOLS", 200) as usize;
+    let steady = env_num("STEADY_SECS", 60);
+    let report_path = std::env::args().nth(1);
+    eprintln!("[bench-operator] starting PostgreSQL, control plane, node agent and operator");
+    let fx = Fixture::start_with(Options { max_connections: 400, ..Options::default() }).await?;
+    fx.create_secrets().await?;
+    let pid = fx.operator_pid().context("operator runs")?;
+    let metrics = fx.operator_metrics_addr();
+    let cpu0 = cpu_secs(pid)?;
+    let (req0, _) = api_requests(&metrics).await.unwrap_or((0.0, 0.0));
+
+    eprintln!("[bench-operator] creating {pools} ConnectionPools at once");
+    let start = Instant::now();
+    futures::stream::iter(0..pools)
+        .map(|i| {
+            let fx = &fx;
+            async move {
+                fx.create_pool(
+                    &format!("bench-{i:03}"),
+                    1,
+                    serde_json::json!({"maxConnections": 100000}),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let created = start.elapsed();
+    let api = pool_api(&fx.client, &fx.ns);
+    let mut ready = 0;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while Instant::now() < deadline {
+        let list = api.list(&Default::default()).await?;
+        ready = list
+            .items
+            .iter()
+            .filter(|p| {
+                let v = serde_json::to_value(p).unwrap_or_default();
+                v["status"]["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            })
+            .count();
+        if ready >= pools {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let all_ready = start.elapsed();
+    let cpu1 = cpu_secs(pid)?;
+    let (req1, _) = api_requests(&metrics).await?;
+    eprintln!(
+        "[bench-operator] {ready}/{pools} Ready after {:.1}s; steady state for {steady}s",
+        all_ready.as_secs_f64()
+    );
+    let (_, mut0) = api_requests(&metrics).await?;
+    tokio::time::sleep(Duration::from_secs(steady)).await;
+    let (_, mut1) = api_requests(&metrics).await?;
+    let rss = peak_rss_mib(pid)?;
+    let per_pool = (req1 - req0) / pools as f64;
+    let steady_writes = mut1 - mut0;
+    let mark = |ok: bool| if ok { "✓" } else { "✗" };
+    let report = format!(
+        "### Operator: {pools} ConnectionPools at once\n\n\
+         Real kube-apiserver v1.34 + controller-manager, process-backed node agent running {pools} pooler pods, operator as a local process.\n\n\
+         | measure | value | target |\n|---|---:|---|\n\
+         | pools Ready | {ready}/{pools} | all |\n\
+         | time until all Ready (create took {:.1}s) | {:.1} s | ≤ 60 s {} |\n\
+         | operator CPU while converging | {:.1} s | - |\n\
+         | operator peak RSS | {:.1} MiB | ≤ 150 MiB {} |\n\
+         | API requests per pool to converge | {:.1} | ≤ 10 {} |\n\
+         | mutating API requests in {steady} s of steady state | {} | 0 {} |\n",
+        created.as_secs_f64(),
+        all_ready.as_secs_f64(),
+        mark(ready == pools && all_ready.as_secs() <= 60),
+        cpu1 - cpu0,
+        rss,
+        mark(rss <= 150.0),
+        per_pool,
+        mark(per_pool <= 10.0),
+        steady_writes,
+        mark(steady_writes == 0.0),
+    );
+    println!("{report}");
+    if let Some(path) = report_path {
+        std::fs::write(path, &report)?;
+    }
+    fx.shutdown().await
+}

@@ -1,0 +1,480 @@
+//! End to end: the connection budget holds, measured at the database.
+//!
+//! Each test starts its own PostgreSQL (`max_connections = 60`), control plane,
+//! node agent and operator, creates the pool from `config/samples/`, runs load
+//! through the pool's Service, samples `pg_stat_activity` every 50 ms and the
+//! pods' limits every 100 ms, and prints its figures. Run with `--nocapture`
+//! (as `make e2e` does) to see them; run one test at a time (`--test-threads=1`):
+//! the node agent owns the machine's pod network.
+
+mod budget {
+    pub mod load;
+    pub mod probe;
+}
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use budget::load::{Load, Sampler, Samples, Totals};
+use budget::probe::{LimitProbe, LimitSample, worst};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod};
+use kube::api::{Api, ListParams};
+use serde_json::json;
+use sluice_e2e::agent::BRIDGE_IP;
+use sluice_e2e::fixture::{Converged, Fixture, pool_api, pooler_status};
+
+const MAX_CONNECTIONS: u32 = 60;
+const CONVERGE: Duration = Duration::from_secs(180);
+const CLIENTS: usize = 40;
+const THINK: Duration = Duration::from_millis(2);
+
+/// Everything measured while a change happened.
+struct Run {
+    samples: Samples,
+    limits: Vec<LimitSample>,
+    totals: Totals,
+}
+
+struct Measuring {
+    sampler: Sampler,
+    probe: LimitProbe,
+    load: Load,
+}
+
+async fn measure(fx: &Fixture) -> Result<Measuring> {
+    let sampler = Sampler::start(
+        &fx.superuser_conn_str(),
+        sluice_testkit::APP_USER.0,
+        &BRIDGE_IP.to_string(),
+        Duration::from_millis(50),
+    )
+    .await?;
+    let probe =
+        LimitProbe::start(fx.client.clone(), fx.ns.clone(), fx.pool.clone(), fx.selector().await?);
+    let load = Load::start(fx.service_conn_str().await?, CLIENTS, THINK);
+    // Let the load reach steady state before the change.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(
+        load.totals().ok > 0,
+        "no transaction succeeded through the Service before the change: {:?}",
+        load.totals()
+    );
+    Ok(Measuring { sampler, probe, load })
+}
+
+impl Measuring {
+    async fn finish(self) -> Result<Run> {
+        // A little steady state after convergence too.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let totals = self.load.stop().await;
+        let samples = self.sampler.stop().await?;
+        let limits = self.probe.stop().await?;
+        Ok(Run { samples, limits, totals })
+    }
+}
+
+async fn setup(replicas: i32) -> Result<(Fixture, Converged)> {
+    let mut fx = Fixture::start(MAX_CONNECTIONS).await?;
+    fx.apply_sample(replicas).await?;
+    let c = fx.wait_converged(replicas.into(), CONVERGE).await?;
+    println!(
+        "[setup] {replicas} replicas ready in {:.1}s: limit/replica {}, budget {}",
+        c.secs, c.limit, c.available
+    );
+    Ok((fx, c))
+}
+
+fn report(name: &str, run: &Run, budget: i64, before: &Converged, after: &Converged) {
+    let w = worst(&run.limits);
+    println!(
+        "[{name}] max sampled server connections {} / budget {budget} ({} samples); \
+         worst Σ pod limits {} over {} pods / budget {budget} ({} probes); \
+         limit/replica {} -> {}; converged in {:.1}s; \
+         tx ok {} failed {} interrupted {} reconnects {} connect errors {}",
+        run.samples.max(),
+        run.samples.count(),
+        w.map(|w| w.sum).unwrap_or(0),
+        w.map(|w| w.pods).unwrap_or(0),
+        run.limits.len(),
+        before.limit,
+        after.limit,
+        after.secs,
+        run.totals.ok,
+        run.totals.failed,
+        run.totals.interrupted,
+        run.totals.reconnects,
+        run.totals.connect_errors,
+    );
+}
+
+fn assert_within_budget(name: &str, run: &Run, budget: i64) -> Result<()> {
+    ensure!(
+        run.samples.count() > 20,
+        "[{name}] too few pg_stat_activity samples: {}",
+        run.samples.count()
+    );
+    ensure!(!run.limits.is_empty(), "[{name}] no limit probes");
+    ensure!(
+        run.samples.max() <= budget,
+        "[{name}] PostgreSQL saw {} pooler connections, budget {budget}",
+        run.samples.max()
+    );
+    let w = worst(&run.limits).context("limit probes")?;
+    ensure!(
+        w.sum <= budget,
+        "[{name}] pods could together hold {} connections (budget {budget}): {w:?}",
+        w.sum
+    );
+    ensure!(run.totals.ok > 0, "[{name}] no transaction succeeded");
+    Ok(())
+}
+
+async fn scale(name: &str, from: i32, to: i32) -> Result<()> {
+    let (fx, before) = setup(from).await?;
+    let m = measure(&fx).await?;
+    fx.scale(to)?;
+    let after = fx.wait_converged(to.into(), CONVERGE).await?;
+    let run = m.finish().await?;
+    report(name, &run, after.available, &before, &after);
+    assert_within_budget(name, &run, after.available)?;
+    ensure!(run.totals.failed == 0, "[{name}] {} transactions failed", run.totals.failed);
+    if to > from {
+        ensure!(after.limit < before.limit, "scaling up lowers the per-replica limit");
+    } else {
+        ensure!(after.limit > before.limit, "scaling down raises the per-replica limit");
+        ensure!(run.totals.reconnects > 0, "clients of removed pods reconnected (drain), got none");
+    }
+    // The ordering, as seen in the objects: never more replicas at a limit than fit.
+    for s in &run.limits {
+        ensure!(
+            i64::from(s.deployment_replicas) * s.configmap_limit <= after.available,
+            "[{name}] Deployment had {} replicas while the ConfigMap limit was {} (budget {})",
+            s.deployment_replicas,
+            s.configmap_limit,
+            after.available
+        );
+    }
+    fx.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scale_up_2_to_5_under_load() -> Result<()> {
+    scale("scale-up 2->5", 2, 5).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scale_down_5_to_2_under_load() -> Result<()> {
+    scale("scale-down 5->2", 5, 2).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rollout_of_a_restart_requiring_change() -> Result<()> {
+    let name = "rollout";
+    let (fx, before) = setup(2).await?;
+    let old: Vec<String> = fx.pooler_pods().await?.into_iter().map(|p| p.0).collect();
+    let m = measure(&fx).await?;
+    fx.patch_pool(
+        json!({"spec": {"podTemplate": {"annotations": {"e2e.sluice.dev/rollout": "1"}}}}),
+    )
+    .await?;
+    let deadline = Instant::now() + CONVERGE;
+    let after = loop {
+        let c = fx.wait_converged(2, CONVERGE).await?;
+        let now: Vec<String> = fx.pooler_pods().await?.into_iter().map(|p| p.0).collect();
+        if now.iter().all(|p| !old.contains(p)) {
+            break c;
+        }
+        ensure!(Instant::now() < deadline, "pods were not replaced: {old:?} -> {now:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let run = m.finish().await?;
+    report(name, &run, after.available, &before, &after);
+    assert_within_budget(name, &run, after.available)?;
+    ensure!(run.totals.failed == 0, "[{name}] {} transactions failed", run.totals.failed);
+    fx.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn budget_follows_max_connections() -> Result<()> {
+    let name = "budget-change";
+    let (mut fx, before) = setup(2).await?;
+    let m = measure(&fx).await?;
+    let mut last_refresh = Instant::now();
+    for target in [90u32, MAX_CONNECTIONS] {
+        let changed = Instant::now();
+        fx.pg.restart_with_max_connections(target)?;
+        // Wait for the operator's refresh to see the new value.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let refreshed = loop {
+            let pool = fx.pool_json().await?;
+            if pool["status"]["budget"]["databaseMaxConnections"].as_i64() == Some(target.into()) {
+                break Instant::now();
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "operator never saw max_connections {target}: {}",
+                pool["status"]
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let c = fx.wait_converged(2, CONVERGE).await?;
+        println!(
+            "[{name}] max_connections -> {target}: refresh seen after {:.1}s, limit/replica {} budget {} (converged {:.1}s after the refresh)",
+            (refreshed - changed).as_secs_f64(),
+            c.limit,
+            c.available,
+            c.secs
+        );
+        ensure!(
+            c.limit * 3 <= c.available,
+            "limit {} × (2 + 1) within budget {}",
+            c.limit,
+            c.available
+        );
+        last_refresh = refreshed;
+    }
+    let after = fx.wait_converged(2, CONVERGE).await?;
+    let run = m.finish().await?;
+    report(name, &run, after.available, &before, &after);
+    ensure!(
+        after.limit == before.limit,
+        "back at max_connections {MAX_CONNECTIONS}, the limit is the original"
+    );
+    // Between a restart and the operator's next refresh the pods still run the
+    // old limits (PostgreSQL itself still caps them); from the refresh on, the
+    // new budget holds.
+    println!(
+        "[{name}] max sampled before the last refresh {}, after it {} (budget {})",
+        run.samples.max_before(last_refresh),
+        run.samples.max_since(last_refresh),
+        after.available
+    );
+    ensure!(
+        run.samples.max_since(last_refresh) <= after.available,
+        "over budget after the refresh"
+    );
+    // PostgreSQL restarts cut every connection: those are interrupted, not failed.
+    ensure!(run.samples.max() <= 90 - 3, "never above what PostgreSQL allowed");
+    ensure!(run.totals.failed == 0, "[{name}] {} transactions failed", run.totals.failed);
+    fx.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pod_killed_restarts_and_budget_holds() -> Result<()> {
+    let name = "pod-killed";
+    let (fx, before) = setup(2).await?;
+    let m = measure(&fx).await?;
+    let (victim, ip) = fx.pooler_pods().await?.into_iter().next().context("a pod")?;
+    let pid = pooler_pid_with_ip(&ip)?;
+    std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
+    println!("[{name}] SIGKILLed pooler pid {pid} of pod {victim} ({ip})");
+    let pods: Api<Pod> = Api::namespaced(fx.client.clone(), &fx.ns);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = pods.get(&victim).await?;
+        let restarts = p
+            .status
+            .and_then(|s| s.container_statuses)
+            .and_then(|cs| cs.first().map(|c| c.restart_count))
+            .unwrap_or(0);
+        if restarts >= 1 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "pod {victim} was not restarted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = fx.wait_converged(2, CONVERGE).await?;
+    let run = m.finish().await?;
+    report(name, &run, after.available, &before, &after);
+    assert_within_budget(name, &run, after.available)?;
+    ensure!(run.totals.failed == 0, "[{name}] {} transactions failed", run.totals.failed);
+    ensure!(
+        fx.pooler_pods().await?.iter().any(|p| p.0 == victim),
+        "the same pod came back (restart, not replace)"
+    );
+    fx.shutdown().await
+}
+
+/// PID of the `sluice-pooler` process whose network namespace has `ip`.
+fn pooler_pid_with_ip(ip: &str) -> Result<u32> {
+    let out = std::process::Command::new("pgrep").args(["-x", "sluice-pooler"]).output()?;
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        let addrs = std::process::Command::new("nsenter")
+            .args(["-t", pid, "-n", "ip", "-4", "-o", "addr", "show"])
+            .output()?;
+        if String::from_utf8_lossy(&addrs.stdout).contains(&format!(" {ip}/")) {
+            return Ok(pid.parse()?);
+        }
+    }
+    anyhow::bail!("no sluice-pooler process has address {ip}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operator_killed_mid_resize_resumes() -> Result<()> {
+    let name = "operator-killed";
+    let (mut fx, before) = setup(2).await?;
+    let m = measure(&fx).await?;
+    fx.scale(5)?;
+    // Kill it once the resize has begun (Progressing=True), not before.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pool = fx.pool_json().await?;
+        let progressing = pool["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter().any(|c| c["type"] == "Progressing" && c["status"] == "True")
+        });
+        if progressing {
+            println!("[{name}] killing the operator mid-resize: {}", pool["status"]["conditions"]);
+            break;
+        }
+        ensure!(Instant::now() < deadline, "resize never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fx.kill_operator();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fx.start_operator()?;
+    let after = fx.wait_converged(5, CONVERGE).await?;
+    let run = m.finish().await?;
+    report(name, &run, after.available, &before, &after);
+    assert_within_budget(name, &run, after.available)?;
+    ensure!(run.totals.failed == 0, "[{name}] {} transactions failed", run.totals.failed);
+    fx.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_is_reported_and_changes_nothing() -> Result<()> {
+    let (fx, before) = setup(2).await?;
+    let pods_before: Vec<String> = fx.pooler_pods().await?.into_iter().map(|p| p.0).collect();
+    let cm_api: Api<ConfigMap> = Api::namespaced(fx.client.clone(), &fx.ns);
+    let cm_before = cm_api.get(&format!("{}-config", fx.pool)).await?.data;
+
+    // 1. More replicas than the budget can give one connection each.
+    fx.scale(80)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let message = loop {
+        let pool = fx.pool_json().await?;
+        let cond = pool["status"]["conditions"].as_array().and_then(|cs| {
+            cs.iter().find(|c| c["type"] == "BudgetExceeded" && c["status"] == "True").cloned()
+        });
+        if let Some(c) = cond {
+            break c["message"].as_str().unwrap_or_default().to_string();
+        }
+        ensure!(Instant::now() < deadline, "no BudgetExceeded condition: {}", pool["status"]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!("[bad-input] BudgetExceeded: {message}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let events: Api<Event> = Api::namespaced(fx.client.clone(), &fx.ns);
+    let evs = events.list(&ListParams::default()).await?;
+    ensure!(
+        evs.items.iter().any(|e| e.involved_object.name.as_deref() == Some(fx.pool.as_str())
+            && e.type_.as_deref() == Some("Warning")),
+        "a Warning event on the pool"
+    );
+    let deploy: Api<Deployment> = Api::namespaced(fx.client.clone(), &fx.ns);
+    let replicas = deploy.get(&fx.pool).await?.spec.and_then(|s| s.replicas);
+    ensure!(replicas == Some(2), "Deployment untouched, has {replicas:?} replicas");
+    ensure!(
+        cm_api.get(&format!("{}-config", fx.pool)).await?.data == cm_before,
+        "ConfigMap untouched"
+    );
+    let pods_after: Vec<String> = fx.pooler_pods().await?.into_iter().map(|p| p.0).collect();
+    ensure!(pods_after == pods_before, "pods untouched: {pods_before:?} -> {pods_after:?}");
+    for (_, ip) in fx.pooler_pods().await? {
+        let s = pooler_status(&ip).await?;
+        ensure!(
+            s["connection_limit"].as_i64() == Some(before.limit),
+            "pods keep their last good limit"
+        );
+    }
+    fx.scale(2)?;
+    fx.wait_converged(2, CONVERGE).await?;
+
+    // 2. A pool whose credentials Secret does not exist.
+    let mut other = fx.pool_json().await?;
+    other["metadata"] = json!({"name": "orphan", "namespace": fx.ns});
+    other["spec"]["database"]["credentialsSecret"] = json!("no-such-secret");
+    other.as_object_mut().unwrap().remove("status");
+    let obj: kube::core::DynamicObject = serde_json::from_value(other)?;
+    let pools = pool_api(&fx.client, &fx.ns);
+    pools.create(&Default::default(), &obj).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = serde_json::to_value(pools.get("orphan").await?)?;
+        let degraded = p["status"]["conditions"].as_array().and_then(|cs| {
+            cs.iter().find(|c| c["type"] == "Degraded" && c["status"] == "True").cloned()
+        });
+        if let Some(c) = degraded {
+            let msg = c["message"].as_str().unwrap_or_default();
+            println!("[bad-input] Degraded: {msg}");
+            ensure!(msg.contains("no-such-secret"), "Degraded names the Secret: {msg}");
+            break;
+        }
+        ensure!(Instant::now() < deadline, "no Degraded condition: {}", p["status"]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // 3. CEL validation rejects what can be checked statically, with the rule's message.
+    for (patch, needle) in [
+        (r#"{"spec":{"replicas":0}}"#, "replicas must be at least 1"),
+        (r#"{"spec":{"database":{"port":70000}}}"#, "database.port must be between 1 and 65535"),
+        (r#"{"spec":{"poolTimeout":"soon"}}"#, "poolTimeout must be a duration"),
+        (
+            r#"{"spec":{"database":{"maxConnections":10,"reservedConnections":10}}}"#,
+            "reservedConnections must be less than maxConnections",
+        ),
+    ] {
+        let err =
+            fx.kubectl(&["patch", "cpool", &fx.pool, "--type=merge", "-p", patch]).unwrap_err();
+        println!("[bad-input] kubectl patch {patch}: {}", format!("{err:#}").trim());
+        ensure!(
+            format!("{err:#}").contains(needle),
+            "rejection names the rule ({needle}): {err:#}"
+        );
+    }
+    let bad = sluice_e2e::fixture::repo_root().join("e2e/tests/budget/invalid-pool.yaml");
+    let err = fx.kubectl(&["apply", "-f", bad.to_str().unwrap()]).unwrap_err();
+    ensure!(
+        format!("{err:#}").contains("replicas must be at least 1"),
+        "kubectl apply rejected: {err:#}"
+    );
+    fx.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gitops_apply_shows_no_drift() -> Result<()> {
+    let (fx, _) = setup(2).await?;
+    // Apply the same pool as a GitOps tool would: server-side, its own field manager.
+    let mut desired = fx.pool_json().await?;
+    desired.as_object_mut().unwrap().remove("status");
+    desired["metadata"] = json!({"name": fx.pool, "namespace": fx.ns});
+    let file = fx.cp.dir().join("gitops-pool.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(&desired)?)?;
+    let path = file.to_str().unwrap();
+    for _ in 0..2 {
+        fx.kubectl(&[
+            "apply",
+            "--server-side",
+            "--field-manager=argocd-controller",
+            "--force-conflicts",
+            "-f",
+            path,
+        ])?;
+    }
+    fx.wait_converged(2, CONVERGE).await?;
+    let diff = std::process::Command::new(sluice_testkit::k8s_bin_dir()?.join("kubectl"))
+        .arg(format!("--kubeconfig={}", fx.cp.kubeconfig_path().display()))
+        .args(["diff", "--server-side", "--field-manager=argocd-controller", "-f", path])
+        .output()?;
+    let out = String::from_utf8_lossy(&diff.stdout);
+    println!("[gitops] kubectl diff exit {:?}, {} bytes of diff", diff.status.code(), out.len());
+    ensure!(diff.status.code() == Some(0), "kubectl diff shows drift:\n{out}");
+    // The operator owns no spec field: its managed fields are status only.
+    let pool = fx.pool_json().await?;
+    for mf in pool["metadata"]["managedFields"].as_array().context("managedFields")? {
+        if mf["manager"].as_str().is_some_and(|m| m.starts_with("sluice-operator")) {
+            ensure!(mf["subresource"] == "status", "operator manages non-status fields: {mf}");
+        }
+    }
+    fx.shutdown().await
+}

@@ -1,0 +1,95 @@
+//! The invariant, measured from the pods' side: the sum of the connection limits
+//! that all pooler pods of a pool can hold at one moment (terminating pods
+//! included) never exceeds the budget.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::Client;
+use kube::api::{Api, ListParams};
+
+use sluice_e2e::fixture::pooler_status;
+
+/// One look at the pool.
+#[derive(Debug, Clone, Copy)]
+pub struct LimitSample {
+    /// Σ over pod objects of the limit each can hold: its `/status` limit when it
+    /// answers, else the ConfigMap's (what it starts with).
+    pub sum: i64,
+    pub pods: usize,
+    pub configmap_limit: i64,
+    pub deployment_replicas: i32,
+}
+
+pub struct LimitProbe {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<LimitSample>>,
+}
+
+/// `connection_limit = N` from a rendered pooler.toml.
+pub fn limit_in_config(toml: &str) -> Option<i64> {
+    toml.lines().map(str::trim).find_map(|l| {
+        l.strip_prefix("connection_limit")?.trim_start().strip_prefix('=')?.trim().parse().ok()
+    })
+}
+
+async fn sample(client: &Client, ns: &str, pool: &str, selector: &str) -> Result<LimitSample> {
+    let cm =
+        Api::<ConfigMap>::namespaced(client.clone(), ns).get(&format!("{pool}-config")).await?;
+    let toml = cm.data.as_ref().and_then(|d| d.get("pooler.toml")).context("no pooler.toml")?;
+    let configmap_limit = limit_in_config(toml).context("no connection_limit in pooler.toml")?;
+    let deploy = Api::<Deployment>::namespaced(client.clone(), ns).get(pool).await?;
+    let deployment_replicas = deploy.spec.and_then(|s| s.replicas).unwrap_or(1);
+    let pods = Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(selector))
+        .await?;
+    let mut sum = 0;
+    for p in &pods.items {
+        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
+        let reported = match ip {
+            Some(ip) => pooler_status(&ip).await.ok().and_then(|s| s["connection_limit"].as_i64()),
+            None => None,
+        };
+        sum += reported.unwrap_or(configmap_limit);
+    }
+    Ok(LimitSample { sum, pods: pods.items.len(), configmap_limit, deployment_replicas })
+}
+
+impl LimitProbe {
+    pub fn start(client: Client, ns: String, pool: String, selector: String) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut out = Vec::new();
+            while !stop2.load(Ordering::Relaxed) {
+                if let Ok(s) = sample(&client, &ns, &pool, &selector).await {
+                    out.push(s);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            out
+        });
+        Self { stop, task }
+    }
+
+    pub async fn stop(self) -> Result<Vec<LimitSample>> {
+        self.stop.store(true, Ordering::Relaxed);
+        Ok(self.task.await?)
+    }
+}
+
+/// The sample with the largest sum.
+pub fn worst(samples: &[LimitSample]) -> Option<LimitSample> {
+    samples.iter().copied().max_by_key(|s| s.sum)
+}
+
+#[test]
+fn parses_the_limit_from_a_rendered_config() {
+    assert_eq!(limit_in_config("pool_mode = \"transaction\"\nconnection_limit = 17\n"), Some(17));
+    assert_eq!(limit_in_config("connection_limit=3"), Some(3));
+    assert_eq!(limit_in_config("max_client_connections = 5"), None);
+}
