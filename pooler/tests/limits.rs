@@ -808,3 +808,43 @@ async fn postgres_restart_is_invisible_to_the_next_transactions() -> Result<()> 
     p.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn session_mode_drain_closes_idle_sessions_with_57p01() -> Result<()> {
+    let pg = postgres(20).await?;
+    let mut p = start(
+        &pg,
+        "connection_limit = 3\npool_mode = \"session\"\ndrain_timeout = \"5s\"",
+    )
+    .await?;
+    let su = pg.connect_superuser().await?;
+    let mut s = raw_login(p.addr, APP_USER.1).await?;
+    s.write_all(&msg(b'Q', b"SELECT 1\0")).await?;
+    loop {
+        if read_msg(&mut s).await?.0 == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(
+        backends(&su).await?,
+        1,
+        "session holds its server connection"
+    );
+    let t0 = Instant::now();
+    p.shutdown().await?;
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "idle sessions do not wait for drain_timeout"
+    );
+    let (sev, code, m) = expect_error(&mut s).await?;
+    assert_eq!(
+        (sev.as_str(), code.as_str(), m.as_str()),
+        ("FATAL", "57P01", "pooler shutting down")
+    );
+    assert!(expect_closed(&mut s).await);
+    assert!(
+        eventually(5, || async { backends(&su).await.unwrap_or(1) == 0 }).await,
+        "no leftovers"
+    );
+    Ok(())
+}
