@@ -46,20 +46,14 @@ pub async fn serve_client(mut stream: TcpStream, shared: Arc<Shared>) {
     let n = shared.clients.fetch_add(1, Ordering::SeqCst) + 1;
     let drain = shared.drain_signal();
     let mut buf = BytesMut::with_capacity(CLIENT_BUF);
-    let res =
-        match tokio::time::timeout(LOGIN_TIMEOUT, login(&mut stream, &mut buf, &shared, n)).await {
-            Ok(Ok(Some(login))) => run_session(stream, buf, &shared, login, drain).await,
-            Ok(Ok(None)) => Ok(()),
-            Ok(Err(e)) => {
-                report(&mut stream, &e).await;
-                Err(e)
-            }
-            Err(_) => {
-                let e = Error::Protocol("login timed out".into());
-                report(&mut stream, &e).await;
-                Err(e)
-            }
-        };
+    let res = match login(&mut stream, &mut buf, &shared, n).await {
+        Ok(Some(login)) => run_session(stream, buf, &shared, login, drain).await,
+        Ok(None) => Ok(()),
+        Err(e) => {
+            report(&mut stream, &e).await;
+            Err(e)
+        }
+    };
     if let Err(e) = res {
         let kind = match &e {
             Error::Io(_) => "io",
@@ -117,44 +111,55 @@ async fn login(
     shared: &Shared,
     n: usize,
 ) -> Result<Option<Login>> {
-    let msg = loop {
-        let body = loop {
-            if let Some(b) = split_startup(buf)? {
-                break b;
-            }
-            if stream.read_buf(buf).await? == 0 {
-                return Ok(None);
+    // Startup and authentication are bounded in time; waiting for a server is not.
+    let phase = async {
+        let msg = loop {
+            let body = loop {
+                if let Some(b) = split_startup(buf)? {
+                    break b;
+                }
+                if stream.read_buf(buf).await? == 0 {
+                    return Ok(None);
+                }
+            };
+            match Startup::parse(body)? {
+                Startup::Ssl | Startup::GssEnc => {
+                    if !buf.is_empty() {
+                        return Err(Error::Protocol("data after encryption request".into()));
+                    }
+                    stream.write_all(b"N").await?;
+                }
+                Startup::Cancel(c) => {
+                    shared.cancel(c).await;
+                    return Ok(None);
+                }
+                Startup::Message(m) => break m,
             }
         };
-        match Startup::parse(body)? {
-            Startup::Ssl | Startup::GssEnc => {
-                if !buf.is_empty() {
-                    return Err(Error::Protocol("data after encryption request".into()));
-                }
-                stream.write_all(b"N").await?;
-            }
-            Startup::Cancel(c) => {
-                shared.cancel(c).await;
-                return Ok(None);
-            }
-            Startup::Message(m) => break m,
+        if shared.is_draining() {
+            return Err(Error::ShuttingDown);
         }
+        let cfg = shared.config();
+        if n > cfg.max_client_connections {
+            return Err(Error::TooManyClients(cfg.max_client_connections));
+        }
+        let StartupMessage { params } = msg;
+        let user = params.get("user").cloned().unwrap_or_default();
+        let database = params
+            .get("database")
+            .filter(|d| !d.is_empty())
+            .cloned()
+            .unwrap_or_else(|| user.clone());
+        authenticate(stream, buf, &cfg, &user).await?;
+        Ok::<_, Error>(Some((cfg, user, database)))
     };
-    if shared.is_draining() {
-        return Err(Error::ShuttingDown);
-    }
-    let cfg = shared.config();
-    if n > cfg.max_client_connections {
-        return Err(Error::TooManyClients(cfg.max_client_connections));
-    }
-    let StartupMessage { params } = msg;
-    let user = params.get("user").cloned().unwrap_or_default();
-    let database = params
-        .get("database")
-        .filter(|d| !d.is_empty())
-        .cloned()
-        .unwrap_or_else(|| user.clone());
-    authenticate(stream, buf, &cfg, &user).await?;
+    let (cfg, user, database) = match tokio::time::timeout(LOGIN_TIMEOUT, phase).await {
+        Ok(r) => match r? {
+            Some(v) => v,
+            None => return Ok(None),
+        },
+        Err(_) => return Err(Error::Protocol("login timed out".into())),
+    };
     let key = PoolKey::new(&database, &user);
     let mut server = None;
     let server_params = match shared.pools.params(&key) {
