@@ -421,3 +421,51 @@ async fn pgbench_all_protocols_both_modes() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prepared_statement_lru_eviction_is_transparent() -> Result<()> {
+    let pg = postgres(20).await?;
+    let mut p = start(&pg, "connection_limit = 1\nmax_prepared_statements = 2").await?;
+    let a = p.connect().await?;
+    let b = p.connect().await?;
+    let mut stmts = Vec::new();
+    for k in 0..5i32 {
+        stmts.push((k, a.prepare(&format!("SELECT $1::int4 + {k}")).await?));
+    }
+    // Round-robin over more statements than the server connection keeps, with another
+    // client's statements mixed in on the same single server connection.
+    let other = b.prepare("SELECT $1::text || '!'").await?;
+    for round in 0..4i32 {
+        for (k, st) in &stmts {
+            let v: i32 = a.query_one(st, &[&round]).await?.get(0);
+            assert_eq!(v, round + k);
+        }
+        let s: String = b.query_one(&other, &[&"hi"]).await?.get(0);
+        assert_eq!(s, "hi!");
+    }
+    // The server connection never held more than the bound.
+    let m = a
+        .simple_query("SELECT count(*) FROM pg_prepared_statements")
+        .await?;
+    let held: i64 = rows(&m)[0][0].as_deref().unwrap_or("99").parse()?;
+    assert!(
+        (1..=2).contains(&held),
+        "{held} statements on the server connection"
+    );
+    let su = sluice_testkit::connect(&pg.conn_str(
+        sluice_testkit::SUPERUSER.0,
+        sluice_testkit::SUPERUSER.1,
+        APP_DB,
+    ))
+    .await?;
+    let n: i64 = su
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(n, 1, "one server connection served everything");
+    p.shutdown().await?;
+    Ok(())
+}
