@@ -848,3 +848,30 @@ async fn session_mode_drain_closes_idle_sessions_with_57p01() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unreachable_server_gives_a_clear_error_and_frees_the_slot() -> Result<()> {
+    let pg = postgres(20).await?;
+    let dead = sluice_testkit::free_port()?;
+    let text = config_text(&pg, "connection_limit = 1")
+        .replace(&format!("port = {}", pg.port()), &format!("port = {dead}"));
+    let mut p = start_with_text(&text).await?;
+    for _ in 0..3 {
+        let e = p.connect().await.expect_err("no server");
+        let e = e
+            .downcast_ref::<tokio_postgres::Error>()
+            .context("pg error")?;
+        let db = e
+            .as_db_error()
+            .context("an ErrorResponse, not a bare close")?;
+        assert_eq!(db.code(), &SqlState::CONNECTION_FAILURE);
+        assert!(
+            !db.message().contains("127.0.0.1"),
+            "no internals leak: {}",
+            db.message()
+        );
+    }
+    assert_eq!(p.status().await?["server_connections"]["open"], 0);
+    p.shutdown().await?;
+    Ok(())
+}

@@ -17,6 +17,9 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::protocol::ParameterStatus;
 
+/// Bound on opening one server connection (TCP connect plus login).
+pub const SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// All pools of the process.
 #[derive(Debug)]
 pub struct Pools {
@@ -54,7 +57,14 @@ impl Pools {
 
     async fn open(&self, key: &PoolKey, cfg: &Config) -> Result<ServerConn> {
         let db = cfg.server.database.as_deref().unwrap_or(&key.database);
-        match ServerConn::connect(&cfg.server, db).await {
+        let connect =
+            tokio::time::timeout(SERVER_CONNECT_TIMEOUT, ServerConn::connect(&cfg.server, db));
+        let result = match connect.await {
+            Ok(Err(Error::Io(e))) => Err(Error::Server(format!("connecting to the server: {e}"))),
+            Ok(r) => r,
+            Err(_) => Err(Error::Server("connecting to the server timed out".into())),
+        };
+        match result {
             Ok(c) => {
                 self.params
                     .lock()
