@@ -310,6 +310,8 @@ mod tests {
         };
         let err = discover(&t, Duration::from_secs(2)).await.unwrap_err();
         assert!(err.to_string().contains(&port.to_string()), "{err}");
+        // The cause is part of the message (it ends up in the Degraded condition).
+        assert!(err.to_string().to_lowercase().contains("refused"), "{err}");
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub enum Error {
         key: String,
     },
     /// The database could not be reached or queried.
-    #[error("database discovery at {target}: {source}")]
+    #[error("database discovery at {target}: {}", chain(source))]
     Discovery {
         /// `host:port/db`.
         target: String,
@@ -78,3 +78,18 @@ impl Error {
 
 /// Result with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error and its causes, `a: b: c`.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !out.ends_with(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    out
+}
