@@ -875,3 +875,34 @@ async fn unreachable_server_gives_a_clear_error_and_frees_the_slot() -> Result<(
     p.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drain_timeout_cancels_what_still_runs() -> Result<()> {
+    let pg = postgres(20).await?;
+    let mut p = start(&pg, "connection_limit = 2\ndrain_timeout = \"1s\"").await?;
+    let su = pg.connect_superuser().await?;
+    let c = p.connect().await?;
+    let q = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await });
+    let started = eventually(5, || async {
+        su.query_one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' AND state = 'active' AND pid <> pg_backend_pid()", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) == 1)
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(started);
+    let t0 = Instant::now();
+    p.shutdown().await?;
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "drain took {took:?}"
+    );
+    assert!(q.await?.is_err(), "the long query did not complete");
+    let gone = eventually(5, || async { backends(&su).await.unwrap_or(1) == 0 }).await;
+    assert!(
+        gone,
+        "the running statement was cancelled and its connection closed"
+    );
+    Ok(())
+}
