@@ -30,19 +30,20 @@ lint: ## rustfmt check and clippy -D warnings on all targets
 unit: ## Unit and integration tests (real PostgreSQL, no cluster)
 	$(CARGO) test -p sluice-testkit -p sluice-pooler -p sluice-operator
 
-e2e: tools build ## End-to-end tests against the real control plane and node agent
-	$(CARGO) test -p sluice-e2e -- --test-threads=1
+e2e: tools build ## End-to-end tests against the real control plane and node agent (prints their figures)
+	$(CARGO) test -p sluice-e2e -- --test-threads=1 --nocapture
 
 test: lint unit e2e ## Everything CI runs: lint, unit, integration, e2e
 
 crds: ## Regenerate the CRD YAML in crds/, config/crd/bases and charts/sluice/crds
 	$(CARGO) run -q -p sluice-operator -- crd --write-all .
 
-bench: ## Benchmarks: pooler vs PgBouncer (and the operator at scale); writes docs/benchmarks.md
+bench: ## Benchmarks: pooler vs PgBouncer, and the operator at scale; writes docs/benchmarks.md
 	$(MAKE) bench-pooler
+	$(MAKE) bench-operator
 	{ echo "# Benchmarks"; echo; echo "Measured by \`make bench\` on $$(date -u +%Y-%m-%d). Ratios compare runs made in the same invocation on the same machine."; echo; \
 	  cat "$(SLUICE_CACHE)/bench/pooler.md"; echo; \
-	  if [[ -f "$(SLUICE_CACHE)/bench/operator.md" ]]; then cat "$(SLUICE_CACHE)/bench/operator.md"; else echo "### Operator"; echo; echo "Not measured yet: \`make bench-operator\` is not implemented (issue 7)."; fi; \
+	  cat "$(SLUICE_CACHE)/bench/operator.md"; \
 	  [[ -f docs/benchmarks-analysis.md ]] && { echo; cat docs/benchmarks-analysis.md; } || true; } > docs/benchmarks.md
 	@echo "wrote docs/benchmarks.md"
 
@@ -50,11 +51,14 @@ bench-pooler: ## Pooler vs PgBouncer vs PostgreSQL (pgbench; ~10 min)
 	mkdir -p "$(SLUICE_CACHE)/bench"
 	bash e2e/bench/pooler.sh "$(SLUICE_CACHE)/bench/pooler.md"
 
-bench-operator: ## 200 ConnectionPools on the real control plane
-	@echo "make bench-operator: not implemented yet (issue 7)" >&2; rm -f "$(SLUICE_CACHE)/bench/operator.md"
+bench-operator: tools ## 200 ConnectionPools on the real control plane (~3 min)
+	mkdir -p "$(SLUICE_CACHE)/bench"
+	$(CARGO) build -q --release --workspace --bins
+	"$(CARGO_TARGET_DIR)/release/sluice-bench-operator" "$(SLUICE_CACHE)/bench/operator.md"
 
-demo: tools build ## Run Sluice locally: PostgreSQL, control plane, node agent, operator, a sample pool
-	@echo "make demo: not implemented yet (issue 5)" >&2; exit 1
+demo: tools build ## Run Sluice locally: PostgreSQL, control plane, node agent, operator, a sample pool (Ctrl-C stops)
+	@[[ $$(id -u) == 0 ]] || { echo "make demo needs root: pods get their own network namespaces" >&2; exit 1; }
+	"$(CARGO_TARGET_DIR)/debug/sluice-demo"
 
 clean-cache: ## Remove the Rust target dir (keeps the Go tool cache)
 	rm -rf "$(CARGO_TARGET_DIR)"
