@@ -497,7 +497,8 @@ impl<'a> Reconciler<'a> {
             .ok()
             .and_then(|m| m.get(&key(self.pool)).cloned())
             && c.key == cache_key
-            && c.at.elapsed() < self.ctx.settings.discovery_interval
+            // A little short of the interval, so the periodic requeue always refreshes.
+            && c.at.elapsed() < self.ctx.settings.discovery_interval.mul_f64(0.9)
         {
             return Ok(c.limits);
         }

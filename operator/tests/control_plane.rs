@@ -219,8 +219,11 @@ async fn operator_against_a_real_control_plane() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("forbidden"), "{err}");
-    let dep = deps.get("app").await.unwrap();
-    assert_eq!(dep.spec.unwrap().replicas, Some(2));
+    let replicas = eventually("Deployment", Duration::from_secs(30), || async {
+        deps.get("app").await.ok()?.spec?.replicas
+    })
+    .await;
+    assert_eq!(replicas, 2);
     let p = eventually("status budget", Duration::from_secs(30), || async {
         let p = pools.get("app").await.ok()?;
         (p.status.as_ref()?.budget.as_ref()?.per_replica_limit == 17).then_some(p)
