@@ -658,3 +658,44 @@ async fn manual_changes_that_break_the_budget_are_reverted() {
         "{toml}"
     );
 }
+
+#[tokio::test]
+async fn a_restarted_operator_resumes_a_resize_from_what_it_observes() {
+    let mut h = Harness::new(Settings::default());
+    h.settled(2).await;
+    h.set_replicas(4);
+    h.reconcile().await;
+    assert_eq!((h.config_limit(), h.deployment_replicas()), (10, 2));
+    h.api.take_log();
+
+    // A new operator process: fresh caches, same API server, same pods.
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    tokio::spawn(serve(h.api.clone(), handle));
+    h.ctx = Arc::new(Context::new(
+        Client::new(svc, NS),
+        Arc::new(Metrics::default()),
+        h.discovery.clone(),
+        h.probe.clone(),
+        Settings::default(),
+    ));
+    // Pods have not acknowledged yet: it keeps waiting, without writing the ConfigMap again.
+    h.reconcile().await;
+    let log = h.api.take_log();
+    assert!(
+        position(&log, Method::PATCH, CM_PATH).is_none(),
+        "{:?}",
+        writes(&log)
+    );
+    assert!(
+        position(&log, Method::PATCH, DEP_PATH).is_none(),
+        "{:?}",
+        writes(&log)
+    );
+    assert_eq!(h.condition("Progressing")["reason"], "LoweringLimit");
+    // They acknowledge: it finishes.
+    let hash = h.config_hash();
+    h.report(0, &hash, 10);
+    h.report(1, &hash, 10);
+    h.reconcile().await;
+    assert_eq!(h.deployment_replicas(), 4);
+}
