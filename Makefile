@@ -27,7 +27,7 @@ lint: ## rustfmt check and clippy -D warnings on all targets
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-unit: ## Unit and integration tests (real PostgreSQL, no cluster)
+unit: tools ## Unit and integration tests (real PostgreSQL; the operator and testkit also start a real control plane)
 	$(CARGO) test -p sluice-testkit -p sluice-pooler -p sluice-operator
 
 e2e: tools build ## End-to-end tests against the real control plane and node agent (prints their figures)

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::agent::{AgentConfig, BRIDGE_IP};
+use crate::agent::{AgentConfig, AgentHandle, BRIDGE_IP};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -16,7 +16,6 @@ use kube::{Client, core::DynamicObject, discovery::ApiResource};
 use serde_json::{Value, json};
 use sluice_testkit::{APP_DB, APP_USER, ControlPlane, SUPERUSER, TempPostgres, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
 /// The password clients use with the pooler (distinct from the server's).
 pub const CLIENT_PASSWORD: &str = "client-secret";
@@ -56,8 +55,7 @@ pub struct Fixture {
     pub client: Client,
     pub ns: String,
     pub pool: String,
-    agent_stop: CancellationToken,
-    agent: Option<tokio::task::JoinHandle<Result<()>>>,
+    agent: Option<AgentHandle>,
     operator: Option<Child>,
     operator_log: PathBuf,
     metrics_port: u16,
@@ -113,13 +111,12 @@ impl Fixture {
             .start()?;
         let cp = ControlPlane::start().await?;
         let client = cp.client().await?;
-        let agent_stop = CancellationToken::new();
         let config = AgentConfig::new(cp.kubeconfig_path())
             .image("sluice-pooler", workspace_bin("sluice-pooler")?)
             .image("sluice-operator", workspace_bin("sluice-operator")?);
-        let stop = agent_stop.clone();
-        let agent =
-            tokio::spawn(async move { crate::agent::run(config, stop.cancelled_owned()).await });
+        // On its own thread: dropping the handle (a failed test) still stops every
+        // pod and removes the pod network before the control plane goes away.
+        let agent = AgentHandle::start(config)?;
         if options.install_crds {
             let crd = std::fs::read_to_string(repo_root().join("crds/connectionpool.yaml"))?;
             let crd: CustomResourceDefinition = serde_yaml::from_str(&crd)?;
@@ -141,7 +138,6 @@ impl Fixture {
             client,
             ns,
             pool: String::new(),
-            agent_stop,
             agent: Some(agent),
             operator: None,
             operator_log,
@@ -444,11 +440,10 @@ impl Fixture {
     /// plane and PostgreSQL.
     pub async fn shutdown(mut self) -> Result<()> {
         self.kill_operator();
-        self.agent_stop.cancel();
-        if let Some(agent) = self.agent.take() {
-            agent.await??;
+        match self.agent.take() {
+            Some(agent) => tokio::task::spawn_blocking(move || agent.stop()).await?,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     pub async fn patch_pool(&self, patch: Value) -> Result<()> {
@@ -462,7 +457,8 @@ impl Fixture {
 impl Drop for Fixture {
     fn drop(&mut self) {
         self.kill_operator();
-        self.agent_stop.cancel();
+        // Dropping the AgentHandle stops the agent and waits for its cleanup.
+        self.agent.take();
     }
 }
 

@@ -118,7 +118,14 @@ async fn client_loop(id: usize, conn_str: &str, think: Duration, stop: &AtomicBo
                 }
                 Err(e) => {
                     c.failed.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("client {id}: transaction failed: {e}");
+                    match e.as_db_error() {
+                        Some(db) => eprintln!(
+                            "client {id}: transaction failed: {} {}",
+                            db.code().code(),
+                            db.message()
+                        ),
+                        None => eprintln!("client {id}: transaction failed: {e}"),
+                    }
                 }
             }
             if !think.is_zero() {
