@@ -295,10 +295,20 @@ impl Fixture {
     /// # Errors
     /// When kubectl exits non-zero; the error carries its stderr.
     pub fn kubectl_ns(&self, ns: &str, args: &[&str]) -> Result<String> {
+        let mut with_ns = vec!["-n", ns];
+        with_ns.extend_from_slice(args);
+        self.kubectl_cluster(&with_ns)
+    }
+
+    /// `kubectl` against the test cluster with no namespace flag (objects keep
+    /// their own namespaces, as with `apply -k`).
+    ///
+    /// # Errors
+    /// When kubectl exits non-zero; the error carries its stderr.
+    pub fn kubectl_cluster(&self, args: &[&str]) -> Result<String> {
         let kubectl = sluice_testkit::k8s_bin_dir()?.join("kubectl");
         let out = Command::new(kubectl)
             .arg(format!("--kubeconfig={}", self.cp.kubeconfig_path().display()))
-            .args(["-n", ns])
             .args(args)
             .output()?;
         if !out.status.success() {

@@ -112,9 +112,13 @@ fn helm_leader_election_follows_replicas() -> Result<()> {
     Ok(())
 }
 
-fn rules_of(docs: &[Value], kind: &str) -> Result<Vec<Value>> {
-    let role = docs.iter().find(|d| d["kind"] == kind).with_context(|| format!("no {kind}"))?;
-    let mut rules: Vec<Value> = role["rules"].as_array().context("rules")?.clone();
+/// All rules of the objects of `kind`, normalised (lists sorted) for comparison.
+fn rules_of(docs: &[Value], kind: &str) -> Vec<Value> {
+    let mut rules: Vec<Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == kind)
+        .flat_map(|d| d["rules"].as_array().cloned().unwrap_or_default())
+        .collect();
     for r in &mut rules {
         for k in ["apiGroups", "resources", "verbs"] {
             if let Some(a) = r[k].as_array_mut() {
@@ -123,16 +127,22 @@ fn rules_of(docs: &[Value], kind: &str) -> Result<Vec<Value>> {
         }
     }
     rules.sort_by_key(|r| r.to_string());
-    Ok(rules)
+    rules
 }
 
 #[test]
 fn chart_and_kustomize_rbac_are_equal() -> Result<()> {
-    let chart = rules_of(&docs(&helm_template(&[])?)?, "ClusterRole")?;
+    // With leader election on, the chart grants the same as config/rbac/role.yaml,
+    // with Leases in a namespaced Role instead of the ClusterRole.
+    let chart_docs = docs(&helm_template(&["--set", "replicaCount=2"])?)?;
+    let mut chart = rules_of(&chart_docs, "ClusterRole");
+    chart.extend(rules_of(&chart_docs, "Role"));
+    chart.sort_by_key(|r| r.to_string());
     let kustomize = rules_of(
         &docs(&std::fs::read_to_string(root().join("config/rbac/role.yaml"))?)?,
         "ClusterRole",
-    )?;
+    );
+    ensure!(!kustomize.is_empty(), "config/rbac/role.yaml has rules");
     ensure!(
         chart == kustomize,
         "chart rules:\n{chart:#?}\nconfig/rbac/role.yaml rules:\n{kustomize:#?}"
@@ -228,8 +238,7 @@ async fn helm_install_upgrade_uninstall() -> Result<()> {
     helm_cmd(&["uninstall", "sluice", "--namespace", "sluice-system", "--wait"])?;
     let left = fx.kubectl_ns("sluice-system", &["get", "deploy", "-o", "name"])?;
     ensure!(left.trim().is_empty(), "operator Deployment removed: {left}");
-    let crd =
-        fx.kubectl_ns("default", &["get", "crd", "connectionpools.sluice.dev", "-o", "name"])?;
+    let crd = fx.kubectl_cluster(&["get", "crd", "connectionpools.sluice.dev", "-o", "name"])?;
     ensure!(crd.contains("connectionpools.sluice.dev"), "CRD kept on uninstall");
     fx.shutdown().await
 }
@@ -243,10 +252,8 @@ async fn kustomize_apply_installs_a_working_operator() -> Result<()> {
     })
     .await?;
     // The README's kustomize block; the image is the one config/manager names.
-    fx.kubectl_ns(
-        "default",
-        &["apply", "--server-side", "-k", &root().join("config/default").display().to_string()],
-    )?;
+    let kustomization = root().join("config/default").display().to_string();
+    fx.kubectl_cluster(&["apply", "--server-side", "-k", &kustomization])?;
     wait_operator_ready(&fx, "sluice-system").await?;
     fx.apply_sample(1).await?;
     let c = fx.wait_converged(1, Duration::from_secs(180)).await?;

@@ -1,6 +1,8 @@
 {{/*
-  Exactly the API access sluice-operator uses. Kept equal to the rules in
-  config/rbac/role.yaml by a test (e2e/tests/packaging.rs).
+  Exactly the API access sluice-operator uses. With the leader-election Role
+  (rbac.yaml) these are the rules of config/rbac/role.yaml, which the operator's
+  own control-plane test runs with; e2e/tests/packaging.rs checks they are equal.
+  The chart grants Leases only in the release namespace, not cluster-wide.
 */}}
 {{- define "sluice.rules" -}}
 - apiGroups: [sluice.dev]
@@ -8,7 +10,7 @@
   verbs: [get, list, watch]
 - apiGroups: [sluice.dev]
   resources: [connectionpools/status]
-  verbs: [get, patch, update]
+  verbs: [get, patch]
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch]
@@ -24,7 +26,7 @@
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch, delete]
-- apiGroups: ["", events.k8s.io]
+- apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
 {{- end }}
