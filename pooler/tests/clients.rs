@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use common::*;
 use futures::{SinkExt, TryStreamExt};
-use sluice_testkit::{APP_DB, APP_USER, TempPostgres};
+use sluice_testkit::{APP_DB, APP_USER};
 
 const TX: &str = "connection_limit = 2\npool_mode = \"transaction\"";
 const SESSION: &str = "connection_limit = 3\npool_mode = \"session\"";
@@ -331,31 +331,6 @@ async fn psql_both_modes() -> Result<()> {
     Ok(())
 }
 
-fn pgbench_init(pg: &TempPostgres) -> Result<()> {
-    let out = std::process::Command::new("pgbench")
-        .args([
-            "-i",
-            "-s",
-            "1",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port().to_string(),
-            "-U",
-            APP_USER.0,
-            APP_DB,
-        ])
-        .env("PGPASSWORD", APP_USER.1)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "pgbench -i: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 async fn pgbench(p: &Pooler, mode: &str, clients: u32, tx: u32) -> Result<String> {
     let args: Vec<String> = [
         // One thread per client: pgbench's synchronous PQprepare would otherwise block
@@ -404,7 +379,7 @@ fn processed(out: &str) -> Result<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pgbench_all_protocols_both_modes() -> Result<()> {
     let pg = postgres(50).await?;
-    tokio::task::block_in_place(|| pgbench_init(&pg))?;
+    tokio::task::block_in_place(|| common::pgbench_init(&pg))?;
     for (cfg, clients) in [(TX, 8), (SESSION, 3)] {
         let mut p = start(&pg, cfg).await?;
         for mode in ["simple", "extended", "prepared"] {

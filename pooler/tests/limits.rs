@@ -549,28 +549,7 @@ async fn hostile_input_gets_clear_errors_and_others_are_unaffected() -> Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_the_binary_under_pgbench_load() -> Result<()> {
     let pg = postgres(40).await?;
-    let init = tokio::process::Command::new("pgbench")
-        .args([
-            "-i",
-            "-s",
-            "1",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port().to_string(),
-            "-U",
-            APP_USER.0,
-            APP_DB,
-        ])
-        .env("PGPASSWORD", APP_USER.1)
-        .output()
-        .await?;
-    ensure!(
-        init.status.success(),
-        "pgbench -i: {}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    tokio::task::block_in_place(|| common::pgbench_init(&pg))?;
     let (port, admin) = (sluice_testkit::free_port()?, sluice_testkit::free_port()?);
     let text = config_text(&pg, "connection_limit = 4\ndrain_timeout = \"5s\"")
         .replace(

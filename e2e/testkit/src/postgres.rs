@@ -300,10 +300,8 @@ impl TempPostgres {
             }
             let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             if exited.is_some() || Instant::now() > deadline {
-                let log = fs::read_to_string(log_path).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                bail!("postgres did not become ready ({exited:?}):\n{}", tail.join("\n"));
+                let log = crate::cluster::tail(log_path, 20);
+                bail!("postgres did not become ready ({exited:?}):\n{log}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -2,26 +2,8 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::frame::{Frame, read_cstr};
+use super::frame::{Frame, expect, finish, read_cstr};
 use crate::error::{ClientError, Error, Result};
-
-fn finish(tag: u8, body: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(body.len() + 5);
-    b.put_u8(tag);
-    b.put_u32(body.len() as u32 + 4);
-    b.put_slice(body);
-    b.freeze()
-}
-
-fn expect(f: &Frame, tag: u8) -> Result<Bytes> {
-    if f.tag != tag {
-        return Err(Error::Protocol(format!(
-            "expected '{}', got '{}'",
-            tag as char, f.tag as char
-        )));
-    }
-    Ok(f.body())
-}
 
 /// Authentication request (`R`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! Check-then-parse framing over `BytesMut`: a frame is split off only once it is
 //! complete, and every length is checked against a bound before anything is buffered.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::{Error, Result};
 
@@ -81,6 +81,26 @@ pub fn read_cstr(b: &mut Bytes) -> Result<String> {
     let s = b.split_to(end);
     b.advance(1);
     String::from_utf8(s.to_vec()).map_err(|_| Error::Protocol("invalid UTF-8 in string".into()))
+}
+
+/// One whole message: tag, length (body + 4), body.
+pub(super) fn finish(tag: u8, body: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(body.len() + 5);
+    b.put_u8(tag);
+    b.put_u32(body.len() as u32 + 4);
+    b.put_slice(body);
+    b.freeze()
+}
+
+/// The body of `f` when it carries `tag`; a protocol error otherwise.
+pub(super) fn expect(f: &Frame, tag: u8) -> Result<Bytes> {
+    if f.tag != tag {
+        return Err(Error::Protocol(format!(
+            "expected '{}', got '{}'",
+            tag as char, f.tag as char
+        )));
+    }
+    Ok(f.body())
 }
 
 #[cfg(test)]

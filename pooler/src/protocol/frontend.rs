@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::frame::{Frame, read_cstr};
+use super::frame::{Frame, expect, finish, read_cstr};
 use crate::error::{Error, Result};
 
 const PROTOCOL_V3: u32 = 196_608;
@@ -109,24 +109,6 @@ pub fn startup_message(params: &[(&str, &str)]) -> Bytes {
 fn put_cstr(b: &mut BytesMut, s: &str) {
     b.put_slice(s.as_bytes());
     b.put_u8(0);
-}
-
-fn finish(tag: u8, body: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(body.len() + 5);
-    b.put_u8(tag);
-    b.put_u32(body.len() as u32 + 4);
-    b.put_slice(body);
-    b.freeze()
-}
-
-fn expect(f: &Frame, tag: u8) -> Result<Bytes> {
-    if f.tag != tag {
-        return Err(Error::Protocol(format!(
-            "expected '{}', got '{}'",
-            tag as char, f.tag as char
-        )));
-    }
-    Ok(f.body())
 }
 
 /// Terminate (`X`).

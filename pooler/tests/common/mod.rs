@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use sluice_pooler::{Options, Shared};
 use sluice_testkit::{APP_DB, APP_USER, TempPostgres};
 use tokio::sync::oneshot;
@@ -186,4 +186,30 @@ pub async fn run_tool(
         String::from_utf8_lossy(&out.stdout).to_string(),
         String::from_utf8_lossy(&out.stderr).to_string(),
     ))
+}
+
+/// `pgbench -i -s 1` on the app database (synchronous; wrap in `block_in_place`).
+pub fn pgbench_init(pg: &TempPostgres) -> Result<()> {
+    let out = std::process::Command::new("pgbench")
+        .args([
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port().to_string(),
+            "-U",
+            APP_USER.0,
+            APP_DB,
+        ])
+        .env("PGPASSWORD", APP_USER.1)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
