@@ -66,10 +66,18 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A workspace binary built next to this test (`make e2e` builds them first).
+/// A workspace binary from the same target directory as the running program
+/// (a test in `target/debug/deps`, or a binary such as `sluice-demo` in
+/// `target/debug`); `make e2e` and `make demo` build them first.
+///
+/// # Errors
+/// When the binary has not been built.
 pub fn workspace_bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe.parent().and_then(|d| d.parent()).context("test binary has no target dir")?;
+    let mut dir = exe.parent().context("program has no directory")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("deps has no parent")?;
+    }
     let bin = dir.join(name);
     if !bin.exists() {
         bail!(

@@ -6,21 +6,27 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use sluice_e2e::fixture::{CLIENT_PASSWORD, Fixture};
+use sluice_e2e::fixture::{CLIENT_PASSWORD, Fixture, Options};
 use sluice_testkit::{APP_DB, APP_USER};
 
 const MAX_CONNECTIONS: u32 = 60;
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-        .init();
+    // kube's client logs each refused connection while the API server starts: not news here.
+    let filter = std::env::var("RUST_LOG")
+        .unwrap_or_else(|_| "warn,kube_client::client::builder=off".into());
+    tracing_subscriber::fmt().with_env_filter(filter).init();
     step("starting PostgreSQL 15 (max_connections = 60)");
     step(
         "starting etcd, kube-apiserver, kube-controller-manager, the node agent and sluice-operator",
     );
-    let mut fx = Fixture::start(MAX_CONNECTIONS).await?;
+    let mut fx = Fixture::start_with(Options {
+        max_connections: MAX_CONNECTIONS,
+        namespace: "sluice-demo".into(),
+        ..Options::default()
+    })
+    .await?;
     step("applying config/samples/sluice_v1alpha1_connectionpool_minimal.yaml (2 replicas)");
     fx.apply_sample(2).await?;
     let c = fx.wait_converged(2, Duration::from_secs(180)).await?;
