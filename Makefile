@@ -53,7 +53,7 @@ bench-pooler: ## Pooler vs PgBouncer vs PostgreSQL (pgbench; ~10 min)
 
 bench-operator: tools ## 200 ConnectionPools on the real control plane (~3 min)
 	mkdir -p "$(SLUICE_CACHE)/bench"
-	$(CARGO) build -q --release --workspace --bins
+	$(CARGO) build -q --release -p sluice-operator -p sluice-pooler -p sluice-e2e --bin sluice-operator --bin sluice-pooler --bin sluice-bench-operator
 	"$(CARGO_TARGET_DIR)/release/sluice-bench-operator" "$(SLUICE_CACHE)/bench/operator.md"
 
 demo: tools build ## Run Sluice locally: PostgreSQL, control plane, node agent, operator, a sample pool (Ctrl-C stops)

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::agent::{AgentConfig, AgentHandle, BRIDGE_IP};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -151,13 +151,20 @@ impl Fixture {
             operator_log,
             metrics_port: free_port()?,
         };
+        if options.install_crds {
+            fx.wait_crd_established().await?;
+        }
         if options.local_operator {
             fx.start_operator()?;
         }
         Ok(fx)
     }
 
-    async fn wait_crd_established(&self) -> Result<()> {
+    /// Waits until ConnectionPools are served (the CRD is installed and established).
+    ///
+    /// # Errors
+    /// After 30 s without.
+    pub async fn wait_crd_established(&self) -> Result<()> {
         let api = pool_api(&self.client, &self.ns);
         let deadline = Instant::now() + Duration::from_secs(30);
         while api.list(&ListParams::default()).await.is_err() {
@@ -281,6 +288,35 @@ impl Fixture {
         let pool = self.sample(replicas)?;
         self.pool = pool["metadata"]["name"].as_str().context("sample has a name")?.to_string();
         self.create_pool(&self.pool, replicas, json!({})).await
+    }
+
+    /// Waits until pool `name` has condition `type_` with status True; returns the condition.
+    ///
+    /// # Errors
+    /// After `timeout` without it (the error shows the last status).
+    pub async fn wait_condition(
+        &self,
+        name: &str,
+        type_: &str,
+        timeout: Duration,
+    ) -> Result<Value> {
+        let api = pool_api(&self.client, &self.ns);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pool = serde_json::to_value(api.get(name).await?)?;
+            let cond = pool["status"]["conditions"].as_array().and_then(|cs| {
+                cs.iter().find(|c| c["type"] == type_ && c["status"] == "True").cloned()
+            });
+            if let Some(c) = cond {
+                return Ok(c);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{name}: no {type_}=True within {timeout:?}: {}",
+                pool["status"]
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The ConnectionPool as JSON.

@@ -322,19 +322,8 @@ async fn operator_killed_mid_resize_resumes() -> Result<()> {
     let m = measure(&fx).await?;
     fx.scale(5)?;
     // Kill it once the resize has begun (Progressing=True), not before.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let pool = fx.pool_json().await?;
-        let progressing = pool["status"]["conditions"].as_array().is_some_and(|cs| {
-            cs.iter().any(|c| c["type"] == "Progressing" && c["status"] == "True")
-        });
-        if progressing {
-            println!("[{name}] killing the operator mid-resize: {}", pool["status"]["conditions"]);
-            break;
-        }
-        ensure!(Instant::now() < deadline, "resize never started");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let progressing = fx.wait_condition(&fx.pool, "Progressing", Duration::from_secs(60)).await?;
+    println!("[{name}] killing the operator mid-resize: {progressing}");
     fx.kill_operator();
     tokio::time::sleep(Duration::from_secs(2)).await;
     fx.start_operator()?;
@@ -355,18 +344,8 @@ async fn bad_input_is_reported_and_changes_nothing() -> Result<()> {
 
     // 1. More replicas than the budget can give one connection each.
     fx.scale(80)?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let message = loop {
-        let pool = fx.pool_json().await?;
-        let cond = pool["status"]["conditions"].as_array().and_then(|cs| {
-            cs.iter().find(|c| c["type"] == "BudgetExceeded" && c["status"] == "True").cloned()
-        });
-        if let Some(c) = cond {
-            break c["message"].as_str().unwrap_or_default().to_string();
-        }
-        ensure!(Instant::now() < deadline, "no BudgetExceeded condition: {}", pool["status"]);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let cond = fx.wait_condition(&fx.pool, "BudgetExceeded", Duration::from_secs(60)).await?;
+    let message = cond["message"].as_str().unwrap_or_default().to_string();
     println!("[bad-input] BudgetExceeded: {message}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let events: Api<Event> = Api::namespaced(fx.client.clone(), &fx.ns);
@@ -403,21 +382,10 @@ async fn bad_input_is_reported_and_changes_nothing() -> Result<()> {
     let obj: kube::core::DynamicObject = serde_json::from_value(other)?;
     let pools = pool_api(&fx.client, &fx.ns);
     pools.create(&Default::default(), &obj).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let p = serde_json::to_value(pools.get("orphan").await?)?;
-        let degraded = p["status"]["conditions"].as_array().and_then(|cs| {
-            cs.iter().find(|c| c["type"] == "Degraded" && c["status"] == "True").cloned()
-        });
-        if let Some(c) = degraded {
-            let msg = c["message"].as_str().unwrap_or_default();
-            println!("[bad-input] Degraded: {msg}");
-            ensure!(msg.contains("no-such-secret"), "Degraded names the Secret: {msg}");
-            break;
-        }
-        ensure!(Instant::now() < deadline, "no Degraded condition: {}", p["status"]);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let degraded = fx.wait_condition("orphan", "Degraded", Duration::from_secs(60)).await?;
+    let msg = degraded["message"].as_str().unwrap_or_default();
+    println!("[bad-input] Degraded: {msg}");
+    ensure!(msg.contains("no-such-secret"), "Degraded names the Secret: {msg}");
 
     // 3. CEL validation rejects what can be checked statically, with the rule's message.
     for (patch, needle) in [

@@ -12,6 +12,7 @@ use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
 
 use crate::api::{CRD_PATHS, crd_yaml};
+use crate::cache::caches;
 use crate::discovery::{HttpProbe, PostgresDiscovery};
 use crate::metrics::{self, Metrics};
 use crate::reconcile::{Context, Settings, run_controller};
@@ -156,8 +157,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ack_timeout: args.ack_timeout,
         poll_interval: args.poll_interval,
     };
+    let (caches, writers) = caches();
     let ctx = Arc::new(Context::new(
         client.clone(),
+        caches,
         metrics.clone(),
         Arc::new(PostgresDiscovery::default()),
         Arc::new(HttpProbe::default()),
@@ -168,7 +171,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     if !args.leader_election {
         tokio::select! {
-            _ = run_controller(ctx, args.namespace, shutdown_signal()) => {}
+            _ = run_controller(ctx, writers, args.namespace, shutdown_signal()) => {}
             r = server => r.context("metrics server")?.context("metrics server")?,
         }
         return Ok(());
@@ -210,7 +213,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let outcome = tokio::select! {
-        _ = run_controller(ctx, args.namespace, shutdown_signal()) => Ok(()),
+        _ = run_controller(ctx, writers, args.namespace, shutdown_signal()) => Ok(()),
         _ = lost => Err(anyhow::anyhow!("lost leadership; exiting so that only one operator acts")),
         r = server => r.context("metrics server")?.context("metrics server"),
     };

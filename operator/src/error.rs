@@ -58,6 +58,9 @@ pub enum Error {
     /// An object could not be serialized.
     #[error("serialization: {0}")]
     Serialization(#[from] serde_json::Error),
+    /// A watch cache stopped for good (the controller is shutting down).
+    #[error("watch cache closed")]
+    CacheClosed,
 }
 
 impl Error {
@@ -72,6 +75,7 @@ impl Error {
             Error::Infeasible(_) => "budget_exceeded",
             Error::InvalidSpec(_) => "invalid_spec",
             Error::Serialization(_) => "serialization",
+            Error::CacheClosed => "cache_closed",
         }
     }
 }

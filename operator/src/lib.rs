@@ -3,6 +3,7 @@
 
 mod api;
 mod budget;
+mod cache;
 mod cli;
 mod desired;
 mod discovery;
@@ -18,6 +19,7 @@ pub use api::{
     ServiceOverrides, crd_yaml,
 };
 pub use budget::{Budget, DatabaseLimits, Infeasible, ROLLOUT_EXTRA_PODS};
+pub use cache::{CacheWriters, Caches, caches};
 pub use cli::main;
 pub use discovery::{Discover, HttpProbe, PostgresDiscovery, ProbePods, Target};
 pub use error::{Error, Result};

@@ -1,13 +1,14 @@
 //! The reconciler: the only code that calls the Kubernetes API.
 //!
-//! One reconcile reads the pool's Secrets, the database limits (cached, refreshed every
-//! discovery interval and on spec or credential changes), the children and the pods; asks
+//! One reconcile reads the pool's Secrets, the children and the pods from the watch caches
+//! ([`crate::cache`]; no read request), the database limits (cached, refreshed every
+//! discovery interval and on spec or credential changes) and the pods' `/status`; asks
 //! [`crate::resize::plan`] for the next safe step; writes only the children whose rendering
 //! changed (server-side apply, field manager `sluice-operator`); deletes pods that did not
 //! acknowledge a lowered limit in time; and patches status only when it changed.
 //!
 //! # Guarantees
-//! - A reconcile of an unchanged, settled pool issues no mutating request.
+//! - A reconcile of an unchanged, settled pool issues no request to the API server.
 //! - When the database cannot be reached, a Secret is missing or the pool does not fit the
 //!   budget, no child is written: the last good config stays in force.
 //! - The operator writes the status of ConnectionPools and the children it owns, never a
@@ -23,11 +24,11 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -35,6 +36,7 @@ use serde_json::json;
 
 use crate::api::{BudgetSource, BudgetStatus, ConnectionPool, ConnectionPoolStatus, ResizeStatus};
 use crate::budget::{self, Budget, DatabaseLimits};
+use crate::cache::{self, CacheWriters, Caches};
 use crate::desired::{self, FIELD_MANAGER, LIMIT_ANNOTATION, RenderInputs};
 use crate::discovery::{Discover, ProbePods, Target};
 use crate::error::{Error, Result};
@@ -66,6 +68,9 @@ impl Default for Settings {
     }
 }
 
+/// Trailing-edge debounce of reconcile triggers (see [`run_controller`]).
+const DEBOUNCE: Duration = Duration::from_secs(1);
+
 #[derive(Clone, Debug)]
 struct CachedLimits {
     key: (Option<i64>, String),
@@ -80,15 +85,21 @@ pub struct Context {
     discovery: Arc<dyn Discover>,
     probe: Arc<dyn ProbePods>,
     recorder: Recorder,
+    caches: Caches,
     settings: Settings,
     limits: Mutex<HashMap<String, CachedLimits>>,
     failures: Mutex<HashMap<String, u32>>,
+    /// The status last written per pool UID. Only this process writes status (leader
+    /// election), and the pool cache can lag behind its own writes: a reconcile triggered
+    /// by a child's event would otherwise rebuild status from a stale copy and write again.
+    written: Mutex<HashMap<String, ConnectionPoolStatus>>,
 }
 
 impl Context {
-    /// A context over `client`.
+    /// A context over `client`, reading objects from `caches`.
     pub fn new(
         client: Client,
+        caches: Caches,
         metrics: Arc<Metrics>,
         discovery: Arc<dyn Discover>,
         probe: Arc<dyn ProbePods>,
@@ -101,14 +112,20 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
+            caches,
             metrics,
             discovery,
             probe,
             settings,
             limits: Mutex::default(),
             failures: Mutex::default(),
+            written: Mutex::default(),
         }
     }
+}
+
+fn uid(pool: &ConnectionPool) -> String {
+    pool.uid().unwrap_or_else(|| key(pool))
 }
 
 fn key(pool: &ConnectionPool) -> String {
@@ -129,8 +146,10 @@ pub async fn reconcile(pool: Arc<ConnectionPool>, ctx: Arc<Context>) -> Result<A
         // Children go with the pool through their owner references.
         ctx.metrics
             .forget_pool(&pool.namespace().unwrap_or_default(), &pool.name_any());
+        ctx.written.lock().map(|mut w| w.remove(&uid(&pool))).ok();
         return Ok(Action::await_change());
     }
+    ctx.caches.ready().await?;
     let action = Reconciler::new(&pool, &ctx).run().await?;
     ctx.failures.lock().map(|mut f| f.remove(&key(&pool))).ok();
     Ok(action)
@@ -167,7 +186,8 @@ struct Reconciler<'a> {
     ctx: &'a Context,
     ns: String,
     name: String,
-    prev: Option<&'a ConnectionPoolStatus>,
+    /// The status this process last wrote for the pool, else the one the cache holds.
+    prev: Option<ConnectionPoolStatus>,
 }
 
 /// Why the pool cannot be reconciled as specified.
@@ -183,8 +203,17 @@ impl<'a> Reconciler<'a> {
             ctx,
             ns: pool.namespace().unwrap_or_default(),
             name: pool.name_any(),
-            prev: pool.status.as_ref(),
+            prev: ctx
+                .written
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&uid(pool)).cloned())
+                .or_else(|| pool.status.clone()),
         }
+    }
+
+    fn prev(&self) -> Option<&ConnectionPoolStatus> {
+        self.prev.as_ref()
     }
 
     fn api<K>(&self) -> Api<K>
@@ -197,11 +226,11 @@ impl<'a> Reconciler<'a> {
     async fn run(&self) -> Result<Action> {
         let spec = &self.pool.spec;
         // 1. Secrets (their resourceVersions make the config revision).
-        let creds = match self.secret(&spec.database.credentials_secret).await? {
+        let creds = match self.secret(&spec.database.credentials_secret) {
             Ok(s) => s,
             Err(b) => return self.blocked(b).await,
         };
-        let users = match self.secret(&spec.client_auth.users_secret).await? {
+        let users = match self.secret(&spec.client_auth.users_secret) {
             Ok(s) => s,
             Err(b) => return self.blocked(b).await,
         };
@@ -245,7 +274,7 @@ impl<'a> Reconciler<'a> {
         }
 
         // 3. Observe.
-        let children = self.observe().await?;
+        let children = self.observe();
         let config_limit = children
             .config_map
             .as_ref()
@@ -257,7 +286,7 @@ impl<'a> Reconciler<'a> {
             .and_then(|d| d.spec.as_ref())
             .and_then(|s| s.replicas);
         let acknowledged_hash = self
-            .prev
+            .prev()
             .and_then(|s| s.budget.as_ref())
             .and_then(|b| b.applied_config_hash.clone());
         let hash_for = |limit: i64| {
@@ -344,12 +373,13 @@ impl<'a> Reconciler<'a> {
             "poddisruptionbudgets",
         )
         .await?;
-        self.apply(
-            children.deployment.as_ref(),
-            desired::deployment(self.pool, &inputs)?,
-            "deployments",
-        )
-        .await?;
+        let deployment_written = self
+            .apply(
+                children.deployment.as_ref(),
+                desired::deployment(self.pool, &inputs)?,
+                "deployments",
+            )
+            .await?;
 
         if cm_written && config_limit != Some(plan.config_limit) {
             let from = config_limit.map_or("none".to_string(), |l| l.to_string());
@@ -412,7 +442,8 @@ impl<'a> Reconciler<'a> {
         let (replicas, ready) = pod_counts(&children.pods);
         let progressing = if !plan.settled() {
             Some((plan.phase.reason().to_string(), plan.message()))
-        } else if rolling_out(children.deployment.as_ref()) {
+        } else if deployment_written || rolling_out(children.deployment.as_ref()) {
+            // A Deployment written just now rolls out (the cache shows the old one, or none).
             Some((
                 "RollingOut".to_string(),
                 "The pooler Deployment is rolling out".to_string(),
@@ -428,7 +459,7 @@ impl<'a> Reconciler<'a> {
             since: since.clone(),
         });
         if self
-            .prev
+            .prev()
             .and_then(|s| s.resize.as_ref())
             .map(|r| r.phase.as_str())
             != resize.as_ref().map(|r| r.phase.as_str())
@@ -460,18 +491,17 @@ impl<'a> Reconciler<'a> {
     }
 
     /// The Secret, or why the pool is degraded without it.
-    async fn secret(&self, name: &str) -> Result<Result<Secret, Blocked>> {
-        self.ctx.metrics.api_request("get", "secrets");
-        match self.api::<Secret>().get_opt(name).await? {
-            Some(s) => Ok(Ok(s)),
-            None => Ok(Err(Blocked::Degraded(
+    fn secret(&self, name: &str) -> Result<Secret, Blocked> {
+        match cache::get(&self.ctx.caches.secrets, &self.ns, name) {
+            Some(s) => Ok(s),
+            None => Err(Blocked::Degraded(
                 "SecretNotFound",
                 Error::MissingSecret {
                     namespace: self.ns.clone(),
                     name: name.into(),
                 }
                 .to_string(),
-            ))),
+            )),
         }
     }
 
@@ -539,36 +569,21 @@ impl<'a> Reconciler<'a> {
         Ok(limits)
     }
 
-    async fn observe(&self) -> Result<Children> {
-        let m = &self.ctx.metrics;
-        let cm_name = desired::config_map_name(self.pool);
-        m.api_request("get", "configmaps");
-        let config_map = self.api::<ConfigMap>().get_opt(&cm_name).await?;
-        m.api_request("get", "deployments");
-        let deployment = self.api::<Deployment>().get_opt(&self.name).await?;
-        m.api_request("get", "services");
-        let service = self.api::<Service>().get_opt(&self.name).await?;
-        m.api_request("get", "poddisruptionbudgets");
-        let pdb = self
-            .api::<PodDisruptionBudget>()
-            .get_opt(&self.name)
-            .await?;
-        m.api_request("get", "serviceaccounts");
-        let service_account = self
-            .api::<ServiceAccount>()
-            .get_opt(&desired::service_account_name(self.pool))
-            .await?;
-        m.api_request("list", "pods");
-        let lp = ListParams::default().labels(&desired::selector_string(self.pool));
-        let pods = self.api::<Pod>().list(&lp).await?.items;
-        Ok(Children {
-            config_map,
-            deployment,
-            service,
-            pdb,
-            service_account,
-            pods,
-        })
+    fn observe(&self) -> Children {
+        let c = &self.ctx.caches;
+        let ns = &self.ns;
+        Children {
+            config_map: cache::get(&c.config_maps, ns, &desired::config_map_name(self.pool)),
+            deployment: cache::get(&c.deployments, ns, &self.name),
+            service: cache::get(&c.services, ns, &self.name),
+            pdb: cache::get(&c.pdbs, ns, &self.name),
+            service_account: cache::get(
+                &c.service_accounts,
+                ns,
+                &desired::service_account_name(self.pool),
+            ),
+            pods: cache::pods_matching(&c.pods, ns, &desired::selector_labels(self.pool)),
+        }
     }
 
     async fn probe(&self, pods: &[Pod]) -> HashMap<String, resize::PodReport> {
@@ -634,7 +649,7 @@ impl<'a> Reconciler<'a> {
     }
 
     fn resize_since(&self, plan: &Plan, hash: &str) -> String {
-        self.prev
+        self.prev()
             .and_then(|s| s.resize.as_ref())
             .filter(|r| r.config_hash == hash && r.phase == plan.phase.reason())
             .map(|r| r.since.clone())
@@ -651,15 +666,15 @@ impl<'a> Reconciler<'a> {
 
     /// Records the pool as degraded or over budget without touching any child.
     async fn blocked(&self, why: Blocked) -> Result<Action> {
-        let prev_budget = self.prev.and_then(|s| s.budget.clone());
+        let prev_budget = self.prev().and_then(|s| s.budget.clone());
         let mut report = Report {
             generation: self.pool.metadata.generation,
             selector: desired::selector_string(self.pool),
             desired_replicas: self.pool.spec.replicas,
-            replicas: self.prev.map_or(0, |s| s.replicas),
-            ready_replicas: self.prev.map_or(0, |s| s.ready_replicas),
+            replicas: self.prev().map_or(0, |s| s.replicas),
+            ready_replicas: self.prev().map_or(0, |s| s.ready_replicas),
             budget: prev_budget.clone(),
-            resize: self.prev.and_then(|s| s.resize.clone()),
+            resize: self.prev().and_then(|s| s.resize.clone()),
             ..Default::default()
         };
         let (cond, reason, message) = match why {
@@ -679,7 +694,7 @@ impl<'a> Reconciler<'a> {
             }
         };
         let was_true = self
-            .prev
+            .prev()
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == cond))
             .is_some_and(|c| c.status == "True" && c.message == message);
         if !was_true {
@@ -694,8 +709,8 @@ impl<'a> Reconciler<'a> {
 
     async fn patch_status(&self, report: &Report) -> Result<()> {
         let now = Time(Timestamp::now());
-        let new = status::build(self.prev, report, now);
-        if self.prev == Some(&new) {
+        let new = status::build(self.prev(), report, now);
+        if self.prev() == Some(&new) {
             return Ok(());
         }
         self.ctx.metrics.api_request("patch", "connectionpools");
@@ -708,6 +723,9 @@ impl<'a> Reconciler<'a> {
         self.api::<ConnectionPool>()
             .patch_status(&self.name, &pp, &Patch::Apply(&body))
             .await?;
+        if let Ok(mut m) = self.ctx.written.lock() {
+            m.insert(uid(self.pool), new);
+        }
         Ok(())
     }
 
@@ -813,11 +831,19 @@ pub fn pools_referencing(
         .collect()
 }
 
-/// Runs the controller until `shutdown` resolves.
+/// The pool a pooler pod belongs to, from its `sluice.dev/pool` label.
+pub fn pool_of_pod(pod: &Pod) -> Option<ObjectRef<ConnectionPool>> {
+    let pool = pod.labels().get(desired::POOL_LABEL)?;
+    Some(ObjectRef::new(pool).within(&pod.namespace()?))
+}
+
+/// Runs the controller until `shutdown` resolves, feeding `writers` (the caches in `ctx`)
+/// from one watch per kind; each watch also triggers reconciles of the pools it concerns.
 ///
 /// `namespace`: watch one namespace, or all when `None`.
 pub async fn run_controller(
     ctx: Arc<Context>,
+    writers: CacheWriters,
     namespace: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
@@ -831,23 +857,75 @@ pub async fn run_controller(
             None => Api::all(client.clone()),
         }
     }
+    /// A watch of `K` that keeps `writer`'s cache and yields each changed object.
+    fn cached<K>(
+        api: Api<K>,
+        config: watcher::Config,
+        writer: reflector::store::Writer<K>,
+    ) -> impl futures::Stream<Item = std::result::Result<K, watcher::Error>> + Send + 'static
+    where
+        K: Resource<DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        watcher(api, config)
+            .default_backoff()
+            // Managed fields are most of an object's size and never read here.
+            .modify(|o| o.managed_fields_mut().clear())
+            .reflect(writer)
+            .touched_objects()
+    }
     let pools: Api<ConnectionPool> = scoped(&client, &namespace);
-    let wc = watcher::Config::default();
-    let controller = Controller::new(pools, wc.clone());
-    let store = controller.store();
+    let all = watcher::Config::default();
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=sluice-operator");
+    let pods = watcher::Config::default().labels(&format!(
+        "app.kubernetes.io/name=sluice-pooler,{}",
+        desired::POOL_LABEL
+    ));
+    let controller = Controller::new(pools, all.clone());
+    let store = controller.store();
+    let w = writers;
     controller
-        .owns(scoped::<Deployment>(&client, &namespace), owned.clone())
-        .owns(scoped::<ConfigMap>(&client, &namespace), owned.clone())
-        .owns(scoped::<Service>(&client, &namespace), owned.clone())
-        .owns(
+        .owns_stream(cached(
+            scoped::<Deployment>(&client, &namespace),
+            owned.clone(),
+            w.deployments,
+        ))
+        .owns_stream(cached(
+            scoped::<ConfigMap>(&client, &namespace),
+            owned.clone(),
+            w.config_maps,
+        ))
+        .owns_stream(cached(
+            scoped::<Service>(&client, &namespace),
+            owned.clone(),
+            w.services,
+        ))
+        .owns_stream(cached(
             scoped::<PodDisruptionBudget>(&client, &namespace),
             owned.clone(),
+            w.pdbs,
+        ))
+        .owns_stream(cached(
+            scoped::<ServiceAccount>(&client, &namespace),
+            owned,
+            w.service_accounts,
+        ))
+        .watches_stream(
+            cached(scoped::<Pod>(&client, &namespace), pods, w.pods),
+            |p| pool_of_pod(&p),
         )
-        .owns(scoped::<ServiceAccount>(&client, &namespace), owned)
-        .watches(scoped::<Secret>(&client, &namespace), wc, move |secret| {
-            pools_referencing(&store.state(), &secret)
-        })
+        .watches_stream(
+            cached(scoped::<Secret>(&client, &namespace), all, w.secrets),
+            move |secret| pools_referencing(&store.state(), &secret),
+        )
+        // Child and pod events come in bursts while a pool starts or rolls; one reconcile
+        // per burst writes one status instead of several.
+        .with_config(controller::Config::default().debounce(DEBOUNCE))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|res| async move {

@@ -1,8 +1,9 @@
 //! Reconcile scenarios against an in-memory API server behind `tower_test::mock::pair`.
 //!
-//! The fake keeps objects by URL path, answers GET/LIST/PATCH (apply)/DELETE/POST like the
-//! API server would for this operator's requests, and logs every request so the tests can
-//! check which writes happened and in what order.
+//! The fake keeps objects by URL path, answers GET/PATCH (apply)/DELETE/POST like the API
+//! server would for this operator's requests, and logs every request so the tests can check
+//! which writes happened and in what order. Before each reconcile the harness relists the
+//! fake's objects into the watch caches the reconciler reads.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -74,18 +75,6 @@ impl FakeApi {
             )
         };
         match method {
-            Method::GET if path == PODS_PATH => {
-                let objects = self.objects.lock().unwrap();
-                let items: Vec<Value> = objects
-                    .iter()
-                    .filter(|(k, _)| k.starts_with(&format!("{PODS_PATH}/")))
-                    .map(|(_, v)| v.clone())
-                    .collect();
-                (
-                    StatusCode::OK,
-                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": items}),
-                )
-            }
             Method::GET => match self.get(path) {
                 Some(v) => (StatusCode::OK, v),
                 None => not_found(),
@@ -169,6 +158,7 @@ impl Discover for FakeDiscovery {
 
 struct Harness {
     api: Arc<FakeApi>,
+    writers: Mutex<CacheWriters>,
     probe: Arc<FakeProbe>,
     discovery: Arc<FakeDiscovery>,
     ctx: Arc<Context>,
@@ -199,8 +189,10 @@ impl Harness {
         let discovery = Arc::new(FakeDiscovery {
             result: Mutex::new(Ok(limits(60))),
         });
+        let (caches, writers) = cache::caches();
         let ctx = Arc::new(Context::new(
             client,
+            caches,
             Arc::new(Metrics::default()),
             discovery.clone(),
             probe.clone(),
@@ -223,6 +215,7 @@ impl Harness {
         api.put(POOL_PATH, pool);
         Self {
             api,
+            writers: Mutex::new(writers),
             probe,
             discovery,
             ctx,
@@ -241,8 +234,52 @@ impl Harness {
         self.api.put(POOL_PATH, p);
     }
 
+    /// Reconciles once, with caches that have caught up with the fake API server.
     async fn reconcile(&self) -> Action {
+        self.sync_caches();
         reconcile(self.pool(), self.ctx.clone()).await.unwrap()
+    }
+
+    /// Replaces every cache's contents with the fake API server's objects, as a relist would.
+    fn sync_caches(&self) {
+        fn relist<K>(api: &FakeApi, writer: &mut reflector::store::Writer<K>, prefix: &str)
+        where
+            K: Resource<DynamicType = ()> + Clone + DeserializeOwned + 'static,
+        {
+            writer.apply_watcher_event(&watcher::Event::Init);
+            for (path, obj) in api.objects.lock().unwrap().iter() {
+                if path.starts_with(prefix) {
+                    let obj: K = serde_json::from_value(obj.clone()).unwrap();
+                    writer.apply_watcher_event(&watcher::Event::InitApply(obj));
+                }
+            }
+            writer.apply_watcher_event(&watcher::Event::InitDone);
+        }
+        let api = &self.api;
+        let mut w = self.writers.lock().unwrap();
+        relist(api, &mut w.secrets, "/api/v1/namespaces/default/secrets/");
+        relist(
+            api,
+            &mut w.config_maps,
+            "/api/v1/namespaces/default/configmaps/",
+        );
+        relist(
+            api,
+            &mut w.deployments,
+            "/apis/apps/v1/namespaces/default/deployments/",
+        );
+        relist(api, &mut w.services, "/api/v1/namespaces/default/services/");
+        relist(
+            api,
+            &mut w.pdbs,
+            "/apis/policy/v1/namespaces/default/poddisruptionbudgets/",
+        );
+        relist(
+            api,
+            &mut w.service_accounts,
+            "/api/v1/namespaces/default/serviceaccounts/",
+        );
+        relist(api, &mut w.pods, &format!("{PODS_PATH}/"));
     }
 
     fn config_limit(&self) -> i64 {
@@ -395,7 +432,10 @@ async fn steady_state_makes_no_writes() {
         h.reconcile().await;
         let log = h.api.take_log();
         assert_eq!(writes(&log), Vec::<String>::new(), "steady state wrote");
-        assert!(!log.is_empty());
+        assert!(
+            log.is_empty(),
+            "steady state read from the API server instead of the caches: {log:?}"
+        );
     }
     assert_eq!(h.condition("Ready")["status"], "True");
     assert_eq!(h.condition("Progressing")["status"], "False");
@@ -671,8 +711,11 @@ async fn a_restarted_operator_resumes_a_resize_from_what_it_observes() {
     // A new operator process: fresh caches, same API server, same pods.
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     tokio::spawn(serve(h.api.clone(), handle));
+    let (caches, writers) = cache::caches();
+    h.writers = Mutex::new(writers);
     h.ctx = Arc::new(Context::new(
         Client::new(svc, NS),
+        caches,
         Arc::new(Metrics::default()),
         h.discovery.clone(),
         h.probe.clone(),

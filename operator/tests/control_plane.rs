@@ -192,17 +192,24 @@ async fn operator_against_a_real_control_plane() {
         poll_interval: Duration::from_millis(500),
         ..Settings::default()
     };
+    let (caches, writers) = sluice_operator::caches();
     let ctx = Arc::new(Context::new(
         operator_client.clone(),
+        caches,
         metrics.clone(),
         Arc::new(PostgresDiscovery::default()),
         Arc::new(HttpProbe::default()),
         settings,
     ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let operator = tokio::spawn(run_controller(ctx, Some("default".into()), async move {
-        let _ = stop_rx.await;
-    }));
+    let operator = tokio::spawn(run_controller(
+        ctx,
+        writers,
+        Some("default".into()),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
 
     // Create path: 60 - 3 - 6 = 51 → ⌊51 / 3⌋ = 17.
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");

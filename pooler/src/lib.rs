@@ -151,17 +151,20 @@ async fn reload_loop(options: Options, shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         let p = path.clone();
-        let Ok((fp, loaded)) = tokio::task::spawn_blocking(move || {
+        // Parsing (and deriving SCRAM verifiers) only when something changed. A change
+        // between fingerprint and load is loaded now and seen again next tick: harmless.
+        let last_fp = last;
+        let Ok(Some((fp, loaded))) = tokio::task::spawn_blocking(move || {
             let fp = config::fingerprint(&p);
-            (fp, Config::load(&p))
+            (fp != last_fp).then(|| {
+                let loaded = Config::load(&p);
+                (fp, loaded)
+            })
         })
         .await
         else {
             continue;
         };
-        if fp == last {
-            continue;
-        }
         last = fp;
         match loaded {
             Ok(mut cfg) => {

@@ -18,6 +18,10 @@ struct Args {
     /// Largest client message accepted, in bytes.
     #[arg(long, env = "SLUICE_MAX_MESSAGE_SIZE", default_value_t = sluice_pooler::DEFAULT_MAX_MESSAGE_SIZE)]
     max_message_size: usize,
+    /// Runtime worker threads; default: the CPUs this process may use (cgroup quota
+    /// included).
+    #[arg(long, env = "SLUICE_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// Log format: `json` or `plain` (env SLUICE_LOG_FORMAT); level via RUST_LOG.
     #[arg(long, env = "SLUICE_LOG_FORMAT", default_value = "plain")]
     log_format: String,
@@ -35,9 +39,12 @@ fn main() -> anyhow::Result<()> {
     } else {
         builder.init();
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.worker_threads {
+        anyhow::ensure!(n > 0, "--worker-threads must be at least 1");
+        runtime.worker_threads(n);
+    }
+    let runtime = runtime.enable_all().build()?;
     let options = sluice_pooler::Options {
         config: args.config,
         listen: args.listen,

@@ -31,8 +31,12 @@ use crate::protocol::{
 };
 use crate::state::{CancelSlot, Shared};
 
-/// Client read buffer size.
+/// Client read buffer size while the client sends; an idle client holds none.
 const CLIENT_BUF: usize = 64 * 1024;
+/// Reads with less free space than this grow the client buffer to [`CLIENT_BUF`] first.
+const MIN_READ: usize = 4 * 1024;
+/// Initial read buffer for startup and authentication (grown to fit a longer message).
+const LOGIN_BUF: usize = 1024;
 /// Bound on authentication-phase messages.
 const MAX_AUTH_MESSAGE: usize = 8 * 1024;
 /// Time allowed from connect to logged in.
@@ -45,7 +49,7 @@ pub async fn serve_client(mut stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let n = shared.clients.fetch_add(1, Ordering::SeqCst) + 1;
     let drain = shared.drain_signal();
-    let mut buf = BytesMut::with_capacity(CLIENT_BUF);
+    let mut buf = BytesMut::with_capacity(LOGIN_BUF);
     let res = match login(&mut stream, &mut buf, &shared, n).await {
         Ok(Some(login)) => run_session(stream, buf, &shared, login, drain).await,
         Ok(None) => Ok(()),
@@ -83,6 +87,22 @@ pub async fn report(stream: &mut TcpStream, e: &Error) {
         },
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&bytes)).await;
+}
+
+/// Reads what the client sent into `buf`, growing it only once data is there, so that a
+/// client waiting for input holds no read buffer. Cancel-safe: nothing is read until the
+/// socket is readable, and then without awaiting.
+async fn read_client(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        if buf.capacity() - buf.len() < MIN_READ {
+            buf.reserve(CLIENT_BUF);
+        }
+        match stream.try_read_buf(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
 }
 
 async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut, max: usize) -> Result<Frame> {
@@ -307,7 +327,7 @@ async fn run_session(
         server: None,
         tracker: Tracker::default(),
         stmts: ClientStatements::default(),
-        to_server: BytesMut::with_capacity(16 * 1024),
+        to_server: BytesMut::new(),
         to_client: Vec::new(),
         cancel: login.cancel,
         mode: shared.mode,
@@ -365,13 +385,17 @@ impl Session<'_> {
             if self.draining && self.server.is_none() && self.cbuf.is_empty() {
                 return Err(Error::ShuttingDown);
             }
+            if self.server.is_none() && self.cbuf.is_empty() && self.cbuf.capacity() > 0 {
+                // Idle between transactions: give the read buffer back (see `read_client`).
+                self.cbuf = BytesMut::new();
+            }
             let ev = {
                 let client = &mut self.client;
                 let cbuf = &mut self.cbuf;
                 let server = &mut self.server;
                 let draining = self.draining;
                 tokio::select! {
-                    r = client.read_buf(cbuf) => Event::Client(r),
+                    r = read_client(client, cbuf) => Event::Client(r),
                     r = async {
                         match server.as_mut() {
                             Some(s) => s.stream.read_buf(&mut s.buf).await,

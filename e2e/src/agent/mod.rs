@@ -91,6 +91,21 @@ impl AgentConfig {
         self.images.insert(name.into(), bin.into());
         self
     }
+
+    /// Maps images from `NAME=PATH` command-line specs (paths made absolute).
+    ///
+    /// # Errors
+    /// A spec without `=`, or a path that does not exist.
+    pub fn image_specs(mut self, specs: &[String]) -> Result<Self> {
+        for spec in specs {
+            let (name, path) = spec
+                .split_once('=')
+                .with_context(|| format!("--image {spec}: expected NAME=PATH"))?;
+            let path = std::fs::canonicalize(path).with_context(|| format!("--image {spec}"))?;
+            self = self.image(name, path);
+        }
+        Ok(self)
+    }
 }
 
 /// State shared by the agent's tasks.

@@ -90,21 +90,12 @@ async fn config_map_files(
     items: Option<&[KeyToPath]>,
     optional: Option<bool>,
 ) -> Result<Files> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    let Some(cm) = api.get_opt(name).await? else {
-        if optional == Some(true) {
-            return Ok(Files::new());
-        }
-        anyhow::bail!("configmap {ns}/{name} not found");
-    };
-    let mut all = Files::new();
-    for (k, v) in cm.data.unwrap_or_default() {
-        all.insert(k, v.into_bytes());
-    }
-    for (k, v) in cm.binary_data.unwrap_or_default() {
-        all.insert(k, v.0);
-    }
-    select_items(all, items, &format!("configmap {ns}/{name}"))
+    object_files(client, "configmap", ns, name, items, optional, |cm: ConfigMap| {
+        let binary = cm.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0));
+        let text = cm.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes()));
+        text.chain(binary).collect()
+    })
+    .await
 }
 
 async fn secret_files(
@@ -114,21 +105,39 @@ async fn secret_files(
     items: Option<&[KeyToPath]>,
     optional: Option<bool>,
 ) -> Result<Files> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let Some(s) = api.get_opt(name).await? else {
+    object_files(client, "secret", ns, name, items, optional, |s: Secret| {
+        let data = s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0));
+        let text = s.string_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes()));
+        data.chain(text).collect()
+    })
+    .await
+}
+
+/// The files of ConfigMap or Secret `name` (all keys, or `items`), or none when it is
+/// missing and `optional`.
+async fn object_files<K>(
+    client: &Client,
+    kind: &str,
+    ns: &str,
+    name: &str,
+    items: Option<&[KeyToPath]>,
+    optional: Option<bool>,
+    files: impl FnOnce(K) -> Files,
+) -> Result<Files>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let what = format!("{kind} {ns}/{name}");
+    let Some(obj) = Api::<K>::namespaced(client.clone(), ns).get_opt(name).await? else {
         if optional == Some(true) {
             return Ok(Files::new());
         }
-        anyhow::bail!("secret {ns}/{name} not found");
+        anyhow::bail!("{what} not found");
     };
-    let mut all = Files::new();
-    for (k, v) in s.data.unwrap_or_default() {
-        all.insert(k, v.0);
-    }
-    for (k, v) in s.string_data.unwrap_or_default() {
-        all.insert(k, v.into_bytes());
-    }
-    select_items(all, items, &format!("secret {ns}/{name}"))
+    select_items(files(obj), items, &what)
 }
 
 fn select_items(all: Files, items: Option<&[KeyToPath]>, what: &str) -> Result<Files> {

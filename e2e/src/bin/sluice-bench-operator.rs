@@ -6,10 +6,13 @@
 //!
 //! Usage: sluice-bench-operator [REPORT.md]   (env POOLS, default 200; STEADY_SECS, default 60)
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
 use sluice_e2e::fixture::{Fixture, Options, http_get, pool_api};
 
 fn env_num(name: &str, default: u64) -> u64 {
@@ -39,27 +42,48 @@ fn peak_rss_mib(pid: u32) -> Result<f64> {
     Ok(kib / 1024.0)
 }
 
-/// Sum of `sluice_operator_api_requests_total`, all and mutating only.
-async fn api_requests(metrics_addr: &str) -> Result<(f64, f64)> {
+/// `sluice_operator_api_requests_total` by `verb resource`.
+async fn api_requests(metrics_addr: &str) -> Result<BTreeMap<String, f64>> {
     let text = http_get(metrics_addr, "/metrics").await?;
-    let (mut all, mut mutating) = (0.0, 0.0);
-    for line in text.lines().filter(|l| l.starts_with("sluice_operator_api_requests_total")) {
+    let mut out = BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("sluice_operator_api_requests_total{")) {
+        let label = |name: &str| {
+            line.split_once(&format!("{name}=\""))
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .map_or("", |(v, _)| v)
+                .to_string()
+        };
         let v: f64 = line.rsplit(' ').next().unwrap_or("0").parse().unwrap_or(0.0);
-        all += v;
-        if ["create", "patch", "update", "delete", "replace"]
-            .iter()
-            .any(|verb| line.contains(&format!("verb=\"{verb}\"")))
-        {
-            mutating += v;
-        }
+        *out.entry(format!("{} {}", label("verb"), label("resource"))).or_default() += v;
     }
-    Ok((all, mutating))
+    Ok(out)
+}
+
+/// Requests made between two snapshots: (all, mutating, breakdown).
+fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> (f64, f64, String) {
+    let (mut all, mut mutating, mut parts) = (0.0, 0.0, Vec::new());
+    for (k, v) in after {
+        let d = v - before.get(k).copied().unwrap_or(0.0);
+        if d <= 0.0 {
+            continue;
+        }
+        all += d;
+        if ["create", "patch", "update", "delete", "replace"].iter().any(|verb| k.starts_with(verb))
+        {
+            mutating += d;
+        }
+        parts.push(format!("{k}: {d}"));
+    }
+    (all, mutating, if parts.is_empty() { "none".into() } else { parts.join(", ") })
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            std::env::var("RUST_LOG")
+                .unwrap_or_else(|_| "warn,kube_client::client::builder=off".into()),
+        )
         .init();
     let pools = env_num("POOLS", 200) as usize;
     let steady = env_num("STEADY_SECS", 60);
@@ -70,7 +94,7 @@ async fn main() -> Result<()> {
     let pid = fx.operator_pid().context("operator runs")?;
     let metrics = fx.operator_metrics_addr();
     let cpu0 = cpu_secs(pid)?;
-    let (req0, _) = api_requests(&metrics).await.unwrap_or((0.0, 0.0));
+    let req0 = api_requests(&metrics).await.unwrap_or_default();
 
     eprintln!("[bench-operator] creating {pools} ConnectionPools at once");
     let start = Instant::now();
@@ -92,8 +116,22 @@ async fn main() -> Result<()> {
     let created = start.elapsed();
     let api = pool_api(&fx.client, &fx.ns);
     let mut ready = 0;
+    // When the operator had written every Deployment, and when every pod existed: the
+    // rest of the time is the controller-manager and the node agent starting pods.
+    let (mut all_deployments, mut all_pods) = (None, None);
+    let deployments: kube::Api<Deployment> = kube::Api::namespaced(fx.client.clone(), &fx.ns);
+    let pods: kube::Api<Pod> = kube::Api::namespaced(fx.client.clone(), &fx.ns);
     let deadline = Instant::now() + Duration::from_secs(600);
     while Instant::now() < deadline {
+        if all_deployments.is_none()
+            && deployments.list_metadata(&Default::default()).await?.items.len() >= pools
+        {
+            all_deployments = Some(start.elapsed());
+        }
+        if all_pods.is_none() && pods.list_metadata(&Default::default()).await?.items.len() >= pools
+        {
+            all_pods = Some(start.elapsed());
+        }
         let list = api.list(&Default::default()).await?;
         ready = list
             .items
@@ -112,17 +150,19 @@ async fn main() -> Result<()> {
     }
     let all_ready = start.elapsed();
     let cpu1 = cpu_secs(pid)?;
-    let (req1, _) = api_requests(&metrics).await?;
+    let req1 = api_requests(&metrics).await?;
     eprintln!(
         "[bench-operator] {ready}/{pools} Ready after {:.1}s; steady state for {steady}s",
         all_ready.as_secs_f64()
     );
-    let (_, mut0) = api_requests(&metrics).await?;
     tokio::time::sleep(Duration::from_secs(steady)).await;
-    let (_, mut1) = api_requests(&metrics).await?;
+    let req2 = api_requests(&metrics).await?;
     let rss = peak_rss_mib(pid)?;
-    let per_pool = (req1 - req0) / pools as f64;
-    let steady_writes = mut1 - mut0;
+    let (converge_all, _, converge_parts) = delta(&req0, &req1);
+    let per_pool = converge_all / pools as f64;
+    let (_, steady_writes, steady_parts) = delta(&req1, &req2);
+    let secs =
+        |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.1} s", d.as_secs_f64()));
     let mark = |ok: bool| if ok { "✓" } else { "✗" };
     let report = format!(
         "### Operator: {pools} ConnectionPools at once\n\n\
@@ -130,13 +170,19 @@ async fn main() -> Result<()> {
          | measure | value | target |\n|---|---:|---|\n\
          | pools Ready | {ready}/{pools} | all |\n\
          | time until all Ready (create took {:.1}s) | {:.1} s | ≤ 60 s {} |\n\
+         | time until the operator had written all {pools} Deployments | {} | - |\n\
+         | time until all {pools} pods existed (controller-manager) | {} | - |\n\
          | operator CPU while converging | {:.1} s | - |\n\
          | operator peak RSS | {:.1} MiB | ≤ 150 MiB {} |\n\
          | API requests per pool to converge | {:.1} | ≤ 10 {} |\n\
-         | mutating API requests in {steady} s of steady state | {} | 0 {} |\n",
+         | mutating API requests in {steady} s of steady state | {} | 0 {} |\n\n\
+         Requests while converging: {converge_parts}.  \n\
+         Requests in steady state: {steady_parts}.\n",
         created.as_secs_f64(),
         all_ready.as_secs_f64(),
         mark(ready == pools && all_ready.as_secs() <= 60),
+        secs(all_deployments),
+        secs(all_pods),
         cpu1 - cpu0,
         rss,
         mark(rss <= 150.0),

@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
 use sluice_e2e::agent::{self, AgentConfig};
 
@@ -48,12 +48,7 @@ async fn main() -> Result<()> {
     config.node_name = args.node_name;
     config.state_dir = args.state_dir;
     config.loopback_only = args.loopback_only;
-    for spec in &args.images {
-        let (name, path) =
-            spec.split_once('=').with_context(|| format!("--image {spec}: expected NAME=PATH"))?;
-        let path = std::fs::canonicalize(path).with_context(|| format!("--image {spec}"))?;
-        config = config.image(name, path);
-    }
+    config = config.image_specs(&args.images)?;
     agent::run(config, shutdown_signal()).await
 }
 

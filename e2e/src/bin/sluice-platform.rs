@@ -54,12 +54,7 @@ async fn main() -> Result<()> {
     };
     let mut config = AgentConfig::new(cp.kubeconfig_path());
     config.loopback_only = args.loopback_only;
-    for spec in &args.images {
-        let (name, path) =
-            spec.split_once('=').with_context(|| format!("--image {spec}: expected NAME=PATH"))?;
-        let path = std::fs::canonicalize(path).with_context(|| format!("--image {spec}"))?;
-        config = config.image(name, path);
-    }
+    config = config.image_specs(&args.images)?;
     let node = config.node_name.clone();
     let client = cp.client().await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -1,0 +1,128 @@
+//! Watch-fed caches of everything a reconcile reads, so that a reconcile makes no read
+//! request to the API server: one watch per kind, shared by all pools.
+//!
+//! The controller ([`crate::run_controller`]) feeds each [`Writer`] from its watch stream and
+//! uses the same stream as a reconcile trigger; tests fill the writers by hand.
+//!
+//! # Guarantees
+//! - [`Caches::ready`] resolves only after every cache has seen its first full list, so a
+//!   reconcile never mistakes "not listed yet" for "absent" (which could roll a config that
+//!   ignores a resize in flight).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::Resource;
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+
+use crate::error::{Error, Result};
+
+/// Read handles of the caches.
+#[derive(Clone)]
+pub struct Caches {
+    pub(crate) secrets: Store<Secret>,
+    pub(crate) config_maps: Store<ConfigMap>,
+    pub(crate) deployments: Store<Deployment>,
+    pub(crate) services: Store<Service>,
+    pub(crate) pdbs: Store<PodDisruptionBudget>,
+    pub(crate) service_accounts: Store<ServiceAccount>,
+    pub(crate) pods: Store<Pod>,
+}
+
+/// Write handles of the caches, consumed by the watches that keep them current.
+pub struct CacheWriters {
+    pub(crate) secrets: Writer<Secret>,
+    pub(crate) config_maps: Writer<ConfigMap>,
+    pub(crate) deployments: Writer<Deployment>,
+    pub(crate) services: Writer<Service>,
+    pub(crate) pdbs: Writer<PodDisruptionBudget>,
+    pub(crate) service_accounts: Writer<ServiceAccount>,
+    pub(crate) pods: Writer<Pod>,
+}
+
+/// Empty caches and their writers.
+pub fn caches() -> (Caches, CacheWriters) {
+    let (secrets, w_secrets) = reflector::store();
+    let (config_maps, w_config_maps) = reflector::store();
+    let (deployments, w_deployments) = reflector::store();
+    let (services, w_services) = reflector::store();
+    let (pdbs, w_pdbs) = reflector::store();
+    let (service_accounts, w_service_accounts) = reflector::store();
+    let (pods, w_pods) = reflector::store();
+    (
+        Caches {
+            secrets,
+            config_maps,
+            deployments,
+            services,
+            pdbs,
+            service_accounts,
+            pods,
+        },
+        CacheWriters {
+            secrets: w_secrets,
+            config_maps: w_config_maps,
+            deployments: w_deployments,
+            services: w_services,
+            pdbs: w_pdbs,
+            service_accounts: w_service_accounts,
+            pods: w_pods,
+        },
+    )
+}
+
+impl Caches {
+    /// Waits until every cache holds its first full list.
+    ///
+    /// # Errors
+    /// [`Error::CacheClosed`] when a watch ended for good (the controller is shutting down).
+    pub async fn ready(&self) -> Result<()> {
+        let closed = |_| Error::CacheClosed;
+        self.secrets.wait_until_ready().await.map_err(closed)?;
+        self.config_maps.wait_until_ready().await.map_err(closed)?;
+        self.deployments.wait_until_ready().await.map_err(closed)?;
+        self.services.wait_until_ready().await.map_err(closed)?;
+        self.pdbs.wait_until_ready().await.map_err(closed)?;
+        self.service_accounts
+            .wait_until_ready()
+            .await
+            .map_err(closed)?;
+        self.pods.wait_until_ready().await.map_err(closed)?;
+        Ok(())
+    }
+}
+
+/// The cached object `name` in `namespace`, cloned out of the cache.
+pub(crate) fn get<K>(store: &Store<K>, namespace: &str, name: &str) -> Option<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    store
+        .get(&ObjectRef::new(name).within(namespace))
+        .map(|o| K::clone(&o))
+}
+
+/// Cached pods in `namespace` whose labels include all of `selector`, sorted by name.
+pub(crate) fn pods_matching(
+    store: &Store<Pod>,
+    namespace: &str,
+    selector: &BTreeMap<String, String>,
+) -> Vec<Pod> {
+    let mut pods: Vec<Pod> = store
+        .state_filter(|p| {
+            p.metadata.namespace.as_deref() == Some(namespace)
+                && p.metadata.labels.as_ref().is_some_and(|l| {
+                    selector
+                        .iter()
+                        .all(|(k, v)| l.get(k).is_some_and(|x| x == v))
+                })
+        })
+        .into_iter()
+        .map(Arc::unwrap_or_clone)
+        .collect();
+    pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    pods
+}
