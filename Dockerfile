@@ -17,7 +17,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked --target x86_64-unknown-linux-musl \
       -p sluice-operator -p sluice-pooler \
  && mkdir /out \
- && cp target/x86_64-unknown-linux-musl/release/sluice-operator target/x86_64-unknown-linux-musl/release/sluice-pooler /out/
+ && install -s -m 0755 target/x86_64-unknown-linux-musl/release/sluice-operator target/x86_64-unknown-linux-musl/release/sluice-pooler /out/
 
 FROM gcr.io/distroless/static-debian12:nonroot AS operator
 LABEL org.opencontainers.image.title="sluice-operator" \

@@ -9,7 +9,7 @@ export SLUICE_BIN_DIR ?= $(SLUICE_CACHE)/bin
 export PATH := $(SLUICE_BIN_DIR):$(PATH)
 CARGO ?= cargo
 
-.PHONY: help build tools lint fmt unit e2e test crds bench bench-pooler bench-operator demo clean-cache
+.PHONY: help build tools lint fmt unit e2e test crds bench bench-pooler bench-operator demo images clean-cache
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -59,6 +59,9 @@ bench-operator: tools ## 200 ConnectionPools on the real control plane (~3 min)
 demo: tools build ## Run Sluice locally: PostgreSQL, control plane, node agent, operator, a sample pool (Ctrl-C stops)
 	@[[ $$(id -u) == 0 ]] || { echo "make demo needs root: pods get their own network namespaces" >&2; exit 1; }
 	"$(CARGO_TARGET_DIR)/debug/sluice-demo"
+
+images: ## Container images without a Docker engine: static musl binaries + umoci OCI layouts in ~/.cache/sluice/images
+	e2e/platform/oci-images.sh "$(SLUICE_CACHE)/images"
 
 clean-cache: ## Remove the Rust target dir (keeps the Go tool cache)
 	rm -rf "$(CARGO_TARGET_DIR)"

@@ -30,7 +30,7 @@ for name in sluice-operator sluice-pooler; do
   umoci init --layout "$layout"
   umoci new --image "$layout:$VERSION"
   umoci unpack --rootless --image "$layout:$VERSION" "$OUT/$name.bundle" >/dev/null
-  install -D -m 0755 "$bin" "$OUT/$name.bundle/rootfs/usr/local/bin/$name"
+  install -s -D -m 0755 "$bin" "$OUT/$name.bundle/rootfs/usr/local/bin/$name"
   umoci repack --image "$layout:$VERSION" "$OUT/$name.bundle"
   rm -rf "$OUT/$name.bundle"
   case $name in
@@ -45,5 +45,13 @@ for name in sluice-operator sluice-pooler; do
     --config.label "org.opencontainers.image.version=$VERSION" \
     --config.label "org.opencontainers.image.source=https://github.com/sluice-dev/sluice" \
     --config.label "org.opencontainers.image.licenses=Apache-2.0"
-  log "$name:$VERSION -> $layout ($(du -sh "$layout" | cut -f1))"
+  # Check what we built: unpack it again and run the binary the config points at.
+  check=$(mktemp -d)
+  umoci unpack --rootless --image "$layout:$VERSION" "$check/b" >/dev/null
+  entry=$(python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); print(c["process"]["args"][0], "%d:%d" % (c["process"]["user"]["uid"], c["process"]["user"]["gid"]))' "$check/b/config.json")
+  [[ $entry == "/usr/local/bin/$name 65532:65532" ]] || { log "$name: unexpected entrypoint/user: $entry"; exit 1; }
+  got=$("$check/b/rootfs/usr/local/bin/$name" --version)
+  rm -rf "$check"
+  [[ $got == "$name $VERSION" ]] || { log "$name: --version printed '$got'"; exit 1; }
+  log "$name:$VERSION -> $layout ($(du -sh "$layout" | cut -f1)); runs as 65532, prints '$got'"
 done
