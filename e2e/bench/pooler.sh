@@ -7,11 +7,14 @@
 # Env:   ROUNDS (3)  DURATION seconds per pgbench run (8)  IDLE_CLIENTS (10000)
 #        SLUICE_POOLER (path to a release sluice-pooler; built if unset)
 #        BENCH_TARGETS ("postgres pgbouncer sluice"; fewer for a quick check)
+#        SLUICE_WORKER_THREADS (1: one core, like single-threaded PgBouncer; pgbench and
+#        PostgreSQL share the machine. Unset it in a pod: the pooler sizes to its CPU limit.)
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-8}
 IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
+export SLUICE_WORKER_THREADS=${SLUICE_WORKER_THREADS:-1}
 POOL=20
 REPORT=${1:-}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -230,7 +233,7 @@ mark() { awk -v r="${1%×}" -v t="$2" -v dir="$3" 'BEGIN{ if (r !~ /^[0-9.]+$/) 
 {
   echo "### Pooler: sluice-pooler vs PgBouncer $(pgbouncer --version | head -1 | awk '{print $2}') vs PostgreSQL direct"
   echo
-  echo "$(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB; pgbench -S, scale 10, pool 20, transaction mode, SCRAM; ${DURATION}s per run, median of $ROUNDS interleaved rounds; $(date -u +%Y-%m-%d)."
+  echo "$(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB; pgbench -S, scale 10, pool 20, transaction mode, SCRAM; sluice-pooler --worker-threads $SLUICE_WORKER_THREADS; ${DURATION}s per run, median of $ROUNDS interleaved rounds; $(date -u +%Y-%m-%d)."
   echo
   echo "| scenario | PostgreSQL TPS | PgBouncer TPS | Sluice TPS | Sluice/PgBouncer TPS | target | p99 ms (PgB / Sluice) | p99 ratio | CPU s/10k tx (PgB / Sluice) | CPU ratio |"
   echo "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"

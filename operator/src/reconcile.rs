@@ -341,38 +341,28 @@ impl<'a> Reconciler<'a> {
         };
         let config_hash = hash_for(plan.config_limit);
 
-        // 5. Act: children in a safe order (the ConfigMap before the Deployment).
+        // 5. Act: children in a safe order. The ServiceAccount (pods cannot be admitted
+        // without it) and the ConfigMap (their config) go before the Deployment, which goes
+        // before the Service and PDB so the controller-manager can start on it sooner; the
+        // two pairs are written concurrently.
         let inputs = RenderInputs {
             limit: plan.config_limit,
             replicas: plan.deployment_replicas,
             revision: revision.clone(),
             default_image: self.ctx.settings.default_image.clone(),
         };
-        self.apply(
-            children.service_account.as_ref(),
-            desired::service_account(self.pool)?,
-            "serviceaccounts",
-        )
-        .await?;
-        let cm_written = self
-            .apply(
+        let (_, cm_written) = futures::try_join!(
+            self.apply(
+                children.service_account.as_ref(),
+                desired::service_account(self.pool)?,
+                "serviceaccounts",
+            ),
+            self.apply(
                 children.config_map.as_ref(),
                 desired::config_map(self.pool, plan.config_limit, &revision)?,
                 "configmaps",
-            )
-            .await?;
-        self.apply(
-            children.service.as_ref(),
-            desired::service(self.pool)?,
-            "services",
-        )
-        .await?;
-        self.apply(
-            children.pdb.as_ref(),
-            desired::pod_disruption_budget(self.pool)?,
-            "poddisruptionbudgets",
-        )
-        .await?;
+            ),
+        )?;
         let deployment_written = self
             .apply(
                 children.deployment.as_ref(),
@@ -380,6 +370,18 @@ impl<'a> Reconciler<'a> {
                 "deployments",
             )
             .await?;
+        futures::try_join!(
+            self.apply(
+                children.service.as_ref(),
+                desired::service(self.pool)?,
+                "services",
+            ),
+            self.apply(
+                children.pdb.as_ref(),
+                desired::pod_disruption_budget(self.pool)?,
+                "poddisruptionbudgets",
+            ),
+        )?;
 
         if cm_written && config_limit != Some(plan.config_limit) {
             let from = config_limit.map_or("none".to_string(), |l| l.to_string());

@@ -3,15 +3,15 @@
 //! reconciles, the other takes over when the first stops.
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use serde_json::json;
-use sluice_operator::{ConnectionPool, crd_yaml};
-use sluice_testkit::ControlPlane;
+use sluice_operator::ConnectionPool;
+mod common;
+use common::eventually;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sluice-operator");
 
@@ -74,47 +74,11 @@ async fn http_get(port: u16, path: &str) -> Option<String> {
     Some(buf)
 }
 
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_election_hands_over() {
-    if sluice_testkit::k8s_bin_dir().is_err() {
-        eprintln!("skipping: control plane binaries missing (run `make tools`)");
+    let Some((cp, client)) = common::control_plane_with_crd().await else {
         return;
-    }
-    let cp = ControlPlane::start().await.unwrap();
-    let client = cp.client().await.unwrap();
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&crd_yaml().unwrap()).unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(
-        "connectionpools.sluice.dev",
-        &PatchParams::apply("test").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .unwrap();
-    eventually("CRD established", Duration::from_secs(30), || async {
-        let c = crds.get("connectionpools.sluice.dev").await.ok()?;
-        c.status?
-            .conditions?
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True")
-            .then_some(())
-    })
-    .await;
+    };
     let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
     for name in ["creds", "users"] {
         let s: Secret = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret",

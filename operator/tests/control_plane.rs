@@ -4,34 +4,19 @@
 //! columns and garbage collection. No node agent runs, so pods stay unscheduled.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use sluice_operator::{
-    ConnectionPool, Context, HttpProbe, Metrics, PostgresDiscovery, Settings, crd_yaml,
-    run_controller,
+    ConnectionPool, Context, HttpProbe, Metrics, PostgresDiscovery, Settings, run_controller,
 };
-use sluice_testkit::{ControlPlane, SUPERUSER, TempPostgres};
-
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+mod common;
+use common::eventually;
+use sluice_testkit::{SUPERUSER, TempPostgres};
 
 fn limit_of(cm: &ConfigMap) -> Option<i64> {
     cm.metadata
@@ -54,33 +39,10 @@ fn condition(pool: &ConnectionPool, type_: &str) -> Option<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_against_a_real_control_plane() {
-    if sluice_testkit::k8s_bin_dir().is_err() {
-        eprintln!("skipping: control plane binaries missing (run `make tools`)");
+    let Some((cp, client)) = common::control_plane_with_crd().await else {
         return;
-    }
-    let cp = ControlPlane::start().await.unwrap();
-    let client = cp.client().await.unwrap();
+    };
     let mut pg = TempPostgres::builder().max_connections(60).start().unwrap();
-
-    // The CRD is accepted (CEL rules compile) and becomes Established.
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&crd_yaml().unwrap()).unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(
-        "connectionpools.sluice.dev",
-        &PatchParams::apply("test").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .unwrap();
-    eventually("CRD established", Duration::from_secs(30), || async {
-        let c = crds.get("connectionpools.sluice.dev").await.ok()?;
-        c.status?
-            .conditions?
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True")
-            .then_some(())
-    })
-    .await;
 
     let pools: Api<ConnectionPool> = Api::namespaced(client.clone(), "default");
     // CEL rejects what it can check statically, with the rule's message.

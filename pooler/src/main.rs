@@ -19,7 +19,7 @@ struct Args {
     #[arg(long, env = "SLUICE_MAX_MESSAGE_SIZE", default_value_t = sluice_pooler::DEFAULT_MAX_MESSAGE_SIZE)]
     max_message_size: usize,
     /// Runtime worker threads; default: the CPUs this process may use (cgroup quota
-    /// included).
+    /// included). With 1, a single-threaded runtime serves everything.
     #[arg(long, env = "SLUICE_WORKER_THREADS")]
     worker_threads: Option<usize>,
     /// Log format: `json` or `plain` (env SLUICE_LOG_FORMAT); level via RUST_LOG.
@@ -39,11 +39,19 @@ fn main() -> anyhow::Result<()> {
     } else {
         builder.init();
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.worker_threads {
-        anyhow::ensure!(n > 0, "--worker-threads must be at least 1");
-        runtime.worker_threads(n);
-    }
+    let threads = match args.worker_threads {
+        Some(0) => anyhow::bail!("--worker-threads must be at least 1"),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    // One thread: a current-thread runtime, without the work-stealing machinery.
+    let mut runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
     let runtime = runtime.enable_all().build()?;
     let options = sluice_pooler::Options {
         config: args.config,

@@ -829,14 +829,40 @@ async fn session_mode_drain_closes_idle_sessions_with_57p01() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_waits_for_a_restarting_server_within_pool_timeout() -> Result<()> {
+    let mut pg = postgres(20).await?;
+    let mut p = start(&pg, "connection_limit = 2\npool_timeout = \"30s\"").await?;
+    let c = p.connect().await?;
+    c.simple_query("SELECT 1").await?;
+    tokio::task::block_in_place(|| pg.stop());
+    let t0 = Instant::now();
+    let q = tokio::spawn(async move { c.query_one("SELECT 41 + 1", &[]).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!q.is_finished(), "the transaction waits instead of failing");
+    tokio::task::block_in_place(|| pg.resume())?;
+    let row = tokio::time::timeout(Duration::from_secs(25), q).await???;
+    assert_eq!(row.get::<_, i32>(0), 42);
+    assert!(t0.elapsed() >= Duration::from_secs(2));
+    p.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unreachable_server_gives_a_clear_error_and_frees_the_slot() -> Result<()> {
     let pg = postgres(20).await?;
     let dead = sluice_testkit::free_port()?;
-    let text = config_text(&pg, "connection_limit = 1")
+    let text = config_text(&pg, "connection_limit = 1\npool_timeout = \"1s\"")
         .replace(&format!("port = {}", pg.port()), &format!("port = {dead}"));
     let mut p = start_with_text(&text).await?;
     for _ in 0..3 {
+        let t0 = Instant::now();
         let e = p.connect().await.expect_err("no server");
+        // Retried for pool_timeout (the server might have been restarting), then reported.
+        assert!(
+            t0.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            t0.elapsed()
+        );
         let e = e
             .downcast_ref::<tokio_postgres::Error>()
             .context("pg error")?;

@@ -197,6 +197,17 @@ impl TempPostgres {
         self.spawn()
     }
 
+    /// Starts a [`stop`](Self::stop)ped server again, same port and data directory.
+    ///
+    /// # Errors
+    /// When the server does not come back.
+    pub fn resume(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        self.spawn()
+    }
+
     /// Fast shutdown: SIGINT, wait up to 10 s, then SIGKILL. Idempotent.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else { return };

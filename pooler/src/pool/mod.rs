@@ -55,14 +55,26 @@ impl Pools {
             .cloned()
     }
 
-    async fn open(&self, key: &PoolKey, cfg: &Config) -> Result<ServerConn> {
+    /// Opens a connection in a reserved slot; on failure frees the slot and says whether
+    /// the failure is worth retrying (see [`OpenFailed`]).
+    async fn open(&self, key: &PoolKey, cfg: &Config) -> Result<ServerConn, OpenFailed> {
         let db = cfg.server.database.as_deref().unwrap_or(&key.database);
         let connect =
             tokio::time::timeout(SERVER_CONNECT_TIMEOUT, ServerConn::connect(&cfg.server, db));
         let result = match connect.await {
-            Ok(Err(Error::Io(e))) => Err(Error::Server(format!("connecting to the server: {e}"))),
-            Ok(r) => r,
-            Err(_) => Err(Error::Server("connecting to the server timed out".into())),
+            Ok(Err(Error::Io(e))) => Err(OpenFailed {
+                error: Error::Server(format!("connecting to the server: {e}")),
+                transient: true,
+            }),
+            Ok(Err(e)) => Err(OpenFailed {
+                transient: refused_for_now(&e),
+                error: e,
+            }),
+            Ok(Ok(c)) => Ok(c),
+            Err(_) => Err(OpenFailed {
+                error: Error::Server("connecting to the server timed out".into()),
+                transient: true,
+            }),
         };
         match result {
             Ok(c) => {
@@ -79,11 +91,15 @@ impl Pools {
         }
     }
 
-    /// Gets a server connection for `key`, waiting up to `pool_timeout`.
+    /// Gets a server connection for `key`, waiting up to `pool_timeout`, also for a server
+    /// that cannot be reached or is starting up or shutting down (retried every
+    /// [`OPEN_RETRY`], as PgBouncer's `server_login_retry`).
     ///
     /// # Errors
     /// [`Error::PoolTimeout`] when none frees up in time, [`Error::ShuttingDown`] when
-    /// draining, or the login error of a new connection.
+    /// draining, the login error of a new connection (at once when retrying cannot help:
+    /// a wrong password, a missing database), or the last connection error when the
+    /// server stays unavailable for `pool_timeout`.
     pub async fn acquire(&self, key: &PoolKey, cfg: &Config) -> Result<ServerConn> {
         let deadline = Instant::now() + cfg.pool_timeout;
         loop {
@@ -113,7 +129,15 @@ impl Pools {
                 }
             };
             match grant {
-                Grant::Open => return self.open(key, cfg).await,
+                Grant::Open => match self.open(key, cfg).await {
+                    Ok(c) => return Ok(c),
+                    Err(f) if f.transient && Instant::now() < deadline => {
+                        tracing::info!(error = %f.error, "server unavailable; retrying within pool_timeout");
+                        tokio::time::sleep_until(deadline.min(Instant::now() + OPEN_RETRY)).await;
+                        continue;
+                    }
+                    Err(f) => return Err(f.error),
+                },
                 Grant::Conn((mut c, idle)) => {
                     if c.is_broken() {
                         tracing::info!(
@@ -150,4 +174,28 @@ impl Pools {
     pub fn discard(&self, key: &PoolKey) {
         self.limiter.discard(key);
     }
+}
+
+/// Pause between attempts to open a server connection while the server is unavailable.
+pub const OPEN_RETRY: Duration = Duration::from_millis(500);
+
+/// Why a new server connection failed, and whether trying again soon may succeed.
+struct OpenFailed {
+    error: Error,
+    /// The server could not be reached, or it refused logins for now.
+    transient: bool,
+}
+
+/// Whether PostgreSQL refused a login for a reason that passes: starting up, shutting
+/// down, crash recovery (`57P0x`) or out of connection slots (`53300`).
+fn refused_for_now(e: &Error) -> bool {
+    let Error::ServerError(raw) = e else {
+        return false;
+    };
+    let mut buf = bytes::BytesMut::from(&raw[..]);
+    matches!(
+        crate::protocol::split_frame(&mut buf, raw.len().max(5)),
+        Ok(Some(f)) if crate::protocol::ErrorFields::decode(&f)
+            .is_ok_and(|e| e.code.starts_with("57P0") || e.code == "53300")
+    )
 }
