@@ -7,6 +7,7 @@
 # Env:   ROUNDS (3)  DURATION seconds per pgbench run (8)  IDLE_CLIENTS (10000)
 #        SLUICE_POOLER (path to a release sluice-pooler; built if unset)
 #        BENCH_TARGETS ("postgres pgbouncer sluice"; fewer for a quick check)
+#        BENCH_SCENARIOS (all; e.g. "c10 c100" for a quick check; IDLE_CLIENTS=0 skips idle)
 #        SLUICE_WORKER_THREADS (1: one core, like single-threaded PgBouncer; pgbench and
 #        PostgreSQL share the machine. Unset it in a pod: the pooler sizes to its CPU limit.)
 set -euo pipefail
@@ -179,6 +180,11 @@ run_pgbench() {
 }
 
 SCENARIOS=("c1 1 simple" "c10 10 simple" "c100 100 simple" "c500 500 simple" "ext100 100 extended" "prep100 100 prepared" "storm50 50 simple -C")
+if [[ -n ${BENCH_SCENARIOS:-} ]]; then
+  picked=()
+  for s in "${SCENARIOS[@]}"; do [[ " $BENCH_SCENARIOS " == *" ${s%% *} "* ]] && picked+=("$s"); done
+  SCENARIOS=("${picked[@]}")
+fi
 for round in $(seq "$ROUNDS"); do
   log "round $round/$ROUNDS"
   for s in "${SCENARIOS[@]}"; do
@@ -219,10 +225,12 @@ idle_rss() {
   sleep 2
   awk -v a="$after" -v b="$before" -v n="$n" 'BEGIN{ printf "%.2f:%d:%d", (a-b)/n, n, a }'
 }
-log "idle clients: $IDLE_CLIENTS"
-IDLE_BOUNCER=$(idle_rss pgbouncer); log "idle/pgbouncer: $IDLE_BOUNCER (KiB/client:clients:RSS KiB)"
-IDLE_SLUICE="-:-:-"
-has_target sluice && { IDLE_SLUICE=$(idle_rss sluice); log "idle/sluice: $IDLE_SLUICE"; }
+IDLE_BOUNCER="-:-:-" IDLE_SLUICE="-:-:-"
+if (( IDLE_CLIENTS > 0 )); then
+  log "idle clients: $IDLE_CLIENTS"
+  IDLE_BOUNCER=$(idle_rss pgbouncer); log "idle/pgbouncer: $IDLE_BOUNCER (KiB/client:clients:RSS KiB)"
+  has_target sluice && { IDLE_SLUICE=$(idle_rss sluice); log "idle/sluice: $IDLE_SLUICE"; }
+fi
 
 # --- report -----------------------------------------------------------------
 median() { tr ' ' '\n' | grep -E '^[0-9.]+$' | sort -n | awk '{a[NR]=$1} END{ if (NR) print a[int((NR+1)/2)]; else print "-" }'; }

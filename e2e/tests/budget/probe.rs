@@ -2,6 +2,7 @@
 //! that all pooler pods of a pool can hold at one moment (terminating pods
 //! included) never exceeds the budget.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -10,6 +11,7 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::Client;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 
 use sluice_e2e::fixture::pooler_status;
@@ -18,7 +20,7 @@ use sluice_e2e::fixture::pooler_status;
 #[derive(Debug, Clone, Copy)]
 pub struct LimitSample {
     /// Σ over pod objects of the limit each can hold: its `/status` limit when it
-    /// answers, else the ConfigMap's (what it starts with).
+    /// answers, else the ConfigMap's (what it starts with); see [`sample`].
     pub sum: i64,
     pub pods: usize,
     pub configmap_limit: i64,
@@ -37,26 +39,45 @@ pub fn limit_in_config(toml: &str) -> Option<i64> {
     })
 }
 
-async fn sample(client: &Client, ns: &str, pool: &str, selector: &str) -> Result<LimitSample> {
+async fn configmap_limit(client: &Client, ns: &str, pool: &str) -> Result<i64> {
     let cm =
         Api::<ConfigMap>::namespaced(client.clone(), ns).get(&format!("{pool}-config")).await?;
     let toml = cm.data.as_ref().and_then(|d| d.get("pooler.toml")).context("no pooler.toml")?;
-    let configmap_limit = limit_in_config(toml).context("no connection_limit in pooler.toml")?;
+    limit_in_config(toml).context("no connection_limit in pooler.toml")
+}
+
+/// One consistent look: every pod's `/status` is asked at once, so the answers come from
+/// one moment even when some pods are gone (a dead pod's address takes the whole HTTP
+/// timeout to fail). A pod that does not answer counts with the highest ConfigMap limit
+/// seen around the probes (it starts with what the ConfigMap holds then), unless its
+/// object is gone by the end: the node removes a pod object only after its process
+/// exited, so it holds nothing.
+async fn sample(client: &Client, ns: &str, pool: &str, selector: &str) -> Result<LimitSample> {
+    let before = configmap_limit(client, ns, pool).await?;
     let deploy = Api::<Deployment>::namespaced(client.clone(), ns).get(pool).await?;
     let deployment_replicas = deploy.spec.and_then(|s| s.replicas).unwrap_or(1);
-    let pods = Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels(selector))
-        .await?;
-    let mut sum = 0;
-    for p in &pods.items {
-        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
-        let reported = match ip {
-            Some(ip) => pooler_status(&ip).await.ok().and_then(|s| s["connection_limit"].as_i64()),
-            None => None,
-        };
-        sum += reported.unwrap_or(configmap_limit);
-    }
-    Ok(LimitSample { sum, pods: pods.items.len(), configmap_limit, deployment_replicas })
+    let pod_api = Api::<Pod>::namespaced(client.clone(), ns);
+    let lp = ListParams::default().labels(selector);
+    let pods = pod_api.list(&lp).await?;
+    let reports = futures::future::join_all(pods.items.iter().map(|p| async move {
+        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone())?;
+        pooler_status(&ip).await.ok().and_then(|s| s["connection_limit"].as_i64())
+    }))
+    .await;
+    let after = configmap_limit(client, ns, pool).await?;
+    let still_there: HashSet<String> =
+        pod_api.list(&lp).await?.items.iter().map(|p| p.name_any()).collect();
+    let sum = pods
+        .items
+        .iter()
+        .zip(&reports)
+        .map(|(p, r)| match r {
+            Some(limit) => *limit,
+            None if still_there.contains(&p.name_any()) => before.max(after),
+            None => 0,
+        })
+        .sum();
+    Ok(LimitSample { sum, pods: pods.items.len(), configmap_limit: before, deployment_replicas })
 }
 
 impl LimitProbe {
