@@ -143,6 +143,10 @@ port_of() { case $1 in postgres) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_POR
 pid_of() { case $1 in pgbouncer) echo "$BOUNCER_PID";; sluice) echo "$SLUICE_PID";; *) echo "";; esac; }
 cpu_ticks() { [[ -n $1 ]] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; }
 TCK=$(getconf CLK_TCK)
+# CPU time the hypervisor gave to other guests (the "steal" column of /proc/stat), as
+# "steal total" ticks: runs during which it is high are not comparable.
+steal_ticks() { awk '/^cpu /{t=0; for (i=2; i<=NF; i++) t+=$i; print $9, t}' /proc/stat; }
+STEALS=()
 
 declare -A RES
 # run_pgbench TARGET SCENARIO CLIENTS MODE [extra pgbench args]
@@ -151,17 +155,19 @@ run_pgbench() {
   local port pid jobs=$(( clients < 2 ? 1 : 2 )) logdir=$W/log/$scen-$target
   port=$(port_of "$target"); pid=$(pid_of "$target")
   rm -rf "$logdir"; mkdir -p "$logdir"
-  # pgbench's -T clock runs while it opens connections (SCRAM each), so large
-  # client counts get extra seconds; its TPS excludes connection time.
-  local t0; t0=$(cpu_ticks "$pid")
+  # pgbench's -T clock runs while it opens connections (SCRAM each, ~5 ms through a
+  # pooler here), so large client counts get extra seconds; its TPS excludes connection time.
+  local t0 s0; t0=$(cpu_ticks "$pid"); s0=$(steal_ticks)
   local out
   if ! out=$(cd "$logdir" && pgbench -n -S -h 127.0.0.1 -p "$port" -U "$USER_NAME" -c "$clients" -j "$jobs" \
-      -T "$((DURATION + clients / 50))" -M "$mode" --log --log-prefix=tx "$@" "$DB" 2>&1); then
+      -T "$((DURATION + clients / 100))" -M "$mode" --log --log-prefix=tx "$@" "$DB" 2>&1); then
     log "$scen/$target failed: $(echo "$out" | grep -m1 -iE 'error|fatal|abort' || echo "$out" | tail -1)"
     RES[$scen|$target]+="fail "
     return
   fi
-  local t1; t1=$(cpu_ticks "$pid")
+  local t1 s1 steal; t1=$(cpu_ticks "$pid"); s1=$(steal_ticks)
+  steal=$(awk -v a="$s0" -v b="$s1" 'BEGIN{ split(a, x, " "); split(b, y, " "); d = y[2] - x[2]; printf "%.1f", d > 0 ? 100 * (y[1] - x[1]) / d : 0 }')
+  STEALS+=("$steal")
   if ! grep -q '^tps = ' <<<"$out"; then
     log "$scen/$target: no result: $(tail -3 <<<"$out" | tr '\n' ' ')"; RES[$scen|$target]+="fail "; return
   fi
@@ -174,7 +180,7 @@ run_pgbench() {
   if [[ -n $pid && ${txs:-0} -gt 0 ]]; then
     cpu=$(awk -v d=$((t1 - t0)) -v tck="$TCK" -v n="$txs" 'BEGIN{printf "%.3f", d / tck / n * 10000}')
   else cpu=-; fi
-  log "$scen/$target: tps=$tps lat=${lat}ms p99=${p99}ms cpu/10k=${cpu}s failed=${failed:-0}"
+  log "$scen/$target: tps=$tps lat=${lat}ms p99=${p99}ms cpu/10k=${cpu}s failed=${failed:-0} steal=${steal}%"
   RES[$scen|$target]+="$tps:$lat:$p99:$cpu "
   rm -rf "$logdir"
 }
@@ -187,9 +193,13 @@ if [[ -n ${BENCH_SCENARIOS:-} ]]; then
 fi
 for round in $(seq "$ROUNDS"); do
   log "round $round/$ROUNDS"
+  # Even rounds run the targets in reverse order, so a slow drift of the machine
+  # favours none of them.
+  order=("${TARGETS[@]}")
+  if (( round % 2 == 0 )); then order=(); for ((i = ${#TARGETS[@]} - 1; i >= 0; i--)); do order+=("${TARGETS[i]}"); done; fi
   for s in "${SCENARIOS[@]}"; do
     read -r scen clients mode extra <<<"$s"
-    for t in "${TARGETS[@]}"; do
+    for t in "${order[@]}"; do
       if [[ $scen == prep100 && $t == pgbouncer ]]; then
         RES[$scen|$t]+="unsupported "; continue  # PgBouncer 1.18: no protocol-level prepared statements in transaction mode
       fi
@@ -241,7 +251,9 @@ mark() { awk -v r="${1%×}" -v t="$2" -v dir="$3" 'BEGIN{ if (r !~ /^[0-9.]+$/) 
 {
   echo "### Pooler: sluice-pooler vs PgBouncer $(pgbouncer --version | head -1 | awk '{print $2}') vs PostgreSQL direct"
   echo
-  echo "$(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB; pgbench -S, scale 10, pool 20, transaction mode, SCRAM; sluice-pooler --worker-threads $SLUICE_WORKER_THREADS; ${DURATION}s per run, median of $ROUNDS interleaved rounds; $(date -u +%Y-%m-%d)."
+  echo "$(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB; pgbench -S, scale 10, pool 20, transaction mode, SCRAM; sluice-pooler --worker-threads $SLUICE_WORKER_THREADS; ${DURATION}s per run, median of $ROUNDS interleaved rounds (target order reversed on even rounds); $(date -u +%Y-%m-%d)."
+  echo
+  echo "CPU steal (time the hypervisor gave other guests) per run: median $(printf '%s\n' "${STEALS[@]}" | sort -n | awk '{a[NR]=$1} END{print NR ? a[int((NR+1)/2)] : "-"}') %, max $(printf '%s\n' "${STEALS[@]}" | sort -n | tail -1) % over ${#STEALS[@]} runs."
   echo
   echo "| scenario | PostgreSQL TPS | PgBouncer TPS | Sluice TPS | Sluice/PgBouncer TPS | target | p99 ms (PgB / Sluice) | p99 ratio | CPU s/10k tx (PgB / Sluice) | CPU ratio |"
   echo "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"

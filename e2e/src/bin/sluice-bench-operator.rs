@@ -6,14 +6,13 @@
 //!
 //! Usage: sluice-bench-operator [REPORT.md]   (env POOLS, default 200; STEADY_SECS, default 60)
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::{WatchStreamExt, watcher};
 use sluice_e2e::fixture::{Fixture, Options, http_get, pool_api};
 
 fn env_num(name: &str, default: u64) -> u64 {
@@ -78,43 +77,6 @@ fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> (f64,
     (all, mutating, if parts.is_empty() { "none".into() } else { parts.join(", ") })
 }
 
-/// Names and whether each counts, as a watch reports them.
-type Counted = futures::stream::BoxStream<'static, watcher::Result<watcher::Event<(String, bool)>>>;
-
-/// Follows `stream` until `n` names count at once; returns that moment (since `start`).
-/// `seen` holds how many counted last.
-async fn until_all(
-    mut stream: Counted,
-    n: usize,
-    start: Instant,
-    seen: Option<&std::sync::atomic::AtomicUsize>,
-) -> Option<Duration> {
-    let mut counted = HashSet::new();
-    while let Some(ev) = stream.next().await {
-        match ev {
-            Ok(watcher::Event::Apply((name, yes)) | watcher::Event::InitApply((name, yes))) => {
-                if yes {
-                    counted.insert(name);
-                } else {
-                    counted.remove(&name);
-                }
-            }
-            Ok(watcher::Event::Delete((name, _))) => {
-                counted.remove(&name);
-            }
-            Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
-            Err(e) => eprintln!("[bench-operator] watch error (retrying): {e}"),
-        }
-        if let Some(seen) = seen {
-            seen.store(counted.len(), std::sync::atomic::Ordering::Relaxed);
-        }
-        if counted.len() >= n {
-            return Some(start.elapsed());
-        }
-    }
-    None
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -152,44 +114,41 @@ async fn main() -> Result<()> {
         .try_collect::<Vec<_>>()
         .await?;
     let created = start.elapsed();
-    // Watches, not polling lists, so the observer adds little load to the API server it
-    // measures. Records when the operator had written every Deployment, when every pod
-    // existed (the rest of the time is the controller-manager and the node agent starting
-    // pods), and when every pool was Ready.
+    let api = pool_api(&fx.client, &fx.ns);
+    let mut ready = 0;
+    // When the operator had written every Deployment, and when every pod existed: the
+    // rest of the time is the controller-manager and the node agent starting pods.
+    let (mut all_deployments, mut all_pods) = (None, None);
     let deployments: kube::Api<Deployment> = kube::Api::namespaced(fx.client.clone(), &fx.ns);
     let pods: kube::Api<Pod> = kube::Api::namespaced(fx.client.clone(), &fx.ns);
-    let name_of = |m: &kube::api::ObjectMeta| m.name.clone().unwrap_or_default();
-    let exists = |m: &kube::api::ObjectMeta| (name_of(m), true);
-    let deployment_names = watcher::metadata_watcher(deployments, watcher::Config::default())
-        .default_backoff()
-        .map_ok(move |ev| ev.map(|o| exists(&o.metadata)))
-        .boxed();
-    let pod_names = watcher::metadata_watcher(pods, watcher::Config::default())
-        .default_backoff()
-        .map_ok(move |ev| ev.map(|o| exists(&o.metadata)))
-        .boxed();
-    let ready_pools = watcher::watcher(pool_api(&fx.client, &fx.ns), watcher::Config::default())
-        .default_backoff()
-        .map_ok(move |ev| {
-            ev.map(|p| {
-                let v = serde_json::to_value(&p).unwrap_or_default();
-                let ready = v["status"]["conditions"].as_array().is_some_and(|cs| {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while Instant::now() < deadline {
+        if all_deployments.is_none()
+            && deployments.list_metadata(&Default::default()).await?.items.len() >= pools
+        {
+            all_deployments = Some(start.elapsed());
+        }
+        if all_pods.is_none() && pods.list_metadata(&Default::default()).await?.items.len() >= pools
+        {
+            all_pods = Some(start.elapsed());
+        }
+        let list = api.list(&Default::default()).await?;
+        ready = list
+            .items
+            .iter()
+            .filter(|p| {
+                let v = serde_json::to_value(p).unwrap_or_default();
+                v["status"]["conditions"].as_array().is_some_and(|cs| {
                     cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True")
-                });
-                (name_of(&p.metadata), ready)
+                })
             })
-        })
-        .boxed();
-    let ready_count = std::sync::atomic::AtomicUsize::new(0);
-    let watched = futures::future::join3(
-        until_all(deployment_names, pools, start, None),
-        until_all(pod_names, pools, start, None),
-        until_all(ready_pools, pools, start, Some(&ready_count)),
-    );
-    let (all_deployments, all_pods, all_ready_at) =
-        tokio::time::timeout(Duration::from_secs(600), watched).await.unwrap_or((None, None, None));
-    let ready = ready_count.load(std::sync::atomic::Ordering::Relaxed);
-    let all_ready = all_ready_at.unwrap_or_else(|| start.elapsed());
+            .count();
+        if ready >= pools {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let all_ready = start.elapsed();
     let cpu1 = cpu_secs(pid)?;
     let req1 = api_requests(&metrics).await?;
     eprintln!(
@@ -221,7 +180,7 @@ async fn main() -> Result<()> {
          Requests in steady state: {steady_parts}.\n",
         created.as_secs_f64(),
         all_ready.as_secs_f64(),
-        mark(ready == pools && all_ready.as_secs_f64() <= 60.0),
+        mark(ready == pools && all_ready.as_secs() <= 60),
         secs(all_deployments),
         secs(all_pods),
         cpu1 - cpu0,
