@@ -253,7 +253,7 @@ mark() { awk -v r="${1%×}" -v t="$2" -v dir="$3" 'BEGIN{ if (r !~ /^[0-9.]+$/) 
   echo
   echo "$(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB; pgbench -S, scale 10, pool 20, transaction mode, SCRAM; sluice-pooler --worker-threads $SLUICE_WORKER_THREADS; ${DURATION}s per run, median of $ROUNDS interleaved rounds (target order reversed on even rounds); $(date -u +%Y-%m-%d)."
   echo
-  echo "CPU steal (time the hypervisor gave other guests) per run: median $(printf '%s\n' "${STEALS[@]}" | sort -n | awk '{a[NR]=$1} END{print NR ? a[int((NR+1)/2)] : "-"}') %, max $(printf '%s\n' "${STEALS[@]}" | sort -n | tail -1) % over ${#STEALS[@]} runs."
+  echo "CPU steal (time the hypervisor gave other guests) per run: median $(echo "${STEALS[*]}" | median) %, max $(printf '%s\n' "${STEALS[@]}" | sort -n | tail -1) % over ${#STEALS[@]} runs."
   echo
   echo "| scenario | PostgreSQL TPS | PgBouncer TPS | Sluice TPS | Sluice/PgBouncer TPS | target | p99 ms (PgB / Sluice) | p99 ratio | CPU s/10k tx (PgB / Sluice) | CPU ratio |"
   echo "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"
