@@ -4,7 +4,7 @@
 # and repeated; prints medians and Sluice/PgBouncer ratios.
 #
 # Usage: e2e/bench/pooler.sh [REPORT.md]
-# Env:   ROUNDS (3)  DURATION seconds per pgbench run (8)  IDLE_CLIENTS (10000)
+# Env:   ROUNDS (3)  DURATION seconds per pgbench run (6)  IDLE_CLIENTS (10000)
 #        SLUICE_POOLER (path to a release sluice-pooler; built if unset)
 #        BENCH_TARGETS ("postgres pgbouncer sluice"; fewer for a quick check)
 #        BENCH_SCENARIOS (all; e.g. "c10 c100" for a quick check; IDLE_CLIENTS=0 skips idle)
@@ -13,7 +13,7 @@
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-8}
+DURATION=${DURATION:-6}
 IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
 export SLUICE_WORKER_THREADS=${SLUICE_WORKER_THREADS:-1}
 POOL=20
@@ -282,4 +282,5 @@ mark() { awk -v r="${1%×}" -v t="$2" -v dir="$3" 'BEGIN{ if (r !~ /^[0-9.]+$/) 
   echo "| RSS growth per client (KiB) | $kb_b | $kb_s | Sluice ≤ 8 KiB $(awk -v k="$kb_s" 'BEGIN{print (k <= 8) ? "✓" : "✗"}') |"
 } | tee "$W/report.md"
 [[ -n $REPORT ]] && cp "$W/report.md" "$REPORT"
+log "bench-pooler took ${SECONDS}s"
 exit 0

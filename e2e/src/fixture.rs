@@ -14,7 +14,9 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, core::DynamicObject, discovery::ApiResource};
 use serde_json::{Value, json};
-use sluice_testkit::{APP_DB, APP_USER, ControlPlane, SUPERUSER, TempPostgres, free_port};
+use sluice_testkit::{
+    APP_DB, APP_USER, ControlPlane, ControlPlaneOptions, SUPERUSER, TempPostgres, free_port,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The password clients use with the pooler (distinct from the server's).
@@ -34,6 +36,8 @@ pub struct Options {
     pub install_crds: bool,
     /// Namespace of the pool (default `sluice-e2e`).
     pub namespace: String,
+    /// How to start the control plane (default: upstream defaults).
+    pub control_plane: ControlPlaneOptions,
 }
 
 impl Default for Options {
@@ -43,6 +47,7 @@ impl Default for Options {
             local_operator: true,
             install_crds: true,
             namespace: "sluice-e2e".into(),
+            control_plane: ControlPlaneOptions::default(),
         }
     }
 }
@@ -117,7 +122,7 @@ impl Fixture {
             .max_connections(options.max_connections)
             .listen_addresses("*")
             .start()?;
-        let cp = ControlPlane::start().await?;
+        let cp = ControlPlane::start_with(options.control_plane.clone()).await?;
         let client = cp.client().await?;
         let config = AgentConfig::new(cp.kubeconfig_path())
             .image("sluice-pooler", workspace_bin("sluice-pooler")?)

@@ -6,14 +6,17 @@
 //!
 //! Usage: sluice-bench-operator [REPORT.md]   (env POOLS, default 200; STEADY_SECS, default 60)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
+use kube::core::DynamicObject;
+use kube::runtime::watcher::{self, watcher};
 use sluice_e2e::fixture::{Fixture, Options, http_get, pool_api};
+use sluice_testkit::ControlPlaneOptions;
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -77,6 +80,60 @@ fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> (f64,
     (all, mutating, if parts.is_empty() { "none".into() } else { parts.join(", ") })
 }
 
+/// Whether a ConnectionPool's `Ready` condition is `True`.
+fn is_ready(pool: &DynamicObject) -> bool {
+    pool.data["status"]["conditions"]
+        .as_array()
+        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+}
+
+/// Watches `api` until `want` objects satisfy `pred` or `timeout` passes; returns the
+/// highest count seen and the time since `start` when the watch stopped.
+///
+/// # Errors
+/// When the watch fails.
+async fn count_until<K>(
+    api: kube::Api<K>,
+    pred: fn(&K) -> bool,
+    want: usize,
+    start: Instant,
+    timeout: Duration,
+) -> Result<(usize, Duration)>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let mut matching = HashSet::new();
+    let mut best = 0;
+    let events = watcher(api, watcher::Config::default());
+    futures::pin_mut!(events);
+    let deadline = tokio::time::Instant::from_std(start + timeout);
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.next()).await {
+        match event? {
+            watcher::Event::Init => matching.clear(),
+            watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
+                let name = o.meta().name.clone().unwrap_or_default();
+                if pred(&o) {
+                    matching.insert(name);
+                } else {
+                    matching.remove(&name);
+                }
+            }
+            watcher::Event::Delete(o) => {
+                matching.remove(&o.meta().name.clone().unwrap_or_default());
+            }
+            watcher::Event::InitDone => {}
+        }
+        best = best.max(matching.len());
+        if best >= want {
+            return Ok((best, start.elapsed()));
+        }
+    }
+    Ok((best, start.elapsed()))
+}
+
+/// How long the operator must make no request before the steady state begins.
+const QUIET_SECS: u64 = 5;
+
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -89,15 +146,34 @@ async fn main() -> Result<()> {
     let steady = env_num("STEADY_SECS", 60);
     let report_path = std::env::args().nth(1);
     eprintln!("[bench-operator] starting PostgreSQL, control plane, node agent and operator");
-    let fx = Fixture::start_with(Options { max_connections: 400, ..Options::default() }).await?;
+    // 0 keeps the controller-manager's upstream default (20 requests/s per controller).
+    let cm_qps = env_num("CONTROLLER_MANAGER_QPS", 0) as u32;
+    let fx = Fixture::start_with(Options {
+        max_connections: 400,
+        control_plane: ControlPlaneOptions {
+            controller_manager_qps: (cm_qps > 0).then_some(cm_qps),
+        },
+        ..Options::default()
+    })
+    .await?;
     fx.create_secrets().await?;
     let pid = fx.operator_pid().context("operator runs")?;
     let metrics = fx.operator_metrics_addr();
     let cpu0 = cpu_secs(pid)?;
     let req0 = api_requests(&metrics).await.unwrap_or_default();
 
-    eprintln!("[bench-operator] creating {pools} ConnectionPools at once");
+    // Watches, not polls: the observer should not add list load to the API server it
+    // measures. Each watch reports when its count first reaches `pools`.
+    let timeout = Duration::from_secs(600);
     let start = Instant::now();
+    let deployments: kube::Api<Deployment> = kube::Api::namespaced(fx.client.clone(), &fx.ns);
+    let pods: kube::Api<Pod> = kube::Api::namespaced(fx.client.clone(), &fx.ns);
+    let all_deployments = tokio::spawn(count_until(deployments, |_| true, pools, start, timeout));
+    let all_pods = tokio::spawn(count_until(pods, |_| true, pools, start, timeout));
+    let all_ready =
+        tokio::spawn(count_until(pool_api(&fx.client, &fx.ns), is_ready, pools, start, timeout));
+
+    eprintln!("[bench-operator] creating {pools} ConnectionPools at once");
     futures::stream::iter(0..pools)
         .map(|i| {
             let fx = &fx;
@@ -114,46 +190,31 @@ async fn main() -> Result<()> {
         .try_collect::<Vec<_>>()
         .await?;
     let created = start.elapsed();
-    let api = pool_api(&fx.client, &fx.ns);
-    let mut ready = 0;
-    // When the operator had written every Deployment, and when every pod existed: the
-    // rest of the time is the controller-manager and the node agent starting pods.
-    let (mut all_deployments, mut all_pods) = (None, None);
-    let deployments: kube::Api<Deployment> = kube::Api::namespaced(fx.client.clone(), &fx.ns);
-    let pods: kube::Api<Pod> = kube::Api::namespaced(fx.client.clone(), &fx.ns);
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while Instant::now() < deadline {
-        if all_deployments.is_none()
-            && deployments.list_metadata(&Default::default()).await?.items.len() >= pools
-        {
-            all_deployments = Some(start.elapsed());
-        }
-        if all_pods.is_none() && pods.list_metadata(&Default::default()).await?.items.len() >= pools
-        {
-            all_pods = Some(start.elapsed());
-        }
-        let list = api.list(&Default::default()).await?;
-        ready = list
-            .items
-            .iter()
-            .filter(|p| {
-                let v = serde_json::to_value(p).unwrap_or_default();
-                v["status"]["conditions"].as_array().is_some_and(|cs| {
-                    cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True")
-                })
-            })
-            .count();
-        if ready >= pools {
-            break;
-        }
+    let (ready, all_ready) = all_ready.await??;
+    let (_, all_deployments) = all_deployments.await??;
+    let (_, all_pods) = all_pods.await??;
+    let all_deployments = (all_deployments < timeout).then_some(all_deployments);
+    let all_pods = (all_pods < timeout).then_some(all_pods);
+    // Converged = all Ready and then no operator request for QUIET_SECS: the last
+    // status patches (a rollout finishing after Ready) count as converging, not as
+    // steady state.
+    let quiet_for = Duration::from_secs(QUIET_SECS);
+    let mut req1 = api_requests(&metrics).await?;
+    let mut last_change = Instant::now();
+    while last_change.elapsed() < quiet_for && start.elapsed() < timeout {
         tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = api_requests(&metrics).await?;
+        if now != req1 {
+            req1 = now;
+            last_change = Instant::now();
+        }
     }
-    let all_ready = start.elapsed();
+    let quiet = last_change.duration_since(start);
     let cpu1 = cpu_secs(pid)?;
-    let req1 = api_requests(&metrics).await?;
     eprintln!(
-        "[bench-operator] {ready}/{pools} Ready after {:.1}s; steady state for {steady}s",
-        all_ready.as_secs_f64()
+        "[bench-operator] {ready}/{pools} Ready after {:.1}s, last request at {:.1}s; steady state for {steady}s",
+        all_ready.as_secs_f64(),
+        quiet.as_secs_f64()
     );
     tokio::time::sleep(Duration::from_secs(steady)).await;
     let req2 = api_requests(&metrics).await?;
@@ -164,14 +225,20 @@ async fn main() -> Result<()> {
     let secs =
         |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.1} s", d.as_secs_f64()));
     let mark = |ok: bool| if ok { "✓" } else { "✗" };
+    let cm = if cm_qps > 0 {
+        format!("`--kube-api-qps={cm_qps}`, upstream default 20")
+    } else {
+        "upstream default `--kube-api-qps=20`".to_string()
+    };
     let report = format!(
         "### Operator: {pools} ConnectionPools at once\n\n\
-         Real kube-apiserver v1.34 + controller-manager, process-backed node agent running {pools} pooler pods, operator as a local process.\n\n\
+         Real kube-apiserver v1.34 + controller-manager ({cm}), process-backed node agent running {pools} pooler pods, operator as a local process.\n\n\
          | measure | value | target |\n|---|---:|---|\n\
          | pools Ready | {ready}/{pools} | all |\n\
          | time until all Ready (create took {:.1}s) | {:.1} s | ≤ 60 s {} |\n\
          | time until the operator had written all {pools} Deployments | {} | - |\n\
          | time until all {pools} pods existed (controller-manager) | {} | - |\n\
+         | time of the operator's last request while converging (then {QUIET_SECS} s quiet) | {:.1} s | - |\n\
          | operator CPU while converging | {:.1} s | - |\n\
          | operator peak RSS | {:.1} MiB | ≤ 150 MiB {} |\n\
          | API requests per pool to converge | {:.1} | ≤ 10 {} |\n\
@@ -183,6 +250,7 @@ async fn main() -> Result<()> {
         mark(ready == pools && all_ready.as_secs() <= 60),
         secs(all_deployments),
         secs(all_pods),
+        quiet.as_secs_f64(),
         cpu1 - cpu0,
         rss,
         mark(rss <= 150.0),

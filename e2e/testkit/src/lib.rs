@@ -5,7 +5,7 @@
 pub mod cluster;
 mod postgres;
 
-pub use cluster::{ControlPlane, client_from_kubeconfig, k8s_bin_dir};
+pub use cluster::{ControlPlane, ControlPlaneOptions, client_from_kubeconfig, k8s_bin_dir};
 pub use postgres::{
     APP_DB, APP_USER, PostgresBuilder, SUPERUSER, TempPostgres, connect, free_port, pg_bin_dir,
 };
