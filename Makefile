@@ -9,7 +9,7 @@ export SLUICE_BIN_DIR ?= $(SLUICE_CACHE)/bin
 export PATH := $(SLUICE_BIN_DIR):$(PATH)
 CARGO ?= cargo
 
-.PHONY: help build tools lint fmt unit e2e test crds bench bench-pooler bench-operator demo images clean-cache
+.PHONY: help build tools lint fmt unit e2e test crds bench bench-build bench-pooler bench-operator demo images clean-cache
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -38,22 +38,25 @@ test: lint unit e2e ## Everything CI runs: lint, unit, integration, e2e
 crds: ## Regenerate the CRD YAML in crds/, config/crd/bases and charts/sluice/crds
 	$(CARGO) run -q -p sluice-operator -- crd --write-all .
 
-bench: ## Benchmarks: pooler vs PgBouncer, and the operator at scale; writes docs/benchmarks.md
-	$(MAKE) bench-pooler
-	$(MAKE) bench-operator
+bench: ## Benchmarks: pooler vs PgBouncer, and the operator at scale; writes docs/benchmarks.md (~14 min once built)
+	@start=$$SECONDS; $(MAKE) bench-pooler; $(MAKE) bench-operator; echo "make bench: pooler and operator took $$((SECONDS - start)) s"
 	{ echo "# Benchmarks"; echo; echo "Measured by \`make bench\` on $$(date -u +%Y-%m-%d). Ratios compare runs made in the same invocation on the same machine."; echo; \
 	  cat "$(SLUICE_CACHE)/bench/pooler.md"; echo; \
 	  cat "$(SLUICE_CACHE)/bench/operator.md"; \
 	  [[ -f docs/benchmarks-analysis.md ]] && { echo; cat docs/benchmarks-analysis.md; } || true; } > docs/benchmarks.md
 	@echo "wrote docs/benchmarks.md"
 
-bench-pooler: ## Pooler vs PgBouncer vs PostgreSQL (pgbench; ~10 min)
-	mkdir -p "$(SLUICE_CACHE)/bench"
-	bash e2e/bench/pooler.sh "$(SLUICE_CACHE)/bench/pooler.md"
-
-bench-operator: tools ## 200 ConnectionPools on the real control plane (~3 min)
-	mkdir -p "$(SLUICE_CACHE)/bench"
+# One release build for both benchmarks: building the pooler alone would unify features
+# differently and rebuild it.
+bench-build:
 	$(CARGO) build -q --release -p sluice-operator -p sluice-pooler -p sluice-e2e --bin sluice-operator --bin sluice-pooler --bin sluice-bench-operator
+
+bench-pooler: bench-build ## Pooler vs PgBouncer vs PostgreSQL (pgbench; ~10 min)
+	mkdir -p "$(SLUICE_CACHE)/bench"
+	SLUICE_POOLER="$(CARGO_TARGET_DIR)/release/sluice-pooler" bash e2e/bench/pooler.sh "$(SLUICE_CACHE)/bench/pooler.md"
+
+bench-operator: tools bench-build ## 200 ConnectionPools on the real control plane (~4 min)
+	mkdir -p "$(SLUICE_CACHE)/bench"
 	"$(CARGO_TARGET_DIR)/release/sluice-bench-operator" "$(SLUICE_CACHE)/bench/operator.md"
 
 demo: tools build ## Run Sluice locally: PostgreSQL, control plane, node agent, operator, a sample pool (Ctrl-C stops)

@@ -32,7 +32,8 @@ if ! command -v pgbouncer >/dev/null; then
 fi
 if [[ -z ${SLUICE_POOLER:-} && " ${BENCH_TARGETS:-sluice} " == *" sluice "* ]]; then
   log "building sluice-pooler (release)"
-  (cd "$ROOT" && cargo build -q --release -p sluice-pooler)
+  # the same package set as `make bench-build`, so the two share one build
+  (cd "$ROOT" && cargo build -q --release -p sluice-operator -p sluice-pooler -p sluice-e2e --bin sluice-pooler)
   SLUICE_POOLER=$CARGO_TARGET_DIR/release/sluice-pooler
 fi
 
@@ -166,7 +167,7 @@ run_pgbench() {
     return
   fi
   local t1 s1 steal; t1=$(cpu_ticks "$pid"); s1=$(steal_ticks)
-  steal=$(awk -v a="$s0" -v b="$s1" 'BEGIN{ split(a, x, " "); split(b, y, " "); d = y[2] - x[2]; printf "%.1f", d > 0 ? 100 * (y[1] - x[1]) / d : 0 }')
+  steal=$(awk -v a="$s0" -v b="$s1" 'BEGIN{ split(a, x, " "); split(b, y, " "); d = y[2] - x[2]; printf "%.1f", (d > 0 ? 100 * (y[1] - x[1]) / d : 0) }')
   STEALS+=("$steal")
   if ! grep -q '^tps = ' <<<"$out"; then
     log "$scen/$target: no result: $(tail -3 <<<"$out" | tr '\n' ' ')"; RES[$scen|$target]+="fail "; return

@@ -263,5 +263,11 @@ async fn main() -> Result<()> {
     if let Some(path) = report_path {
         std::fs::write(path, &report)?;
     }
-    fx.shutdown().await
+    let stopping = Instant::now();
+    fx.shutdown().await?;
+    eprintln!(
+        "[bench-operator] stopped {pools} pods and the control plane in {:.1}s",
+        stopping.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
