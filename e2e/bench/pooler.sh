@@ -246,7 +246,24 @@ fi
 # --- report -----------------------------------------------------------------
 median() { tr ' ' '\n' | grep -E '^[0-9.]+$' | sort -n | awk '{a[NR]=$1} END{ if (NR) print a[int((NR+1)/2)]; else print "-" }'; }
 field() { local v=${RES[$1|$2]:-}; if [[ $v == *unsupported* ]]; then echo n/a; elif [[ -z ${v// /} || $v == fail* && $v != *:* ]]; then echo fail; else echo "$v" | tr ' ' '\n' | grep ':' | cut -d: -f"$3" | tr '\n' ' ' | median; fi; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b > 0) printf "%.2f×", a/b; else print "-" }'; }
+whole() { awk -v v="$1" 'BEGIN{ if (v ~ /^[0-9.]+$/) printf "%.0f", v; else print v }'; }
+# pratio SCENARIO A B FIELD: the median over rounds of A/B, each round's A divided by the
+# B measured in that same round (the machine drifts between rounds). Sets PR ("median×")
+# and PRANGE ("min–max"), or both to "-".
+pratio() {
+  local a=${RES[$1|$2]:-} b=${RES[$1|$3]:-}
+  local out
+  out=$(awk -v a="$a" -v b="$b" -v f="$4" 'BEGIN{
+    na = split(a, x, " "); split(b, y, " "); n = 0
+    for (i = 1; i <= na; i++) {
+      split(x[i], p, ":"); split(y[i], q, ":")
+      if (p[f] ~ /^[0-9.]+$/ && q[f] ~ /^[0-9.]+$/ && q[f] > 0) r[++n] = p[f] / q[f]
+    }
+    if (!n) { print "- -"; exit }
+    for (i = 2; i <= n; i++) { v = r[i]; for (j = i - 1; j >= 1 && r[j] > v; j--) r[j + 1] = r[j]; r[j + 1] = v }
+    printf "%.2f× %.2f–%.2f\n", r[int((n + 1) / 2)], r[1], r[n] }')
+  PR=${out%% *} PRANGE=${out#* }
+}
 mark() { awk -v r="${1%×}" -v t="$2" -v dir="$3" 'BEGIN{ if (r !~ /^[0-9.]+$/) { print ""; exit } ok = (dir == "ge") ? (r >= t) : (r <= t); print ok ? "✓" : "✗" }'; }
 
 {
@@ -256,21 +273,26 @@ mark() { awk -v r="${1%×}" -v t="$2" -v dir="$3" 'BEGIN{ if (r !~ /^[0-9.]+$/) 
   echo
   echo "CPU steal (time the hypervisor gave other guests) per run: median $(echo "${STEALS[*]}" | median) %, max $(printf '%s\n' "${STEALS[@]}" | sort -n | tail -1) % over ${#STEALS[@]} runs."
   echo
+  echo "TPS, p99 and CPU columns are medians over the rounds. Ratios are the median of each round's Sluice figure over the reference's figure in the same round (min–max over rounds in brackets)."
+  echo
   echo "| scenario | PostgreSQL TPS | PgBouncer TPS | Sluice TPS | Sluice/PgBouncer TPS | target | p99 ms (PgB / Sluice) | p99 ratio | CPU s/10k tx (PgB / Sluice) | CPU ratio |"
   echo "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"
   for s in "${SCENARIOS[@]}"; do
     read -r scen clients mode extra <<<"$s"
-    pg=$(field "$scen" postgres 1); pb=$(field "$scen" pgbouncer 1); sl=$(field "$scen" sluice 1)
+    pg=$(whole "$(field "$scen" postgres 1)"); pb=$(whole "$(field "$scen" pgbouncer 1)"); sl=$(whole "$(field "$scen" sluice 1)")
     p99b=$(field "$scen" pgbouncer 3); p99s=$(field "$scen" sluice 3)
     cpub=$(field "$scen" pgbouncer 4); cpus=$(field "$scen" sluice 4)
+    ref=pgbouncer; [[ $scen == prep100 ]] && ref=postgres
+    pratio "$scen" sluice "$ref" 1; r=$PR range=$PRANGE
     case $scen in
-      c1|c10|storm50) tgt="≥ 1.00×"; r=$(ratio "$sl" "$pb"); m=$(mark "$r" 1.0 ge);;
-      c100|c500) tgt="≥ 1.15×"; r=$(ratio "$sl" "$pb"); m=$(mark "$r" 1.15 ge);;
-      prep100) tgt="vs PostgreSQL"; r="$(ratio "$sl" "$pg") of PG"; m="";;
-      *) tgt="-"; r=$(ratio "$sl" "$pb"); m="";;
+      c1|c10|storm50) tgt="≥ 1.00×"; m=$(mark "$r" 1.0 ge);;
+      c100|c500) tgt="≥ 1.15×"; m=$(mark "$r" 1.15 ge);;
+      prep100) tgt="vs PostgreSQL"; m="of PG";;
+      *) tgt="-"; m="";;
     esac
-    rp=$(ratio "$p99s" "$p99b"); [[ $scen == c500 ]] && rp="$rp $(mark "$rp" 1.0 le)"
-    rc=$(ratio "$cpus" "$cpub"); [[ $rc != - ]] && rc="$rc $(mark "$rc" 0.8 le)"
+    [[ $range != - ]] && m="$m ($range)"
+    pratio "$scen" sluice pgbouncer 3; rp=$PR; [[ $scen == c500 ]] && rp="$rp $(mark "$rp" 1.0 le)"
+    pratio "$scen" sluice pgbouncer 4; rc=$PR; [[ $rc != - ]] && rc="$rc $(mark "$rc" 0.8 le)"
     label="$clients clients, -M $mode${extra:+ $extra}"
     echo "| $label | $pg | $pb | $sl | $r $m | $tgt | $p99b / $p99s | $rp | $cpub / $cpus | $rc |"
   done
@@ -280,7 +302,7 @@ mark() { awk -v r="${1%×}" -v t="$2" -v dir="$3" 'BEGIN{ if (r !~ /^[0-9.]+$/) 
   echo "| idle clients | PgBouncer | Sluice | target |"
   echo "|---|---:|---:|---|"
   echo "| clients held | $n_b | $n_s | $IDLE_CLIENTS |"
-  echo "| RSS growth per client (KiB) | $kb_b | $kb_s | Sluice ≤ 8 KiB $(awk -v k="$kb_s" 'BEGIN{print (k <= 8) ? "✓" : "✗"}') |"
+  echo "| RSS growth per client (KiB) | $kb_b | $kb_s | Sluice ≤ 8 KiB $(awk -v k="$kb_s" 'BEGIN{ if (k ~ /^[0-9.]+$/) print (k <= 8) ? "✓" : "✗" }') |"
 } | tee "$W/report.md"
 [[ -n $REPORT ]] && cp "$W/report.md" "$REPORT"
 log "bench-pooler took ${SECONDS}s"
