@@ -261,7 +261,8 @@ pratio() {
     }
     if (!n) { print "- -"; exit }
     for (i = 2; i <= n; i++) { v = r[i]; for (j = i - 1; j >= 1 && r[j] > v; j--) r[j + 1] = r[j]; r[j + 1] = v }
-    printf "%.2f× %.2f–%.2f\n", r[int((n + 1) / 2)], r[1], r[n] }')
+    m = (n % 2) ? r[(n + 1) / 2] : (r[n / 2] + r[n / 2 + 1]) / 2
+    printf "%.2f× %.2f–%.2f\n", m, r[1], r[n] }')
   PR=${out%% *} PRANGE=${out#* }
 }
 mark() { awk -v r="${1%×}" -v t="$2" -v dir="$3" 'BEGIN{ if (r !~ /^[0-9.]+$/) { print ""; exit } ok = (dir == "ge") ? (r >= t) : (r <= t); print ok ? "✓" : "✗" }'; }
@@ -273,7 +274,7 @@ mark() { awk -v r="${1%×}" -v t="$2" -v dir="$3" 'BEGIN{ if (r !~ /^[0-9.]+$/) 
   echo
   echo "CPU steal (time the hypervisor gave other guests) per run: median $(echo "${STEALS[*]}" | median) %, max $(printf '%s\n' "${STEALS[@]}" | sort -n | tail -1) % over ${#STEALS[@]} runs."
   echo
-  echo "TPS, p99 and CPU columns are medians over the rounds. Ratios are the median of each round's Sluice figure over the reference's figure in the same round (min–max over rounds in brackets)."
+  echo "TPS, p99 and CPU columns are medians over the rounds. Ratios are the median of each round's Sluice figure over the reference's figure in the same round; the TPS ratio shows its min–max over rounds in parentheses."
   echo
   echo "| scenario | PostgreSQL TPS | PgBouncer TPS | Sluice TPS | Sluice/PgBouncer TPS | target | p99 ms (PgB / Sluice) | p99 ratio | CPU s/10k tx (PgB / Sluice) | CPU ratio |"
   echo "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"

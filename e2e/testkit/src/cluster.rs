@@ -80,8 +80,8 @@ fn check_bin_dir(dir: &Path) -> Result<()> {
 pub struct ControlPlaneOptions {
     /// The controller-manager's client-side rate limit (`--kube-api-qps`, burst twice
     /// that). `None` keeps the upstream default of 20 requests per second (burst 30).
-    /// Large clusters raise it; the operator benchmark does, so its time-to-Ready
-    /// measures the operator rather than the controller-manager's throttle.
+    /// Large clusters raise it; the operator benchmark can (`CONTROLLER_MANAGER_QPS`), to
+    /// see how much of its time-to-Ready is the controller-manager's throttle.
     pub controller_manager_qps: Option<u32>,
 }
 
