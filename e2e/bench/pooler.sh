@@ -32,8 +32,8 @@ if ! command -v pgbouncer >/dev/null; then
 fi
 if [[ -z ${SLUICE_POOLER:-} && " ${BENCH_TARGETS:-sluice} " == *" sluice "* ]]; then
   log "building sluice-pooler (release)"
-  # the same package set as `make bench-build`, so the two share one build
-  (cd "$ROOT" && cargo build -q --release -p sluice-operator -p sluice-pooler -p sluice-e2e --bin sluice-pooler)
+  # `make bench-build`, so this and `make bench-operator` share one build
+  make -s -C "$ROOT" bench-build
   SLUICE_POOLER=$CARGO_TARGET_DIR/release/sluice-pooler
 fi
 
@@ -244,26 +244,24 @@ if (( IDLE_CLIENTS > 0 )); then
 fi
 
 # --- report -----------------------------------------------------------------
-median() { tr ' ' '\n' | grep -E '^[0-9.]+$' | sort -n | awk '{a[NR]=$1} END{ if (NR) print a[int((NR+1)/2)]; else print "-" }'; }
+# The median of the numbers on stdin (the mean of the middle two for an even count), or "-".
+median() { tr ' ' '\n' | grep -E '^[0-9.]+$' | sort -n | awk '{a[NR]=$1} END{ if (!NR) print "-"; else if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2] + a[NR/2+1]) / 2 }'; }
 field() { local v=${RES[$1|$2]:-}; if [[ $v == *unsupported* ]]; then echo n/a; elif [[ -z ${v// /} || $v == fail* && $v != *:* ]]; then echo fail; else echo "$v" | tr ' ' '\n' | grep ':' | cut -d: -f"$3" | tr '\n' ' ' | median; fi; }
 whole() { awk -v v="$1" 'BEGIN{ if (v ~ /^[0-9.]+$/) printf "%.0f", v; else print v }'; }
 # pratio SCENARIO A B FIELD: the median over rounds of A/B, each round's A divided by the
 # B measured in that same round (the machine drifts between rounds). Sets PR ("median×")
 # and PRANGE ("min–max"), or both to "-".
 pratio() {
-  local a=${RES[$1|$2]:-} b=${RES[$1|$3]:-}
-  local out
-  out=$(awk -v a="$a" -v b="$b" -v f="$4" 'BEGIN{
-    na = split(a, x, " "); split(b, y, " "); n = 0
+  local ratios
+  ratios=$(awk -v a="${RES[$1|$2]:-}" -v b="${RES[$1|$3]:-}" -v f="$4" 'BEGIN{
+    na = split(a, x, " "); split(b, y, " ")
     for (i = 1; i <= na; i++) {
       split(x[i], p, ":"); split(y[i], q, ":")
-      if (p[f] ~ /^[0-9.]+$/ && q[f] ~ /^[0-9.]+$/ && q[f] > 0) r[++n] = p[f] / q[f]
-    }
-    if (!n) { print "- -"; exit }
-    for (i = 2; i <= n; i++) { v = r[i]; for (j = i - 1; j >= 1 && r[j] > v; j--) r[j + 1] = r[j]; r[j + 1] = v }
-    m = (n % 2) ? r[(n + 1) / 2] : (r[n / 2] + r[n / 2 + 1]) / 2
-    printf "%.2f× %.2f–%.2f\n", m, r[1], r[n] }')
-  PR=${out%% *} PRANGE=${out#* }
+      if (p[f] ~ /^[0-9.]+$/ && q[f] ~ /^[0-9.]+$/ && q[f] > 0) printf "%.6f\n", p[f] / q[f]
+    } }' | sort -n)
+  if [[ -z $ratios ]]; then PR=- PRANGE=-; return; fi
+  PR=$(printf '%.2f×' "$(median <<<"$ratios")")
+  PRANGE=$(printf '%.2f–%.2f' "$(head -1 <<<"$ratios")" "$(tail -1 <<<"$ratios")")
 }
 mark() { awk -v r="${1%×}" -v t="$2" -v dir="$3" 'BEGIN{ if (r !~ /^[0-9.]+$/) { print ""; exit } ok = (dir == "ge") ? (r >= t) : (r <= t); print ok ? "✓" : "✗" }'; }
 

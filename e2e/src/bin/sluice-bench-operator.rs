@@ -202,10 +202,9 @@ async fn main() -> Result<()> {
         .await?;
     let created = start.elapsed();
     let (ready, all_ready) = all_ready.await??;
-    let (_, all_deployments) = all_deployments.await??;
-    let (_, all_pods) = all_pods.await??;
-    let all_deployments = (all_deployments < timeout).then_some(all_deployments);
-    let all_pods = (all_pods < timeout).then_some(all_pods);
+    let reached = |(n, t): (usize, Duration)| (n >= pools).then_some(t);
+    let all_deployments = reached(all_deployments.await??);
+    let all_pods = reached(all_pods.await??);
     // Converged = all Ready and then no operator request for QUIET_SECS: the last
     // status patches (a rollout finishing after Ready) count as converging, not as
     // steady state.
