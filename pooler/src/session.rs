@@ -14,7 +14,6 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 use crate::auth::{ScramServer, ScramVerifier, verify_md5};
 use crate::config::{AuthMethod, Config, PoolMode};
@@ -31,10 +30,14 @@ use crate::protocol::{
 };
 use crate::state::{CancelSlot, Shared};
 
-/// Client read buffer size while the client sends; an idle client holds none.
+/// Growth step of the client read buffer for messages longer than [`IDLE_BUF`].
 const CLIENT_BUF: usize = 64 * 1024;
-/// Reads with less free space than this grow the client buffer to [`CLIENT_BUF`] first.
+/// Reads continuing a message with less free space than this grow the buffer first.
 const MIN_READ: usize = 4 * 1024;
+/// Read buffer a client keeps between transactions: a typical query fits, so the hot
+/// path reuses it without allocating; a buffer grown for a long message is given back
+/// at the next idle point.
+const IDLE_BUF: usize = 1024;
 /// Initial read buffer for startup and authentication (grown to fit a longer message).
 const LOGIN_BUF: usize = 1024;
 /// Bound on authentication-phase messages.
@@ -89,13 +92,19 @@ pub async fn report(stream: &mut TcpStream, e: &Error) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&bytes)).await;
 }
 
-/// Reads what the client sent into `buf`, growing it only once data is there, so that a
-/// client waiting for input holds no read buffer. Cancel-safe: `readable` and `read_buf`
-/// both are. (`read_buf`, unlike `try_read_buf`, marks the socket drained after a short
-/// read, which saves an `EAGAIN` round per message.)
+/// Reads what the client sent into `buf`. A new message starts in the buffer's own
+/// allocation ([`IDLE_BUF`], reclaimed once earlier frames are dropped); only the rest
+/// of a longer message grows it. Cancel-safe: `readable` and `read_buf` both are.
+/// (`read_buf`, unlike `try_read_buf`, marks the socket drained after a short read,
+/// which saves an `EAGAIN` round per message.)
 async fn read_client(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
     stream.readable().await?;
-    if buf.capacity() - buf.len() < MIN_READ {
+    let spare = buf.capacity() - buf.len();
+    if buf.is_empty() {
+        if spare < IDLE_BUF {
+            buf.reserve(IDLE_BUF);
+        }
+    } else if spare < MIN_READ {
         buf.reserve(CLIENT_BUF);
     }
     stream.read_buf(buf).await
@@ -183,7 +192,7 @@ async fn login(
         None => {
             // First client of this pool: a server connection tells us the parameters
             // (and that the database exists).
-            let conn = shared.pools.acquire(&key, &cfg).await?;
+            let (conn, _) = shared.pools.acquire(&key, &cfg).await?;
             let p = Arc::new(conn.params.clone());
             if shared.mode == PoolMode::Session {
                 server = Some(conn);
@@ -290,6 +299,8 @@ struct Session<'a> {
     key: PoolKey,
     client: TcpStream,
     cbuf: BytesMut,
+    /// `cbuf` may hold more than [`IDLE_BUF`]: shrink it at the next idle point.
+    cbuf_grown: bool,
     server: Option<ServerConn>,
     tracker: Tracker,
     stmts: ClientStatements,
@@ -320,6 +331,8 @@ async fn run_session(
         key: login.key,
         client,
         cbuf,
+        // The login phase may have grown it.
+        cbuf_grown: true,
         server: None,
         tracker: Tracker::default(),
         stmts: ClientStatements::default(),
@@ -368,6 +381,10 @@ impl Session<'_> {
     }
 
     async fn run(&mut self, drain: &mut watch::Receiver<bool>) -> Result<()> {
+        // One future for the whole session: re-creating it per turn would register and
+        // unregister with the shared watch (a lock each) on every message.
+        let drained = drain.changed();
+        tokio::pin!(drained);
         loop {
             while let Some(f) = split_frame(&mut self.cbuf, self.shared.max_message)? {
                 if f.tag == b'X' {
@@ -381,10 +398,13 @@ impl Session<'_> {
             if self.draining && self.server.is_none() && self.cbuf.is_empty() {
                 return Err(Error::ShuttingDown);
             }
-            if self.server.is_none() && self.cbuf.is_empty() && self.cbuf.capacity() > 0 {
-                // Idle between transactions: give the read buffer back (see `read_client`).
-                self.cbuf = BytesMut::new();
+            if self.server.is_none() && self.cbuf.is_empty() && self.cbuf_grown {
+                // Idle between transactions: back to the small buffer (see `read_client`).
+                self.cbuf = BytesMut::with_capacity(IDLE_BUF);
+                self.cbuf_grown = false;
             }
+            // A partial message may grow the buffer (here or in `split_frame`).
+            self.cbuf_grown |= !self.cbuf.is_empty();
             let ev = {
                 let client = &mut self.client;
                 let cbuf = &mut self.cbuf;
@@ -398,7 +418,7 @@ impl Session<'_> {
                             None => std::future::pending().await,
                         }
                     } => Event::Server(r),
-                    _ = drain.changed(), if !draining => Event::Drain,
+                    _ = &mut drained, if !draining => Event::Drain,
                 }
             };
             match ev {
@@ -438,17 +458,22 @@ impl Session<'_> {
                 return Err(Error::ShuttingDown);
             }
             let cfg = self.shared.config();
-            let t0 = Instant::now();
-            let r = self.shared.pools.acquire(&self.key, &cfg).await;
-            self.shared
-                .metrics
-                .wait_seconds
-                .observe(t0.elapsed().as_secs_f64());
-            match r {
-                Ok(c) => self.attach(c),
+            match self.shared.pools.acquire(&self.key, &cfg).await {
+                Ok((c, waited)) => {
+                    self.shared
+                        .metrics
+                        .wait_seconds
+                        .observe(waited.as_secs_f64());
+                    self.attach(c);
+                }
                 Err(e) => {
                     if matches!(e, Error::PoolTimeout { .. }) {
                         self.shared.metrics.pool_timeouts.inc();
+                        // It waited the whole timeout.
+                        self.shared
+                            .metrics
+                            .wait_seconds
+                            .observe(cfg.pool_timeout.as_secs_f64());
                     }
                     return Err(e);
                 }

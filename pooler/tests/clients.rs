@@ -133,6 +133,17 @@ async fn exercise_tokio_postgres(p: &Pooler, table: &str) -> Result<()> {
         .await?
         .get(0);
     assert_eq!(total, 20 + 1 + 1 + 500);
+    // Messages far longer than the client's idle read buffer, in both protocols, then
+    // short ones again (the buffer grows for the first and shrinks back between).
+    let long = "x".repeat(300_000);
+    let r = b.query_one("SELECT length($1::text)", &[&long]).await?;
+    assert_eq!(r.get::<_, i32>(0), 300_000);
+    let m = b
+        .simple_query(&format!("SELECT length('{}')", &long[..200_000]))
+        .await?;
+    assert_eq!(rows(&m), vec![vec![Some("200000".to_string())]]);
+    let r = b.query_one(&sel, &[&2i32]).await?;
+    assert_eq!(r.get::<_, String>(0), "v2");
     // Simple-query protocol with several statements.
     let m = a.simple_query("SELECT 1; SELECT 'two'").await?;
     assert_eq!(

@@ -3,6 +3,8 @@
 //! back. The lock is never held across an await.
 
 use std::collections::{HashMap, VecDeque};
+
+use rustc_hash::FxBuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -90,9 +92,25 @@ struct State<C> {
     open: usize,
     draining: bool,
     next_id: u64,
-    idle: HashMap<PoolKey, Vec<Idle<C>>>,
     waiters: VecDeque<Waiter<C>>,
-    pools: HashMap<PoolKey, PoolCounts>,
+    /// Looked up on every acquire and release: one map, hashed with Fx (the keys come
+    /// from logged-in clients, not from unauthenticated input).
+    pools: HashMap<PoolKey, Pool<C>, FxBuildHasher>,
+}
+
+/// One pool's counters and idle connections (most recently used last).
+struct Pool<C> {
+    counts: PoolCounts,
+    idle: Vec<Idle<C>>,
+}
+
+impl<C> Default for Pool<C> {
+    fn default() -> Self {
+        Self {
+            counts: PoolCounts::default(),
+            idle: Vec::new(),
+        }
+    }
 }
 
 /// The limiter; see the module docs. `C` is the connection type.
@@ -107,26 +125,34 @@ impl<C> std::fmt::Debug for Limiter<C> {
 }
 
 impl<C> State<C> {
+    fn pool(&mut self, key: &PoolKey) -> &mut Pool<C> {
+        // `entry` would clone the key on every call; pools are created once.
+        if !self.pools.contains_key(key) {
+            self.pools.insert(key.clone(), Pool::default());
+        }
+        self.pools.get_mut(key).expect("inserted above")
+    }
+
     fn counts(&mut self, key: &PoolKey) -> &mut PoolCounts {
-        self.pools.entry(key.clone()).or_default()
+        &mut self.pool(key).counts
     }
 
     fn idle_total(&self) -> usize {
-        self.idle.values().map(Vec::len).sum()
+        self.pools.values().map(|p| p.idle.len()).sum()
     }
 
     /// Removes the idle connection that has been idle longest, across pools.
     fn pop_oldest_idle(&mut self) -> Option<(PoolKey, C)> {
         let key = self
-            .idle
+            .pools
             .iter()
-            .filter_map(|(k, v)| v.first().map(|i| (k, i.since)))
+            .filter_map(|(k, p)| p.idle.first().map(|i| (k, i.since)))
             .min_by_key(|(_, s)| *s)
             .map(|(k, _)| k.clone())?;
-        let list = self.idle.get_mut(&key)?;
-        let i = list.remove(0);
+        let pool = self.pool(&key);
+        let i = pool.idle.remove(0);
+        pool.counts.open -= 1;
         self.open -= 1;
-        self.counts(&key).open -= 1;
         Some((key, i.conn))
     }
 
@@ -155,9 +181,8 @@ impl<C> Limiter<C> {
                 open: 0,
                 draining: false,
                 next_id: 0,
-                idle: HashMap::new(),
                 waiters: VecDeque::new(),
-                pools: HashMap::new(),
+                pools: HashMap::default(),
             }),
         }
     }
@@ -168,10 +193,15 @@ impl<C> Limiter<C> {
 
     /// Takes an idle connection of `key`, reserves a slot, or queues the caller.
     pub fn acquire(&self, key: &PoolKey) -> Acquire<C> {
+        self.acquire_at(key, Instant::now())
+    }
+
+    /// [`Self::acquire`] with the caller's clock reading (one per transaction is enough).
+    pub fn acquire_at(&self, key: &PoolKey, now: Instant) -> Acquire<C> {
         let mut s = self.lock();
-        let now = Instant::now();
-        if let Some(i) = s.idle.get_mut(key).and_then(Vec::pop) {
-            s.counts(key).in_use += 1;
+        let pool = s.pool(key);
+        if let Some(i) = pool.idle.pop() {
+            pool.counts.in_use += 1;
             return Acquire::Conn(i.conn, now - i.since);
         }
         if s.waiters.is_empty() && !s.draining {
@@ -213,8 +243,20 @@ impl<C> Limiter<C> {
     /// Returns a connection. `reusable` is false when it is broken, dirty or too old.
     /// Returns connections the caller must close.
     pub fn release(&self, key: &PoolKey, conn: C, created: Instant, reusable: bool) -> Vec<C> {
+        self.release_at(key, conn, created, reusable, Instant::now())
+    }
+
+    /// [`Self::release`] with the caller's clock reading.
+    pub fn release_at(
+        &self,
+        key: &PoolKey,
+        conn: C,
+        created: Instant,
+        reusable: bool,
+        now: Instant,
+    ) -> Vec<C> {
         let mut s = self.lock();
-        s.counts(key).in_use -= 1;
+        s.pool(key).counts.in_use -= 1;
         let mut close = Vec::new();
         if !reusable || s.draining || s.open > s.limit {
             s.open -= 1;
@@ -244,9 +286,9 @@ impl<C> Limiter<C> {
                 return close;
             }
         }
-        s.idle.entry(key.clone()).or_default().push(Idle {
+        s.pool(key).idle.push(Idle {
             conn,
-            since: Instant::now(),
+            since: now,
             created,
         });
         close
@@ -290,7 +332,8 @@ impl<C> Limiter<C> {
         let now = Instant::now();
         let mut close = Vec::new();
         let mut removed: Vec<PoolKey> = Vec::new();
-        for (k, list) in s.idle.iter_mut() {
+        for (k, pool) in s.pools.iter_mut() {
+            let list = &mut pool.idle;
             let mut i = 0;
             while i < list.len() {
                 if now - list[i].since >= idle_timeout
@@ -335,7 +378,7 @@ impl<C> Limiter<C> {
     pub fn snapshot(&self) -> Snapshot {
         let s = self.lock();
         let mut pools: Vec<(PoolKey, PoolCounts)> =
-            s.pools.iter().map(|(k, c)| (k.clone(), *c)).collect();
+            s.pools.iter().map(|(k, p)| (k.clone(), p.counts)).collect();
         for (k, c) in pools.iter_mut() {
             c.waiting = s
                 .waiters

@@ -91,7 +91,8 @@ impl Pools {
         }
     }
 
-    /// Gets a server connection for `key`, waiting up to `pool_timeout`, also for a server
+    /// Gets a server connection for `key` and how long the caller waited for a slot
+    /// (zero when one was free), waiting up to `pool_timeout`, also for a server
     /// that cannot be reached or is starting up or shutting down (retried every
     /// [`OPEN_RETRY`], as PgBouncer's `server_login_retry`).
     ///
@@ -100,11 +101,19 @@ impl Pools {
     /// draining, the login error of a new connection (at once when retrying cannot help:
     /// a wrong password, a missing database), or the last connection error when the
     /// server stays unavailable for `pool_timeout`.
-    pub async fn acquire(&self, key: &PoolKey, cfg: &Config) -> Result<ServerConn> {
-        let deadline = Instant::now() + cfg.pool_timeout;
+    pub async fn acquire(&self, key: &PoolKey, cfg: &Config) -> Result<(ServerConn, Duration)> {
+        // One clock reading on the fast path (an idle connection was there).
+        let start = Instant::now();
+        let deadline = start + cfg.pool_timeout;
+        let mut first = true;
         loop {
-            let grant = match self.limiter.acquire(key) {
-                Acquire::Conn(c, idle) => Grant::Conn((c, idle)),
+            let now = if std::mem::take(&mut first) {
+                start
+            } else {
+                Instant::now()
+            };
+            let grant = match self.limiter.acquire_at(key, now) {
+                Acquire::Conn(c, idle) => Grant::Conn((c, idle, false)),
                 Acquire::Open(evicted) => {
                     close_all(evicted.into_iter().collect());
                     Grant::Open
@@ -122,7 +131,7 @@ impl Pools {
                         Err(_) => rx.await,
                     };
                     match got {
-                        Ok(Grant::Conn(c)) => Grant::Conn((c, Duration::ZERO)),
+                        Ok(Grant::Conn(c)) => Grant::Conn((c, Duration::ZERO, true)),
                         Ok(Grant::Open) => Grant::Open,
                         Err(_) => return Err(Error::ShuttingDown),
                     }
@@ -130,7 +139,7 @@ impl Pools {
             };
             match grant {
                 Grant::Open => match self.open(key, cfg).await {
-                    Ok(c) => return Ok(c),
+                    Ok(c) => return Ok((c, start.elapsed())),
                     Err(f) if f.transient && Instant::now() < deadline => {
                         tracing::info!(error = %f.error, "server unavailable; retrying within pool_timeout");
                         tokio::time::sleep_until(deadline.min(Instant::now() + OPEN_RETRY)).await;
@@ -138,7 +147,8 @@ impl Pools {
                     }
                     Err(f) => return Err(f.error),
                 },
-                Grant::Conn((mut c, idle)) => {
+                Grant::Conn((mut c, idle, waited)) => {
+                    let now = if waited { Instant::now() } else { now };
                     if c.is_broken() {
                         tracing::info!(
                             id = c.id,
@@ -147,7 +157,7 @@ impl Pools {
                         self.limiter.discard(key);
                         continue;
                     }
-                    if c.created.elapsed() >= cfg.server_lifetime {
+                    if now.saturating_duration_since(c.created) >= cfg.server_lifetime {
                         self.limiter.discard(key);
                         close_all(vec![c]);
                         continue;
@@ -157,7 +167,7 @@ impl Pools {
                         self.limiter.discard(key);
                         continue;
                     }
-                    return Ok(c);
+                    return Ok((c, now - start));
                 }
             }
         }
@@ -165,9 +175,12 @@ impl Pools {
 
     /// Returns a connection; `clean` says it is idle with no session state to worry about.
     pub fn release(&self, key: &PoolKey, conn: ServerConn, clean: bool, cfg: &Config) {
-        let reusable = clean && conn.buf.is_empty() && conn.created.elapsed() < cfg.server_lifetime;
+        let now = Instant::now();
+        let reusable = clean
+            && conn.buf.is_empty()
+            && now.saturating_duration_since(conn.created) < cfg.server_lifetime;
         let created = conn.created;
-        close_all(self.limiter.release(key, conn, created, reusable));
+        close_all(self.limiter.release_at(key, conn, created, reusable, now));
     }
 
     /// A connection handed out is gone (broken); frees its slot.
