@@ -93,12 +93,11 @@ pub async fn report(stream: &mut TcpStream, e: &Error) {
 }
 
 /// Reads what the client sent into `buf`. A new message starts in the buffer's own
-/// allocation ([`IDLE_BUF`], reclaimed once earlier frames are dropped); only the rest
-/// of a longer message grows it. Cancel-safe: `readable` and `read_buf` both are.
-/// (`read_buf`, unlike `try_read_buf`, marks the socket drained after a short read,
-/// which saves an `EAGAIN` round per message.)
+/// allocation ([`IDLE_BUF`], reclaimed once earlier frames are dropped), so waiting
+/// for a client costs no allocation; only the rest of a longer message grows it.
+/// Cancel-safe, as `read_buf` is. (`read_buf`, unlike `try_read_buf`, marks the socket
+/// drained after a short read, which saves an `EAGAIN` round per message.)
 async fn read_client(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
-    stream.readable().await?;
     let spare = buf.capacity() - buf.len();
     if buf.is_empty() {
         if spare < IDLE_BUF {
