@@ -3,11 +3,10 @@
 //! back. The lock is never held across an await.
 
 use std::collections::{HashMap, VecDeque};
-
-use rustc_hash::FxBuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use rustc_hash::FxBuildHasher;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 

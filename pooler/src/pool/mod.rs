@@ -107,13 +107,14 @@ impl Pools {
         let deadline = start + cfg.pool_timeout;
         let mut first = true;
         loop {
-            let now = if std::mem::take(&mut first) {
+            // The clock is read again after every wait and retry.
+            let mut now = if std::mem::take(&mut first) {
                 start
             } else {
                 Instant::now()
             };
             let grant = match self.limiter.acquire_at(key, now) {
-                Acquire::Conn(c, idle) => Grant::Conn((c, idle, false)),
+                Acquire::Conn(c, idle) => Grant::Conn((c, idle)),
                 Acquire::Open(evicted) => {
                     close_all(evicted.into_iter().collect());
                     Grant::Open
@@ -130,8 +131,9 @@ impl Pools {
                         // Granted at the last moment: take it.
                         Err(_) => rx.await,
                     };
+                    now = Instant::now();
                     match got {
-                        Ok(Grant::Conn(c)) => Grant::Conn((c, Duration::ZERO, true)),
+                        Ok(Grant::Conn(c)) => Grant::Conn((c, Duration::ZERO)),
                         Ok(Grant::Open) => Grant::Open,
                         Err(_) => return Err(Error::ShuttingDown),
                     }
@@ -147,8 +149,7 @@ impl Pools {
                     }
                     Err(f) => return Err(f.error),
                 },
-                Grant::Conn((mut c, idle, waited)) => {
-                    let now = if waited { Instant::now() } else { now };
+                Grant::Conn((mut c, idle)) => {
                     if c.is_broken() {
                         tracing::info!(
                             id = c.id,
