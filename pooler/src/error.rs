@@ -43,6 +43,29 @@ pub enum Error {
     /// A server connection broke or misbehaved.
     #[error("server connection: {0}")]
     Server(String),
+    /// The server closed the connection right after sending its own ErrorResponse
+    /// (e.g. FATAL on `pg_terminate_backend`), which the client already has.
+    #[error("server ended the session: {0}")]
+    ServerEnded(String),
+}
+
+impl Error {
+    /// The `kind` label of `sluice_pooler_errors_total` for a session ended by this error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Io(_) => "io",
+            Error::Protocol(_) | Error::TooLarge { .. } => "protocol",
+            Error::AuthFailed(_) | Error::AuthUnsupported(_) => "auth",
+            Error::PoolTimeout { .. } => "pool_timeout",
+            Error::TooManyClients(_) => "too_many_clients",
+            Error::ShuttingDown => "shutdown",
+            Error::ServerError(_)
+            | Error::ServerLogin(_)
+            | Error::Server(_)
+            | Error::ServerEnded(_) => "server",
+            Error::Config(_) => "config",
+        }
+    }
 }
 
 /// `Result` with [`Error`].
@@ -75,8 +98,7 @@ impl Error {
     /// server's own ErrorResponse ([`Error::ServerError`]) or no message at all (i/o).
     pub fn to_client(&self) -> Option<ClientError> {
         let e = match self {
-            Error::Io(_) => return None,
-            Error::ServerError(_) => return None,
+            Error::Io(_) | Error::ServerError(_) | Error::ServerEnded(_) => return None,
             Error::Protocol(m) => ClientError::fatal("08P01", format!("protocol violation: {m}")),
             Error::TooLarge { .. } => ClientError::fatal("08P01", self.to_string()),
             Error::AuthFailed(_) => ClientError::fatal("28P01", self.to_string()),

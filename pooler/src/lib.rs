@@ -14,6 +14,7 @@ mod protocol;
 mod server;
 mod session;
 mod state;
+mod tracker;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -21,7 +21,8 @@ use crate::error::{Error, Result};
 use crate::metrics::PoolLabels;
 use crate::pool::{PoolKey, ServerConn, send_cancel};
 use crate::prepared::{
-    ClientStatements, Pending, SpecialQuery, Statement, Tracker, Verdict, special_query,
+    ClientStatements, DROPS_ALL_LENGTHS, SpecialQuery, Statement, drops_all_statements,
+    rename_in_error, special_query,
 };
 use crate::protocol::{
     Authentication, BackendKeyData, Bind, Close, Describe, Frame, Parse, PasswordMessage,
@@ -29,6 +30,7 @@ use crate::protocol::{
     TxStatus, command_complete, split_frame, split_startup,
 };
 use crate::state::{CancelSlot, Shared};
+use crate::tracker::{Pending, Tracker, Verdict};
 
 /// Growth step of the client read buffer for messages longer than [`IDLE_BUF`].
 const CLIENT_BUF: usize = 64 * 1024;
@@ -44,7 +46,8 @@ const LOGIN_BUF: usize = 1024;
 const MAX_AUTH_MESSAGE: usize = 8 * 1024;
 /// Time allowed from connect to logged in.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
-/// Time allowed for a reset query (ROLLBACK / DISCARD ALL) when a client leaves.
+/// Time allowed for a reset query (ROLLBACK / DISCARD ALL) when a client leaves, and
+/// for a resynchronisation barrier to come back.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves one client connection to its end.
@@ -62,16 +65,7 @@ pub async fn serve_client(mut stream: TcpStream, shared: Arc<Shared>) {
         }
     };
     if let Err(e) = res {
-        let kind = match &e {
-            Error::Io(_) => "io",
-            Error::Protocol(_) | Error::TooLarge { .. } => "protocol",
-            Error::AuthFailed(_) | Error::AuthUnsupported(_) => "auth",
-            Error::PoolTimeout { .. } => "pool_timeout",
-            Error::TooManyClients(_) => "too_many_clients",
-            Error::ShuttingDown => "shutdown",
-            Error::ServerError(_) | Error::ServerLogin(_) | Error::Server(_) => "server",
-            Error::Config(_) => "config",
-        };
+        let kind = e.kind();
         if kind != "shutdown" {
             shared.metrics.error(kind);
             tracing::info!(error = %e, "client session ended");
@@ -310,6 +304,13 @@ struct Session<'a> {
     cancel: CancelSlot,
     mode: PoolMode,
     draining: bool,
+    /// The client sent Terminate: what it sent before still runs to its end, as it
+    /// would on PostgreSQL, but nothing more is read from it.
+    closing: bool,
+    /// A resynchronisation barrier is in flight until then (see [`Tracker`]).
+    resync_deadline: Option<tokio::time::Instant>,
+    /// The server sent a FATAL (or PANIC) ErrorResponse: it is about to close.
+    server_fatal: bool,
     queries: Counter,
     transactions: Counter,
 }
@@ -340,6 +341,9 @@ async fn run_session(
         cancel: login.cancel,
         mode: shared.mode,
         draining: false,
+        closing: false,
+        resync_deadline: None,
+        server_fatal: false,
     };
     if let Some(c) = login.server {
         s.attach(c);
@@ -362,6 +366,18 @@ enum Event {
     Client(std::io::Result<usize>),
     Server(std::io::Result<usize>),
     Drain,
+    ResyncTimeout,
+}
+
+/// Writes to the client. After Terminate the answers still go out, as PostgreSQL sends
+/// them, but a client that stopped reading or closed its socket is not an error then.
+async fn write_client(client: &mut TcpStream, closing: bool, bytes: &[u8]) -> Result<()> {
+    if closing {
+        let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(bytes)).await;
+    } else {
+        client.write_all(bytes).await?;
+    }
+    Ok(())
 }
 
 impl Session<'_> {
@@ -385,15 +401,24 @@ impl Session<'_> {
         let drained = drain.changed();
         tokio::pin!(drained);
         loop {
-            while let Some(f) = split_frame(&mut self.cbuf, self.shared.max_message)? {
+            while !self.closing
+                && let Some(f) = split_frame(&mut self.cbuf, self.shared.max_message)?
+            {
                 if f.tag == b'X' {
-                    return Ok(());
+                    self.closing = true;
+                    self.cbuf.clear();
+                    break;
                 }
                 self.on_client_message(f).await?;
             }
             self.flush_server().await?;
             self.flush_synth().await?;
             self.maybe_release();
+            self.maybe_resync().await?;
+            if self.closing && (self.server.is_none() || self.tracker.answered()) {
+                // Everything sent before Terminate has been answered.
+                return Ok(());
+            }
             if self.draining && self.server.is_none() && self.cbuf.is_empty() {
                 return Err(Error::ShuttingDown);
             }
@@ -409,8 +434,16 @@ impl Session<'_> {
                 let cbuf = &mut self.cbuf;
                 let server = &mut self.server;
                 let draining = self.draining;
+                let listen = !self.closing && self.resync_deadline.is_none();
+                let deadline = self.resync_deadline;
                 tokio::select! {
-                    r = read_client(client, cbuf) => Event::Client(r),
+                    r = read_client(client, cbuf), if listen => Event::Client(r),
+                    _ = async {
+                        match deadline {
+                            Some(d) => tokio::time::sleep_until(d).await,
+                            None => std::future::pending().await,
+                        }
+                    } => Event::ResyncTimeout,
                     r = async {
                         match server.as_mut() {
                             Some(s) => s.stream.read_buf(&mut s.buf).await,
@@ -432,13 +465,17 @@ impl Session<'_> {
                         Err(e) => return Err(self.server_lost(e.to_string())),
                     };
                     if n == 0 {
-                        // Forward what is left (often PostgreSQL's FATAL) first.
+                        // Forward what is left (often PostgreSQL's FATAL) first; the
+                        // client then has the server's own last word and no other.
                         let _ = self.on_server_data().await;
                         return Err(self.server_lost("server closed the connection".into()));
                     }
                     self.on_server_data().await?;
                 }
                 Event::Drain => self.draining = true,
+                Event::ResyncTimeout => {
+                    return Err(self.server_lost("resynchronisation barrier timed out".into()));
+                }
             }
         }
     }
@@ -448,7 +485,41 @@ impl Session<'_> {
             self.shared.pools.discard(&self.key);
         }
         self.tracker.reset();
-        Error::Server(why)
+        self.resync_deadline = None;
+        if self.server_fatal {
+            // The client has the server's own last word; a second one would mislead.
+            Error::ServerEnded(why)
+        } else {
+            Error::Server(why)
+        }
+    }
+
+    /// Transaction mode: a connection whose responses fell out of step (see
+    /// [`Tracker`]) gets a barrier query once everything known has been answered; its
+    /// answer marks the end of what the server owed, and the connection can be reused.
+    async fn maybe_resync(&mut self) -> Result<()> {
+        if !self.transaction_mode() || self.resync_deadline.is_some() {
+            return Ok(());
+        }
+        let Some(sc) = self.server.as_mut() else {
+            return Ok(());
+        };
+        if !self.tracker.ready_for_resync() || !sc.buf.is_empty() {
+            return Ok(());
+        }
+        let marker = format!("sluice_resync_{:016x}", rand::random::<u64>());
+        // Which Parses succeeded was lost with the order: drop the statements too, so
+        // the connection's statement list is true again.
+        let q = crate::protocol::Query {
+            sql: format!("SELECT 1 AS \"{marker}\"; DEALLOCATE ALL"),
+        };
+        tracing::warn!("server connection out of step with its client; resynchronising");
+        if let Err(e) = sc.stream.write_all(&q.encode()).await {
+            return Err(self.server_lost(e.to_string()));
+        }
+        self.tracker.start_resync(&marker);
+        self.resync_deadline = Some(tokio::time::Instant::now() + RESET_TIMEOUT);
+        Ok(())
     }
 
     async fn ensure_server(&mut self) -> Result<&mut ServerConn> {
@@ -481,8 +552,10 @@ impl Session<'_> {
         Ok(self.server.as_mut().expect("attached above"))
     }
 
-    /// Makes sure `st` exists on the held server connection, queueing a Parse if not.
-    fn prepare_on_server(&mut self, st: &Statement, swallow: bool) {
+    /// Makes sure `st` exists on the held server connection, queueing a Parse if not;
+    /// `client` is the client's name when the client itself sent the Parse.
+    fn prepare_on_server(&mut self, st: &Statement, client: Option<Arc<str>>) {
+        let swallow = client.is_none();
         let sc = self.server.as_mut().expect("server held");
         if sc.prepared.touch(&st.server_name) {
             return;
@@ -499,6 +572,7 @@ impl Session<'_> {
         self.to_server.extend_from_slice(&st.parse);
         self.tracker.push(Pending::Parse {
             name: Some(st.server_name.clone()),
+            client,
             swallow,
         });
     }
@@ -518,19 +592,18 @@ impl Session<'_> {
                 if rewrite && looks_special(&f.raw[5..]) {
                     let q = crate::protocol::Query::decode(&f)?;
                     match special_query(&q.sql) {
-                        Some(SpecialQuery::Deallocate(name)) if self.stmts.remove(&name) => {
+                        // The server does not know the client's name. (In a failed
+                        // transaction the server's own error is the answer.)
+                        Some(SpecialQuery::Deallocate(name))
+                            if self.tracker.status != TxStatus::Failed
+                                && self.stmts.remove(&name) =>
+                        {
                             return self.answer_locally("DEALLOCATE");
                         }
-                        Some(SpecialQuery::DeallocateAll) => {
-                            self.stmts.clear();
-                            return self.answer_locally("DEALLOCATE ALL");
-                        }
-                        Some(SpecialQuery::DiscardAll) => {
-                            self.stmts.clear();
-                            self.forward(&f).await?;
-                            self.server.as_mut().expect("held").prepared.clear();
-                            self.tracker.push(Pending::Query);
-                            return Ok(());
+                        // Forwarded: the server's CommandComplete confirms it (see
+                        // `on_server_data`), and its error, if any, is the answer.
+                        Some(SpecialQuery::DeallocateAll | SpecialQuery::DiscardAll) => {
+                            self.stmts.cut();
                         }
                         _ => {}
                     }
@@ -544,16 +617,26 @@ impl Session<'_> {
                     self.forward(&f).await?;
                     self.tracker.push(Pending::Parse {
                         name: None,
+                        client: None,
                         swallow: false,
                     });
                     return Ok(());
                 }
                 let st = self.stmts.register(&p);
+                let client: Arc<str> = p.name.into();
                 let sc = self.ensure_server().await?;
-                if sc.prepared.touch(&st.server_name) {
-                    self.tracker.push(Pending::SynthParse);
+                if !sc.prepared.touch(&st.server_name) {
+                    self.prepare_on_server(&st, Some(client));
+                } else if self.tracker.status == TxStatus::Failed {
+                    // PostgreSQL refuses a Parse in a failed transaction: let it say so.
+                    self.to_server.extend_from_slice(&st.parse);
+                    self.tracker.push(Pending::Parse {
+                        name: None,
+                        client: Some(client),
+                        swallow: false,
+                    });
                 } else {
-                    self.prepare_on_server(&st, false);
+                    self.tracker.push(Pending::SynthParse(client));
                 }
             }
             b'B' if rewrite => {
@@ -562,7 +645,7 @@ impl Session<'_> {
                 self.ensure_server().await?;
                 match st {
                     Some(st) => {
-                        self.prepare_on_server(&st, true);
+                        self.prepare_on_server(&st, None);
                         Bind::write_renamed(&f.raw, range, &st.server_name, &mut self.to_server);
                     }
                     None => self.to_server.extend_from_slice(&f.raw),
@@ -582,7 +665,7 @@ impl Session<'_> {
                 self.ensure_server().await?;
                 match st {
                     Some(st) => {
-                        self.prepare_on_server(&st, true);
+                        self.prepare_on_server(&st, None);
                         let nd = Describe {
                             target: Target::Statement,
                             name: st.server_name.to_string(),
@@ -608,6 +691,7 @@ impl Session<'_> {
                 self.forward(&f).await?;
                 self.tracker.push(Pending::Parse {
                     name: None,
+                    client: None,
                     swallow: false,
                 });
             }
@@ -641,9 +725,10 @@ impl Session<'_> {
                 self.tracker.push(Pending::Query);
             }
             b'c' | b'f' => {
-                self.tracker.copy_end();
+                // Without a server connection no COPY runs: the server would ignore it.
                 if self.server.is_some() {
                     self.to_server.extend_from_slice(&f.raw);
+                    self.tracker.push(Pending::CopyEnd);
                 }
             }
             b'd' => {
@@ -695,7 +780,7 @@ impl Session<'_> {
             self.tracker.take_synth(&mut self.to_client);
         }
         if !self.to_client.is_empty() {
-            self.client.write_all(&self.to_client).await?;
+            write_client(&mut self.client, self.closing, &self.to_client).await?;
             self.to_client.clear();
         }
         Ok(())
@@ -728,7 +813,68 @@ impl Session<'_> {
                 }
                 Response::Message { tag, len, status } => {
                     tracing::trace!(tag = %(tag as char), len, "server message");
-                    match self.tracker.on_message(tag, status) {
+                    if tag == b'C'
+                        && self.mode == PoolMode::Transaction
+                        && DROPS_ALL_LENGTHS.contains(&len)
+                        && !self.tracker.resyncing()
+                    {
+                        // Look at the tag: DEALLOCATE ALL / DISCARD ALL, in whatever
+                        // form they were sent, dropped the shared statements.
+                        if buf.len() - pos < len {
+                            break;
+                        }
+                        if drops_all_statements(&buf[pos + 5..pos + len]) {
+                            // Statements whose Parse was sent after it still come.
+                            sc.prepared.clear();
+                            let cap = self.shared.config().max_prepared_statements;
+                            for name in self.tracker.pending_parses() {
+                                sc.prepared.insert(name.clone(), cap);
+                            }
+                            self.stmts.deallocated_all();
+                        }
+                    }
+                    if tag == b'E'
+                        && self.mode == PoolMode::Transaction
+                        && !self.tracker.resyncing()
+                    {
+                        // An error may name a server statement: it must name the
+                        // client's. (Errors are the cold path: wait for the whole one.)
+                        if buf.len() - pos < len {
+                            break;
+                        }
+                        let stmts = &self.stmts;
+                        if let Some(renamed) = rename_in_error(&buf[pos..pos + len], |s| {
+                            stmts.client_name(s).map(str::to_string)
+                        }) {
+                            self.tracker.on_message(tag, status);
+                            self.to_client.extend_from_slice(&buf[flushed..pos]);
+                            self.to_client.extend_from_slice(&renamed);
+                            pos += len;
+                            flushed = pos;
+                            direct = false;
+                            continue;
+                        }
+                    }
+                    if tag == b'E' {
+                        let m = &buf[pos..buf.len().min(pos + len)];
+                        self.server_fatal |=
+                            m.windows(7).any(|w| w == b"SFATAL\0" || w == b"SPANIC\0");
+                    }
+                    let verdict = if self.tracker.resyncing() {
+                        // The barrier is recognised by content: look at whole messages.
+                        if buf.len() - pos < len {
+                            break;
+                        }
+                        let v = self.tracker.on_resync_message(&buf[pos..pos + len]);
+                        if !self.tracker.resyncing() {
+                            self.resync_deadline = None;
+                            sc.prepared.clear();
+                        }
+                        v
+                    } else {
+                        self.tracker.on_message(tag, status)
+                    };
+                    match verdict {
                         Verdict::Keep => sc.scanner.accept(len),
                         Verdict::Drop => {
                             if buf.len() - pos < len {
@@ -744,10 +890,10 @@ impl Session<'_> {
             }
         }
         if direct {
-            self.client.write_all(&buf[..pos]).await?;
+            write_client(&mut self.client, self.closing, &buf[..pos]).await?;
         } else {
             self.to_client.extend_from_slice(&buf[flushed..pos]);
-            self.client.write_all(&self.to_client).await?;
+            write_client(&mut self.client, self.closing, &self.to_client).await?;
             self.to_client.clear();
         }
         sc.buf.advance(pos);
@@ -756,6 +902,10 @@ impl Session<'_> {
         }
         for name in self.tracker.failed.drain(..) {
             sc.prepared.remove(&name);
+        }
+        for name in self.tracker.failed_clients.drain(..) {
+            // PostgreSQL did not create it.
+            self.stmts.remove(&name);
         }
         self.flush_synth().await?;
         self.maybe_release();
@@ -773,6 +923,8 @@ impl Session<'_> {
         if !idle {
             return;
         }
+        // Everything sent is answered: no deallocation is still to be confirmed.
+        self.stmts.forget_cuts();
         if self.transaction_mode() {
             self.transactions.inc();
             let cfg = self.shared.config();

@@ -7,10 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use bytes::{BufMut, BytesMut};
+use anyhow::{Context, Result, ensure};
+use common::wire::*;
 use common::*;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use sha2::Digest;
 use sluice_testkit::{APP_DB, APP_USER, SUPERUSER};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -350,105 +349,9 @@ async fn cancel_request_reaches_the_backend() -> Result<()> {
     Ok(())
 }
 
-// ---- raw protocol helpers ----
-
-fn startup(params: &[(&str, &str)]) -> Vec<u8> {
-    let mut b = BytesMut::new();
-    b.put_u32(0);
-    b.put_u32(196_608);
-    for (k, v) in params {
-        b.put_slice(k.as_bytes());
-        b.put_u8(0);
-        b.put_slice(v.as_bytes());
-        b.put_u8(0);
-    }
-    b.put_u8(0);
-    let len = b.len() as u32;
-    b[..4].copy_from_slice(&len.to_be_bytes());
-    b.to_vec()
-}
-
-fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut v = vec![tag];
-    v.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-    v.extend_from_slice(body);
-    v
-}
-
-async fn read_msg(s: &mut TcpStream) -> Result<(u8, Vec<u8>)> {
-    let tag = s.read_u8().await?;
-    let len = s.read_u32().await? as usize;
-    ensure!((4..1 << 20).contains(&len), "bad length {len}");
-    let mut body = vec![0; len - 4];
-    s.read_exact(&mut body).await?;
-    Ok((tag, body))
-}
-
-/// (severity, code, message) of an ErrorResponse body.
-fn fields(body: &[u8]) -> (String, String, String) {
-    let (mut sev, mut code, mut m) = (String::new(), String::new(), String::new());
-    for f in body.split(|&b| b == 0) {
-        if f.is_empty() {
-            continue;
-        }
-        let v = String::from_utf8_lossy(&f[1..]).to_string();
-        match f[0] {
-            b'V' => sev = v,
-            b'C' => code = v,
-            b'M' => m = v,
-            _ => {}
-        }
-    }
-    (sev, code, m)
-}
-
-/// Reads until an ErrorResponse and returns its fields; fails on anything else but auth.
-async fn expect_error(s: &mut TcpStream) -> Result<(String, String, String)> {
-    loop {
-        let (tag, body) = tokio::time::timeout(Duration::from_secs(5), read_msg(s)).await??;
-        match tag {
-            b'E' => return Ok(fields(&body)),
-            b'S' | b'K' | b'Z' | b'R' | b'N' => continue,
-            t => bail!("unexpected message {}", t as char),
-        }
-    }
-}
-
-async fn expect_closed(s: &mut TcpStream) -> bool {
-    let mut b = [0u8; 64];
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
-        Ok(Ok(0)) | Ok(Err(_))
-    )
-}
-
-/// Logs in with SCRAM over a raw socket; returns the socket after ReadyForQuery.
+/// Logs in as the app user over a raw socket.
 async fn raw_login(addr: std::net::SocketAddr, password: &str) -> Result<TcpStream> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.write_all(&startup(&[("user", APP_USER.0), ("database", APP_DB)]))
-        .await?;
-    let (tag, _) = read_msg(&mut s).await?;
-    ensure!(tag == b'R');
-    let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-    let mut body = b"SCRAM-SHA-256\0".to_vec();
-    body.extend_from_slice(&(scram.message().len() as i32).to_be_bytes());
-    body.extend_from_slice(scram.message());
-    s.write_all(&msg(b'p', &body)).await?;
-    let (tag, body) = read_msg(&mut s).await?;
-    ensure!(
-        tag == b'R' && body[..4] == 11i32.to_be_bytes(),
-        "SASL continue"
-    );
-    scram.update(&body[4..])?;
-    s.write_all(&msg(b'p', scram.message())).await?;
-    loop {
-        let (tag, body) = read_msg(&mut s).await?;
-        match tag {
-            b'E' => bail!("login failed: {:?}", fields(&body)),
-            b'Z' => return Ok(s),
-            _ => {}
-        }
-    }
+    login(addr, APP_USER.0, password, APP_DB).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

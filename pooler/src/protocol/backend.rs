@@ -87,6 +87,18 @@ pub enum TxStatus {
     Failed,
 }
 
+impl TxStatus {
+    /// The status of a ReadyForQuery status byte (`I`, `T`, `E`); anything else reads
+    /// as idle.
+    pub fn from_byte(b: u8) -> Self {
+        match b {
+            b'T' => TxStatus::InTransaction,
+            b'E' => TxStatus::Failed,
+            _ => TxStatus::Idle,
+        }
+    }
+}
+
 /// ReadyForQuery (`Z`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadyForQuery(pub TxStatus);

@@ -1,6 +1,8 @@
 //! Shared helpers: a pooler running in-process on 127.0.0.1:0 in front of a TempPostgres.
 #![allow(dead_code)]
 
+pub mod wire;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

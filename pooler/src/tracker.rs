@@ -1,0 +1,411 @@
+//! The response tracker: keeps the server-to-client stream in step with what the client
+//! sent, so the pooler knows which responses to pass on, which to swallow (answers to
+//! messages it injected), which to synthesise (answers to messages it handled itself),
+//! and above all when the server owes nothing more, the only moment a server connection
+//! may go back to the pool.
+//!
+//! # Guarantees
+//! The tracker mirrors how PostgreSQL consumes the client's messages, in order,
+//! including COPY FROM STDIN, where the server ignores Sync and Flush and fails on
+//! anything but CopyData, CopyDone and CopyFail. Where the order in which PostgreSQL
+//! consumed the messages cannot be known (an error during a COPY that the client
+//! interleaved with Syncs, or a response nothing was sent for) the tracker is
+//! *desynchronised*: [`Tracker::is_settled`] is then false until a resynchronisation
+//! barrier ([`Tracker::start_resync`]) has come back, so such a connection is never
+//! handed to another client with output still pending.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::protocol::{ReadyForQuery, TxStatus, close_complete, command_complete, parse_complete};
+
+/// A response the server owes for something sent to it, or one the pooler owes itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pending {
+    /// Parse sent; `name` is the server statement it creates (to forget on error),
+    /// `client` the client's name for it (to forget if it fails or is skipped);
+    /// `swallow` when the pooler injected it.
+    Parse {
+        name: Option<Arc<str>>,
+        client: Option<Arc<str>>,
+        swallow: bool,
+    },
+    Bind,
+    Describe,
+    Execute,
+    /// Close sent; `swallow` when the pooler injected it.
+    Close {
+        swallow: bool,
+    },
+    Sync,
+    /// Simple query or function call: everything up to ReadyForQuery.
+    Query,
+    /// CopyDone or CopyFail sent: ends a COPY FROM STDIN, or is ignored by the server
+    /// when none runs. Owes no response of its own.
+    CopyEnd,
+    /// Answer ParseComplete for a client's Parse (of this name) the pooler did not
+    /// send, the statement being on the server already.
+    SynthParse(Arc<str>),
+    /// Answer CloseComplete for a Close the pooler did not send.
+    SynthClose,
+    /// Answer CommandComplete(tag) + ReadyForQuery for a query handled locally.
+    SynthQuery(&'static str),
+}
+
+impl Pending {
+    fn is_synth(&self) -> bool {
+        matches!(
+            self,
+            Pending::SynthParse(_) | Pending::SynthClose | Pending::SynthQuery(_)
+        )
+    }
+}
+
+/// What to do with one server message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Keep,
+    Drop,
+}
+
+/// A resynchronisation barrier in flight: a query whose one result column is named
+/// `marker`; everything before its RowDescription is the client's, the barrier's own
+/// messages are swallowed up to and including its ReadyForQuery.
+#[derive(Debug)]
+struct Resync {
+    marker: Vec<u8>,
+    seen: bool,
+}
+
+/// Tracks the responses owed, in order; see the module docs.
+#[derive(Debug)]
+pub struct Tracker {
+    queue: VecDeque<Pending>,
+    /// Extended-protocol messages sent since the last Sync.
+    unsynced: bool,
+    /// Status of the last ReadyForQuery from the server.
+    pub status: TxStatus,
+    /// Server statements found not to exist after an error (to forget).
+    pub failed: Vec<Arc<str>>,
+    /// Client statements whose Parse failed or was skipped after an error (to forget).
+    pub failed_clients: Vec<Arc<str>>,
+    /// The server is in COPY FROM STDIN (it sent CopyInResponse, not yet its result).
+    server_copy: bool,
+    /// The client's messages go into a running COPY: it has not sent CopyDone/CopyFail.
+    client_copy: bool,
+    /// The running COPY's messages include ones the server treats differently before and
+    /// after an error (Sync, or a non-COPY message): an error during it desynchronises.
+    copy_ambiguous: bool,
+    /// The order of responses is no longer known; see the module docs.
+    desync: bool,
+    resync: Option<Resync>,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self {
+            queue: VecDeque::new(),
+            unsynced: false,
+            status: TxStatus::Idle,
+            failed: Vec::new(),
+            failed_clients: Vec::new(),
+            server_copy: false,
+            client_copy: false,
+            copy_ambiguous: false,
+            desync: false,
+            resync: None,
+        }
+    }
+}
+
+impl Tracker {
+    /// Records a message sent (or answered locally), in order.
+    pub fn push(&mut self, p: Pending) {
+        if self.client_copy {
+            match p {
+                // Ignored by the server during COPY FROM STDIN, answered after an error.
+                Pending::Sync => {
+                    self.copy_ambiguous = true;
+                    return;
+                }
+                Pending::CopyEnd => self.client_copy = false,
+                // The server fails the COPY on this message and consumes it.
+                _ => self.copy_ambiguous = true,
+            }
+        }
+        match p {
+            Pending::Sync => self.unsynced = false,
+            // Outside a COPY the server ignores it; nothing pending could start one.
+            Pending::CopyEnd if self.queue.is_empty() => return,
+            Pending::Query | Pending::SynthQuery(_) | Pending::CopyEnd => {}
+            _ => self.unsynced = true,
+        }
+        self.queue.push_back(p);
+    }
+
+    /// Notes that an extended message with no response of its own (Flush) was sent.
+    pub fn mark_unsynced(&mut self) {
+        self.unsynced = true;
+    }
+
+    /// Nothing owed, no open extended-protocol batch, and the order of responses known.
+    pub fn is_settled(&self) -> bool {
+        self.queue.is_empty() && !self.unsynced && !self.desync && self.resync.is_none()
+    }
+
+    /// The order of responses was lost; the connection needs a barrier before reuse.
+    #[cfg(test)]
+    pub fn is_desynced(&self) -> bool {
+        self.desync
+    }
+
+    /// Whether everything sent has been answered as far as the model can tell (when
+    /// desynchronised, more may still come).
+    pub fn answered(&self) -> bool {
+        self.resync.is_none()
+            && self.queue.is_empty()
+            && !self.unsynced
+            && !self.server_copy
+            && !self.client_copy
+    }
+
+    /// Desynchronised, idle and [`Tracker::answered`]: a barrier may be sent now.
+    pub fn ready_for_resync(&self) -> bool {
+        self.desync && self.answered() && self.status == TxStatus::Idle
+    }
+
+    /// A barrier query whose result column is `marker` was sent: swallow its answer,
+    /// pass on everything before it, then count the connection as in step again.
+    pub fn start_resync(&mut self, marker: &str) {
+        self.resync = Some(Resync {
+            marker: marker.as_bytes().to_vec(),
+            seen: false,
+        });
+    }
+
+    /// Whether a barrier is in flight: messages must then be inspected whole, with
+    /// [`Tracker::on_resync_message`].
+    pub fn resyncing(&self) -> bool {
+        self.resync.is_some()
+    }
+
+    /// Handles one whole server message (`msg`: tag, length, body) while a barrier is
+    /// in flight.
+    pub fn on_resync_message(&mut self, msg: &[u8]) -> Verdict {
+        let Some(r) = self.resync.as_mut() else {
+            return Verdict::Keep;
+        };
+        let tag = msg.first().copied().unwrap_or(0);
+        if !r.seen {
+            if tag == b'T'
+                && msg
+                    .windows(r.marker.len())
+                    .any(|w| w == r.marker.as_slice())
+            {
+                r.seen = true;
+                return Verdict::Drop;
+            }
+            return Verdict::Keep;
+        }
+        if tag == b'Z' {
+            *self = Self {
+                status: TxStatus::from_byte(msg.get(5).copied().unwrap_or(b'I')),
+                ..Self::default()
+            };
+        }
+        Verdict::Drop
+    }
+
+    /// Server statements whose Parse is sent and not yet answered, oldest first.
+    pub fn pending_parses(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.queue.iter().filter_map(|p| match p {
+            Pending::Parse { name, .. } => name.as_ref(),
+            _ => None,
+        })
+    }
+
+    /// Whether a synthetic response is due now.
+    pub fn has_synth(&self) -> bool {
+        self.queue.front().is_some_and(Pending::is_synth)
+    }
+
+    /// Synthetic responses now due at the front, appended to `out`.
+    pub fn take_synth(&mut self, out: &mut Vec<u8>) -> bool {
+        let mut any = false;
+        while self.queue.front().is_some_and(Pending::is_synth) {
+            any = true;
+            match self.queue.pop_front() {
+                Some(Pending::SynthParse(_)) => out.extend_from_slice(&parse_complete()),
+                Some(Pending::SynthClose) => out.extend_from_slice(&close_complete()),
+                Some(Pending::SynthQuery(tag)) => {
+                    out.extend_from_slice(&command_complete(tag));
+                    out.extend_from_slice(&ReadyForQuery(self.status).encode());
+                }
+                _ => {}
+            }
+            self.skip_inert();
+        }
+        any
+    }
+
+    /// Handles the start of one server message (`tag`, ReadyForQuery `status` byte).
+    pub fn on_message(&mut self, tag: u8, status: u8) -> Verdict {
+        let verdict = self.on_message_inner(tag, status);
+        self.skip_inert();
+        verdict
+    }
+
+    fn on_message_inner(&mut self, tag: u8, status: u8) -> Verdict {
+        // Asynchronous messages may come at any time; anything else answers something.
+        if self.queue.is_empty() && !matches!(tag, b'N' | b'S' | b'A' | b'E') {
+            self.desync = true;
+            return Verdict::Keep;
+        }
+        let front_query = matches!(self.queue.front(), Some(Pending::Query));
+        match tag {
+            b'1' => {
+                if let Some(Pending::Parse { swallow: true, .. }) =
+                    self.pop_if(|p| matches!(p, Pending::Parse { .. }))
+                {
+                    return Verdict::Drop;
+                }
+            }
+            b'2' => {
+                self.pop_if(|p| *p == Pending::Bind);
+            }
+            b'3' => {
+                if let Some(Pending::Close { swallow: true }) =
+                    self.pop_if(|p| matches!(p, Pending::Close { .. }))
+                {
+                    return Verdict::Drop;
+                }
+            }
+            b'T' | b'n' => {
+                self.pop_if(|p| *p == Pending::Describe);
+            }
+            b'G' | b'W' => self.enter_copy_in(),
+            b'C' | b'I' | b's' => {
+                if tag == b'C' && self.server_copy {
+                    // The COPY ended at its CopyDone.
+                    self.server_copy = false;
+                    if !self.remove_copy_end() {
+                        self.desync = true;
+                    }
+                }
+                self.pop_if(|p| *p == Pending::Execute);
+            }
+            b'E' => {
+                if self.server_copy {
+                    // The COPY failed: at CopyFail, on bad data, or on a message that
+                    // does not belong in it. Its CopyDone/CopyFail, if sent, is ignored.
+                    self.server_copy = false;
+                    self.client_copy = false;
+                    self.remove_copy_end();
+                    if self.copy_ambiguous {
+                        self.desync = true;
+                    }
+                }
+                if !front_query {
+                    // The server skips everything up to the next Sync.
+                    while let Some(p) = self.queue.front() {
+                        if *p == Pending::Sync || *p == Pending::Query {
+                            break;
+                        }
+                        match self.queue.pop_front() {
+                            Some(Pending::Parse { name, client, .. }) => {
+                                self.failed.extend(name);
+                                self.failed_clients.extend(client);
+                            }
+                            Some(Pending::SynthParse(client)) => self.failed_clients.push(client),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            b'Z' => {
+                self.server_copy = false;
+                self.status = TxStatus::from_byte(status);
+                if self
+                    .pop_if(|p| matches!(p, Pending::Sync | Pending::Query))
+                    .is_none()
+                {
+                    self.desync = true;
+                }
+            }
+            _ => {}
+        }
+        Verdict::Keep
+    }
+
+    /// CopyInResponse (or CopyBothResponse) for the message at the front: the messages
+    /// sent after it, up to the client's CopyDone/CopyFail, go into the COPY.
+    fn enter_copy_in(&mut self) {
+        self.server_copy = true;
+        self.copy_ambiguous = false;
+        let mut i = 1;
+        let mut ended = false;
+        while i < self.queue.len() {
+            match self.queue[i] {
+                Pending::CopyEnd => {
+                    ended = true;
+                    break;
+                }
+                Pending::Sync => {
+                    // Ignored during the COPY (answered if it fails before this point).
+                    self.queue.remove(i);
+                    self.copy_ambiguous = true;
+                }
+                _ => {
+                    self.copy_ambiguous = true;
+                    i += 1;
+                }
+            }
+        }
+        self.client_copy = !ended;
+        if self.queue.front() == Some(&Pending::Execute) && !self.queue.contains(&Pending::Sync) {
+            // The Sync that followed the Execute went into the COPY: another is needed.
+            self.unsynced = true;
+        }
+    }
+
+    /// Removes the first CopyEnd after the front (the running COPY's); whether found.
+    fn remove_copy_end(&mut self) -> bool {
+        match self
+            .queue
+            .iter()
+            .skip(1)
+            .position(|p| *p == Pending::CopyEnd)
+        {
+            Some(i) => {
+                self.queue.remove(i + 1);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// CopyDone/CopyFail that reached the front without a COPY running: the server
+    /// ignores them.
+    fn skip_inert(&mut self) {
+        while !self.server_copy && self.queue.front() == Some(&Pending::CopyEnd) {
+            self.queue.pop_front();
+        }
+    }
+
+    fn pop_if(&mut self, f: impl Fn(&Pending) -> bool) -> Option<Pending> {
+        if self.queue.front().is_some_and(f) {
+            self.queue.pop_front()
+        } else {
+            None
+        }
+    }
+
+    /// Forgets everything owed (the server connection is gone).
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+}
+
+#[cfg(test)]
+#[path = "tracker_tests.rs"]
+mod tests;
