@@ -49,7 +49,11 @@ async fn copy_then_sync_does_not_leak_results_to_the_next_client() -> Result<()>
     victim.write_all(&query("select 'victim'")).await?;
     let (got, done) = read_until(&mut victim, Duration::from_secs(10), |t, _| t == b'Z').await;
     ensure!(done, "victim got no answer");
-    assert_eq!(first_values(&got), ["victim"], "the victim gets its own row");
+    assert_eq!(
+        first_values(&got),
+        ["victim"],
+        "the victim gets its own row"
+    );
     let mut z = 0;
     let (got, done) = read_until(&mut attacker, Duration::from_secs(10), |t, _| {
         z += usize::from(t == b'Z');
@@ -143,7 +147,8 @@ async fn server_fatal_is_the_last_word() -> Result<()> {
     c.write_all(&query("select pg_backend_pid()::text")).await?;
     let (got, _) = read_until(&mut c, Duration::from_secs(5), |t, _| t == b'Z').await;
     let pid: i32 = first_values(&got)[0].parse()?;
-    su.execute("select pg_terminate_backend($1)", &[&pid]).await?;
+    su.execute("select pg_terminate_backend($1)", &[&pid])
+        .await?;
     let (got, _) = read_until(&mut c, Duration::from_secs(10), |_, _| false).await;
     let errors: Vec<_> = got
         .iter()
