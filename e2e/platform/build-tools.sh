@@ -33,8 +33,9 @@ build() {
   else
     log "$name $version: building $pkg (first time takes minutes)..."
     local start=$SECONDS
-    (cd "$moddir" && go build -trimpath -ldflags "-s -w $ldflags" -o "$out.tmp" "$pkg")
-    mv "$out.tmp" "$out"
+    # A temporary name of this run's own, renamed into place atomically.
+    (cd "$moddir" && go build -trimpath -ldflags "-s -w $ldflags" -o "$out.tmp.$$" "$pkg")
+    mv -f "$out.tmp.$$" "$out"
     log "$name $version: built in $((SECONDS - start))s"
   fi
   ln -sf "$name-$version" "$BIN/$name"
@@ -69,6 +70,9 @@ k8s_mod() {
 }
 
 log "cache: $BIN"
+# Runs from several clones share the cache: one builds, the others wait and find it built.
+exec 9>"$BIN/.build-tools.lock"
+flock 9
 K8S_DIR=$(k8s_mod)
 minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
 K8S_LDFLAGS="-X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"

@@ -3,7 +3,7 @@
 //! pooler (and operator) pods, the operator as a local process, and one
 //! ConnectionPool made from `config/samples/`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -68,7 +68,15 @@ pub struct Fixture {
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    // At run time, not compile time: with a shared target directory, a library built in
+    // another clone (since removed) may be the one linked in.
+    let found = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(|d| PathBuf::from(d).join(".."))
+        .into_iter()
+        .chain(std::env::current_dir().ok())
+        .flat_map(|d| d.ancestors().map(Path::to_path_buf).collect::<Vec<_>>())
+        .find(|d| d.join("crds/connectionpool.yaml").is_file());
+    found.unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// A workspace binary from the same target directory as the running program

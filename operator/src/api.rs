@@ -137,26 +137,7 @@ fn default_db_port() -> i32 {
     5432
 }
 
-/// How the pooler hands out server connections.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum PoolMode {
-    /// A server connection per transaction.
-    #[default]
-    Transaction,
-    /// A server connection per client session.
-    Session,
-}
-
-impl PoolMode {
-    /// The value as the pooler's config file spells it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PoolMode::Transaction => "transaction",
-            PoolMode::Session => "session",
-        }
-    }
-}
+pub use sluice_contract::PoolMode;
 
 /// Client authentication.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

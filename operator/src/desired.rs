@@ -10,7 +10,6 @@
 //!   the ConfigMap only, which the pooler hot-reloads.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
@@ -18,17 +17,16 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
+use sluice_contract::{AuthMethod, AuthSection, ConfigDuration, PoolerConfig, ServerSection};
 
 use crate::api::ConnectionPool;
 use crate::error::{Error, Result};
 
 /// Port clients connect to.
-pub const POSTGRES_PORT: i32 = 6432;
+pub const POSTGRES_PORT: i32 = sluice_contract::POSTGRES_PORT as i32;
 /// Port of the pooler's admin HTTP API.
-pub const ADMIN_PORT: i32 = 9930;
-/// Key of the config file in the ConfigMap.
-pub const CONFIG_KEY: &str = "pooler.toml";
+pub const ADMIN_PORT: i32 = sluice_contract::ADMIN_PORT as i32;
+pub use sluice_contract::CONFIG_KEY;
 /// Annotation with the hash of what the operator set on a child.
 pub const SPEC_HASH_ANNOTATION: &str = "sluice.dev/spec-hash";
 /// ConfigMap annotation with the rendered `connection_limit`.
@@ -43,6 +41,9 @@ pub const POOL_LABEL: &str = "sluice.dev/pool";
 pub const FIELD_MANAGER: &str = "sluice-operator";
 /// Pooler defaults the operator renders when the spec leaves them out.
 const DEFAULT_DRAIN: &str = "30s";
+const DEFAULT_POOL_TIMEOUT: &str = "30s";
+const DEFAULT_IDLE_TIMEOUT: &str = "10m";
+const DEFAULT_SERVER_LIFETIME: &str = "1h";
 /// Seconds the kubelet waits beyond the drain timeout before killing a pooler.
 const GRACE_MARGIN_SECONDS: i64 = 5;
 /// UID/GID the pooler runs as.
@@ -100,17 +101,12 @@ fn labels(pool: &ConnectionPool) -> BTreeMap<String, String> {
 
 /// Lowercase hex SHA-256.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    let mut s = String::with_capacity(64);
-    for b in digest {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    sluice_contract::config_hash(bytes)
 }
 
 /// The hash the pooler reports for this `pooler.toml` (see docs/interfaces.md).
 pub fn config_hash(toml: &str) -> String {
-    sha256_hex(toml.as_bytes())
+    sluice_contract::config_hash(toml.as_bytes())
 }
 
 /// The config `revision`: changes whenever a referenced Secret changes, so the pooler
@@ -120,47 +116,14 @@ pub fn secrets_revision(credentials_rv: &str, users_rv: &str) -> String {
         .to_string()
 }
 
-/// Parses a pooler duration (`500ms`, `1m30s`) into milliseconds.
+/// Parses a duration of the spec as the pooler will (one parser for both).
 ///
 /// # Errors
-/// [`Error::InvalidSpec`] when the string is not `([0-9]+(ms|s|m|h))+`.
-pub fn parse_duration_ms(s: &str) -> Result<u64> {
-    let bad = || Error::InvalidSpec(format!("{s:?} is not a duration like 500ms, 30s, 1m30s"));
-    let bytes = s.as_bytes();
-    if bytes.is_empty() {
-        return Err(bad());
-    }
-    let (mut i, mut total) = (0usize, 0u64);
-    while i < bytes.len() {
-        let start = i;
-        while i < bytes.len() && bytes[i].is_ascii_digit() {
-            i += 1;
-        }
-        if start == i {
-            return Err(bad());
-        }
-        let n: u64 = s[start..i].parse().map_err(|_| bad())?;
-        let unit = if s[i..].starts_with("ms") {
-            i += 2;
-            1
-        } else if s[i..].starts_with('s') {
-            i += 1;
-            1000
-        } else if s[i..].starts_with('m') {
-            i += 1;
-            60_000
-        } else if s[i..].starts_with('h') {
-            i += 1;
-            3_600_000
-        } else {
-            return Err(bad());
-        };
-        total = n
-            .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(bad)?;
-    }
-    Ok(total)
+/// [`Error::InvalidSpec`] when the string is not `([0-9]+(ms|s|m|h))+` or longer than a
+/// year.
+pub fn parse_duration(s: &str) -> Result<ConfigDuration> {
+    s.parse()
+        .map_err(|e: sluice_contract::DurationError| Error::InvalidSpec(e.to_string()))
 }
 
 /// Seconds the kubelet gives a pooler pod to drain, and the Deployment's `minReadySeconds`.
@@ -169,78 +132,54 @@ pub fn parse_duration_ms(s: &str) -> Result<u64> {
 /// When `drainTimeout` is malformed.
 pub fn grace_seconds(pool: &ConnectionPool) -> Result<i64> {
     let drain = pool.spec.drain_timeout.as_deref().unwrap_or(DEFAULT_DRAIN);
-    let ms = parse_duration_ms(drain)?;
+    let ms = parse_duration(drain)?.get().as_millis();
     Ok(ms.div_ceil(1000) as i64 + GRACE_MARGIN_SECONDS)
 }
 
-fn toml_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                let _ = write!(out, "\\u{:04X}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// Renders `pooler.toml` (docs/interfaces.md §1).
+/// Renders `pooler.toml` (docs/interfaces.md §1, [`PoolerConfig`]).
 ///
 /// # Errors
 /// When a duration in the spec is malformed.
 pub fn pooler_toml(pool: &ConnectionPool, limit: i64, revision: &str) -> Result<String> {
     let s = &pool.spec;
-    let dur = |v: &Option<String>, default: &str| -> Result<String> {
-        let v = v.as_deref().unwrap_or(default);
-        parse_duration_ms(v)?;
-        Ok(toml_str(v))
+    let dur = |v: &Option<String>, default: &str| parse_duration(v.as_deref().unwrap_or(default));
+    let config = PoolerConfig {
+        listen_addr: format!("0.0.0.0:{POSTGRES_PORT}"),
+        admin_addr: format!("0.0.0.0:{ADMIN_PORT}"),
+        pool_mode: s.pool_mode,
+        connection_limit: usize::try_from(limit)
+            .map_err(|_| Error::InvalidSpec(format!("connection limit {limit} below 0")))?,
+        max_client_connections: Some(s.max_client_connections.unwrap_or(10_000).max(0) as usize),
+        pool_timeout: Some(dur(&s.pool_timeout, DEFAULT_POOL_TIMEOUT)?),
+        idle_timeout: Some(dur(&s.idle_timeout, DEFAULT_IDLE_TIMEOUT)?),
+        server_lifetime: Some(dur(&s.server_lifetime, DEFAULT_SERVER_LIFETIME)?),
+        server_check_delay: None,
+        drain_timeout: Some(dur(&s.drain_timeout, DEFAULT_DRAIN)?),
+        max_prepared_statements: None,
+        ignore_startup_parameters: None,
+        revision: Some(revision.to_string()),
+        server: ServerSection {
+            host: s.database.host.clone(),
+            port: u16::try_from(s.database.port).map_err(|_| {
+                Error::InvalidSpec(format!("port {} out of range", s.database.port))
+            })?,
+            database: s.database.name.clone(),
+            user_file: Some(sluice_contract::SERVER_USER_FILE.into()),
+            password_file: Some(sluice_contract::SERVER_PASSWORD_FILE.into()),
+            user: None,
+            password: None,
+        },
+        auth: AuthSection {
+            method: AuthMethod::ScramSha256,
+            users_dir: Some(sluice_contract::USERS_DIR.into()),
+            users: None,
+        },
     };
-    let mut t = String::new();
-    let _ = writeln!(
-        t,
-        "# Rendered by sluice-operator for ConnectionPool {}/{}; do not edit.",
+    Ok(config.render(&format!(
+        "Rendered by sluice-operator for ConnectionPool {}/{}; do not edit.",
         pool.namespace().unwrap_or_default(),
         pool.name_any()
-    );
-    let _ = writeln!(t, "listen_addr = \"0.0.0.0:{POSTGRES_PORT}\"");
-    let _ = writeln!(t, "admin_addr = \"0.0.0.0:{ADMIN_PORT}\"");
-    let _ = writeln!(t, "pool_mode = {}", toml_str(s.pool_mode.as_str()));
-    let _ = writeln!(t, "connection_limit = {limit}");
-    let _ = writeln!(
-        t,
-        "max_client_connections = {}",
-        s.max_client_connections.unwrap_or(10_000)
-    );
-    let _ = writeln!(t, "pool_timeout = {}", dur(&s.pool_timeout, "30s")?);
-    let _ = writeln!(t, "idle_timeout = {}", dur(&s.idle_timeout, "10m")?);
-    let _ = writeln!(t, "server_lifetime = {}", dur(&s.server_lifetime, "1h")?);
-    let _ = writeln!(
-        t,
-        "drain_timeout = {}",
-        dur(&s.drain_timeout, DEFAULT_DRAIN)?
-    );
-    let _ = writeln!(t, "revision = {}", toml_str(revision));
-    t.push_str("\n[server]\n");
-    let _ = writeln!(t, "host = {}", toml_str(&s.database.host));
-    let _ = writeln!(t, "port = {}", s.database.port);
-    if let Some(db) = &s.database.name {
-        let _ = writeln!(t, "database = {}", toml_str(db));
-    }
-    t.push_str("user_file = \"/etc/sluice/server/username\"\n");
-    t.push_str("password_file = \"/etc/sluice/server/password\"\n");
-    t.push_str("\n[auth]\n");
-    t.push_str("method = \"scram-sha-256\"\n");
-    t.push_str("users_dir = \"/etc/sluice/users\"\n");
-    Ok(t)
+    )))
 }
 
 fn owner_refs(pool: &ConnectionPool) -> Value {
@@ -338,7 +277,7 @@ pub fn deployment(pool: &ConnectionPool, inputs: &RenderInputs) -> Result<Deploy
     let mut container = json!({
         "name": "pooler",
         "image": s.image.clone().unwrap_or_else(|| inputs.default_image.clone()),
-        "args": ["--config", "/etc/sluice/pooler.toml"],
+        "args": ["--config", sluice_contract::CONFIG_PATH],
         "ports": [
             { "name": "postgres", "containerPort": POSTGRES_PORT, "protocol": "TCP" },
             { "name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP" },
@@ -353,8 +292,8 @@ pub fn deployment(pool: &ConnectionPool, inputs: &RenderInputs) -> Result<Deploy
             "seccompProfile": { "type": "RuntimeDefault" },
         },
         "volumeMounts": [
-            { "name": "config", "mountPath": "/etc/sluice", "readOnly": true },
-            { "name": "users", "mountPath": "/etc/sluice/users", "readOnly": true },
+            { "name": "config", "mountPath": sluice_contract::CONFIG_DIR, "readOnly": true },
+            { "name": "users", "mountPath": sluice_contract::USERS_DIR, "readOnly": true },
         ],
     });
     if let Some(r) = &s.resources {
@@ -383,8 +322,8 @@ pub fn deployment(pool: &ConnectionPool, inputs: &RenderInputs) -> Result<Deploy
                             "items": [{ "key": CONFIG_KEY, "path": CONFIG_KEY }] } },
                         { "secret": { "name": s.database.credentials_secret,
                             "items": [
-                                { "key": "username", "path": "server/username" },
-                                { "key": "password", "path": "server/password" },
+                                { "key": "username", "path": sluice_contract::SERVER_USER_ITEM },
+                                { "key": "password", "path": sluice_contract::SERVER_PASSWORD_ITEM },
                             ] } },
                     ],
                 },
@@ -612,13 +551,20 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration_ms("500ms").unwrap(), 500);
-        assert_eq!(parse_duration_ms("1m30s").unwrap(), 90_000);
-        assert_eq!(parse_duration_ms("2h").unwrap(), 7_200_000);
+    fn durations_are_the_poolers() {
+        // Counts beyond u32 passed CEL and rendering, then the pooler refused them.
+        let mut pool = minimal();
+        pool.spec.pool_timeout = Some("4294967296ms".into());
+        let toml = pooler_toml(&pool, 9, "r").unwrap();
+        let back = PoolerConfig::parse(&toml).expect("the pooler reads what is rendered");
+        assert_eq!(back.pool_timeout().as_millis(), 4_294_967_296);
+        pool.spec.pool_timeout = Some("8761h".into());
+        let e = pooler_toml(&pool, 9, "r").unwrap_err();
+        assert!(e.to_string().contains("longer than the maximum"), "{e}");
         for bad in ["", "5", "s", "1x", "1.5s", "-1s", "1s "] {
-            assert!(parse_duration_ms(bad).is_err(), "{bad}");
+            assert!(parse_duration(bad).is_err(), "{bad}");
         }
+        assert_eq!(parse_duration("1m30s").unwrap().get().as_millis(), 90_000);
     }
 
     #[test]
@@ -626,6 +572,7 @@ pub(crate) mod tests {
         let mut pool = minimal();
         pool.spec.database.host = "a\"b\\c\n".into();
         let toml = pooler_toml(&pool, 1, "r").unwrap();
-        assert!(toml.contains(r#"host = "a\"b\\c\n""#));
+        let back = PoolerConfig::parse(&toml).expect("valid TOML");
+        assert_eq!(back.server.host, "a\"b\\c\n");
     }
 }

@@ -216,17 +216,12 @@ pub fn parse_status_response(raw: &[u8]) -> Option<PodReport> {
     parse_status_json(&raw[split + 4..])
 }
 
-/// Parses the pooler's `/status` JSON body.
+/// Parses the pooler's `/status` JSON body ([`sluice_contract::Status`]).
 pub fn parse_status_json(body: &[u8]) -> Option<PodReport> {
-    #[derive(serde::Deserialize)]
-    struct Status {
-        config_hash: String,
-        connection_limit: i64,
-    }
-    let s: Status = serde_json::from_slice(body).ok()?;
+    let s: sluice_contract::Status = serde_json::from_slice(body).ok()?;
     Some(PodReport {
         config_hash: s.config_hash,
-        connection_limit: s.connection_limit,
+        connection_limit: i64::try_from(s.connection_limit).ok()?,
     })
 }
 
@@ -277,10 +272,27 @@ mod tests {
             .get::<_, String>(0)
             .parse()
             .unwrap();
-        drop(client);
         if version < 160000 {
+            // The server does not know the setting, and discovery counts it as 0.
+            let e = client
+                .query_one("SHOW reserved_connections", &[])
+                .await
+                .unwrap_err();
+            assert_eq!(
+                e.code(),
+                Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT),
+                "{e}"
+            );
+            let limits = discover(&target(&pg), Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert_eq!(
+                (limits.max_connections, limits.reserved_connections),
+                (40, 0)
+            );
             return;
         }
+        drop(client);
         drop(pg);
         let pg = TempPostgres::builder()
             .max_connections(40)
@@ -314,12 +326,32 @@ mod tests {
         assert!(err.to_string().to_lowercase().contains("refused"), "{err}");
     }
 
+    /// A `/status` body as the pooler serializes it (the contract's own type).
+    fn status_json(hash: &str, limit: usize) -> String {
+        serde_json::to_string(&sluice_contract::Status {
+            version: "0.1.0".into(),
+            config_hash: hash.into(),
+            connection_limit: limit,
+            pool_mode: sluice_contract::PoolMode::Transaction,
+            server_connections: sluice_contract::ServerConnections {
+                open: 1,
+                in_use: 0,
+                idle: 1,
+            },
+            clients: sluice_contract::Clients {
+                active: 2,
+                waiting: 0,
+            },
+            draining: false,
+            pools: vec![],
+        })
+        .unwrap()
+    }
+
     #[test]
     fn parses_status_responses() {
-        let body =
-            br#"{"version":"0.1.0","config_hash":"abc","connection_limit":18,"draining":false}"#;
         let mut raw = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n".to_vec();
-        raw.extend_from_slice(body);
+        raw.extend_from_slice(status_json("abc", 18).as_bytes());
         assert_eq!(
             parse_status_response(&raw),
             Some(PodReport {
@@ -339,7 +371,7 @@ mod tests {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf).await;
-            let body = r#"{"config_hash":"h","connection_limit":3}"#;
+            let body = status_json("h", 3);
             let resp = format!(
                 "HTTP/1.0 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
                 body.len()

@@ -7,55 +7,19 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
-use serde::Serialize;
+use sluice_contract::{Clients, PoolStatus, ServerConnections, Status};
 
 use crate::state::Shared;
-
-/// The `/status` document.
-#[derive(Debug, Serialize)]
-pub struct Status {
-    pub version: &'static str,
-    pub config_hash: String,
-    pub connection_limit: usize,
-    pub pool_mode: &'static str,
-    pub server_connections: ServerConnections,
-    pub clients: Clients,
-    pub draining: bool,
-    pub pools: Vec<PoolStatus>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ServerConnections {
-    pub open: usize,
-    pub in_use: usize,
-    pub idle: usize,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Clients {
-    pub active: usize,
-    pub waiting: usize,
-}
-
-#[derive(Debug, Serialize)]
-pub struct PoolStatus {
-    pub database: String,
-    pub user: String,
-    pub server_open: usize,
-    pub server_in_use: usize,
-    pub clients: usize,
-    pub waiting: usize,
-}
 
 /// Builds the status document.
 pub fn status(shared: &Shared) -> Status {
     let cfg = shared.config();
     let snap = shared.pools.limiter().snapshot();
     Status {
-        version: env!("CARGO_PKG_VERSION"),
+        version: env!("CARGO_PKG_VERSION").to_string(),
         config_hash: cfg.hash.clone(),
         connection_limit: cfg.connection_limit,
-        pool_mode: shared.mode.as_str(),
+        pool_mode: shared.mode,
         server_connections: ServerConnections {
             open: snap.open,
             in_use: snap.in_use,

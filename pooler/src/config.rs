@@ -1,187 +1,17 @@
-//! The config file (see `docs/interfaces.md`): parsing, validation, resolution of the
-//! referenced credential files, and change detection for live reload.
+//! The config file ([`sluice_contract::PoolerConfig`], see `docs/interfaces.md`):
+//! validation, resolution of the referenced credential files, and change detection for
+//! live reload.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
 use sha2::{Digest, Sha256};
+pub use sluice_contract::{AuthMethod, PoolMode};
+use sluice_contract::{PoolerConfig, config_hash};
 
 use crate::auth::Secret;
 use crate::error::{Error, Result};
-
-/// How server connections are shared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PoolMode {
-    Transaction,
-    Session,
-}
-
-impl PoolMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PoolMode::Transaction => "transaction",
-            PoolMode::Session => "session",
-        }
-    }
-}
-
-/// Client authentication method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum AuthMethod {
-    #[serde(rename = "scram-sha-256")]
-    ScramSha256,
-    #[serde(rename = "md5")]
-    Md5,
-}
-
-/// Parses `500ms`, `30s`, `1m30s`, `2h`: integer+unit pairs, units `ms`, `s`, `m`, `h`.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let mut total = Duration::ZERO;
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        let n: u64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let (unit, len) = if rest.starts_with("ms") {
-            (Duration::from_millis(1), 2)
-        } else if rest.starts_with('s') {
-            (Duration::from_secs(1), 1)
-        } else if rest.starts_with('m') {
-            (Duration::from_secs(60), 1)
-        } else if rest.starts_with('h') {
-            (Duration::from_secs(3600), 1)
-        } else {
-            return None;
-        };
-        rest = &rest[len..];
-        total = total.checked_add(unit.checked_mul(u32::try_from(n).ok()?)?)?;
-    }
-    Some(total)
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s).ok_or_else(|| {
-        serde::de::Error::custom(format!(
-            "invalid duration {s:?} (use e.g. \"500ms\", \"30s\", \"1m30s\")"
-        ))
-    })
-}
-
-fn d(secs: u64) -> Duration {
-    Duration::from_secs(secs)
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default = "default_listen")]
-    listen_addr: String,
-    #[serde(default = "default_admin")]
-    admin_addr: String,
-    #[serde(default = "default_mode")]
-    pool_mode: PoolMode,
-    connection_limit: usize,
-    #[serde(default = "default_max_clients")]
-    max_client_connections: usize,
-    #[serde(default = "default_pool_timeout", deserialize_with = "de_duration")]
-    pool_timeout: Duration,
-    #[serde(default = "default_idle_timeout", deserialize_with = "de_duration")]
-    idle_timeout: Duration,
-    #[serde(default = "default_lifetime", deserialize_with = "de_duration")]
-    server_lifetime: Duration,
-    #[serde(default = "default_check_delay", deserialize_with = "de_duration")]
-    server_check_delay: Duration,
-    #[serde(default = "default_drain", deserialize_with = "de_duration")]
-    drain_timeout: Duration,
-    #[serde(default = "default_prepared")]
-    max_prepared_statements: usize,
-    #[serde(default)]
-    #[allow(dead_code)]
-    revision: Option<String>,
-    server: RawServer,
-    #[serde(default)]
-    auth: RawAuth,
-}
-
-fn default_listen() -> String {
-    "0.0.0.0:6432".into()
-}
-fn default_admin() -> String {
-    "0.0.0.0:9930".into()
-}
-fn default_mode() -> PoolMode {
-    PoolMode::Transaction
-}
-fn default_max_clients() -> usize {
-    10_000
-}
-fn default_pool_timeout() -> Duration {
-    d(30)
-}
-fn default_idle_timeout() -> Duration {
-    d(600)
-}
-fn default_lifetime() -> Duration {
-    d(3600)
-}
-fn default_check_delay() -> Duration {
-    d(30)
-}
-fn default_drain() -> Duration {
-    d(30)
-}
-fn default_prepared() -> usize {
-    100
-}
-fn default_port() -> u16 {
-    5432
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawServer {
-    host: String,
-    #[serde(default = "default_port")]
-    port: u16,
-    database: Option<String>,
-    user_file: Option<PathBuf>,
-    password_file: Option<PathBuf>,
-    user: Option<String>,
-    password: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAuth {
-    #[serde(default = "default_method")]
-    method: AuthMethod,
-    users_dir: Option<PathBuf>,
-    users: Option<BTreeMap<String, String>>,
-}
-
-fn default_method() -> AuthMethod {
-    AuthMethod::ScramSha256
-}
-
-impl Default for RawAuth {
-    fn default() -> Self {
-        Self {
-            method: default_method(),
-            users_dir: None,
-            users: None,
-        }
-    }
-}
 
 /// Where and as whom the pooler logs in to PostgreSQL.
 #[derive(Clone)]
@@ -218,15 +48,13 @@ pub struct Config {
     pub server_check_delay: Duration,
     pub drain_timeout: Duration,
     pub max_prepared_statements: usize,
+    /// Startup parameters dropped instead of refused.
+    pub ignore_startup_parameters: Vec<String>,
     pub server: ServerConfig,
     pub auth_method: AuthMethod,
     pub users: HashMap<String, Secret>,
     /// Lowercase hex SHA-256 of the config file bytes.
     pub hash: String,
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn read_trimmed(p: &Path, what: &str) -> Result<String> {
@@ -265,23 +93,23 @@ impl Config {
     /// Parses and validates config file contents; referenced files are read from disk.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let text = std::str::from_utf8(bytes).map_err(|_| Error::Config("not UTF-8".into()))?;
-        let raw: RawConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let raw = PoolerConfig::parse(text).map_err(|e| Error::Config(e.to_string()))?;
         if raw.connection_limit == 0 {
             return Err(Error::Config("connection_limit must be at least 1".into()));
         }
-        if raw.max_client_connections == 0 {
+        if raw.max_client_connections() == 0 {
             return Err(Error::Config(
                 "max_client_connections must be at least 1".into(),
             ));
         }
-        if raw.max_prepared_statements == 0 {
+        if raw.max_prepared_statements() == 0 {
             return Err(Error::Config(
                 "max_prepared_statements must be at least 1".into(),
             ));
         }
         let user = match (&raw.server.user, &raw.server.user_file) {
             (Some(u), None) => u.clone(),
-            (None, Some(f)) => read_trimmed(f, "server.user_file")?,
+            (None, Some(f)) => read_trimmed(Path::new(f), "server.user_file")?,
             _ => {
                 return Err(Error::Config(
                     "set exactly one of server.user and server.user_file".into(),
@@ -293,7 +121,7 @@ impl Config {
         }
         let password = match (&raw.server.password, &raw.server.password_file) {
             (Some(p), None) => Some(p.clone()),
-            (None, Some(f)) => Some(read_trimmed(f, "server.password_file")?),
+            (None, Some(f)) => Some(read_trimmed(Path::new(f), "server.password_file")?),
             (None, None) => None,
             _ => {
                 return Err(Error::Config(
@@ -304,7 +132,7 @@ impl Config {
         let mut users = HashMap::new();
         match (&raw.auth.users_dir, &raw.auth.users) {
             (Some(dir), None) => {
-                for (name, p) in dir_files(dir)? {
+                for (name, p) in dir_files(Path::new(dir))? {
                     users.insert(name, Secret::from_stored(&read_trimmed(&p, "user file")?));
                 }
             }
@@ -328,17 +156,18 @@ impl Config {
             }
         }
         Ok(Config {
-            listen_addr: raw.listen_addr,
-            admin_addr: raw.admin_addr,
             pool_mode: raw.pool_mode,
             connection_limit: raw.connection_limit,
-            max_client_connections: raw.max_client_connections,
-            pool_timeout: raw.pool_timeout,
-            idle_timeout: raw.idle_timeout,
-            server_lifetime: raw.server_lifetime,
-            server_check_delay: raw.server_check_delay,
-            drain_timeout: raw.drain_timeout,
-            max_prepared_statements: raw.max_prepared_statements,
+            max_client_connections: raw.max_client_connections(),
+            pool_timeout: raw.pool_timeout(),
+            idle_timeout: raw.idle_timeout(),
+            server_lifetime: raw.server_lifetime(),
+            server_check_delay: raw.server_check_delay(),
+            drain_timeout: raw.drain_timeout(),
+            max_prepared_statements: raw.max_prepared_statements(),
+            ignore_startup_parameters: raw.ignore_startup_parameters.clone().unwrap_or_default(),
+            listen_addr: raw.listen_addr,
+            admin_addr: raw.admin_addr,
             server: ServerConfig {
                 host: raw.server.host,
                 port: raw.server.port,
@@ -348,7 +177,7 @@ impl Config {
             },
             auth_method: raw.auth.method,
             users,
-            hash: hex(&Sha256::digest(bytes)),
+            hash: config_hash(bytes),
         })
     }
 }
@@ -364,18 +193,19 @@ pub fn fingerprint(path: &Path) -> [u8; 32] {
         return h.finalize().into();
     };
     h.update(&bytes);
-    let raw: Option<RawConfig> = std::str::from_utf8(&bytes)
+    let raw = std::str::from_utf8(&bytes)
         .ok()
-        .and_then(|t| toml::from_str(t).ok());
+        .and_then(|t| PoolerConfig::parse(t).ok());
     let Some(raw) = raw else {
         return h.finalize().into();
     };
     let mut files: Vec<PathBuf> = [raw.server.user_file, raw.server.password_file]
         .into_iter()
         .flatten()
+        .map(PathBuf::from)
         .collect();
     if let Some(dir) = raw.auth.users_dir {
-        match dir_files(&dir) {
+        match dir_files(Path::new(&dir)) {
             Ok(list) => files.extend(list.into_iter().map(|(_, p)| p)),
             Err(_) => h.update(b"users_dir unreadable"),
         }
@@ -401,24 +231,14 @@ mod tests {
     const MIN: &str = "connection_limit = 5\n[server]\nhost = \"127.0.0.1\"\nuser = \"app\"\npassword = \"pw\"\n[auth.users]\napp = \"secret\"\n";
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1m30s"), Some(d(90)));
-        assert_eq!(parse_duration("2h"), Some(d(7200)));
-        for bad in ["", "5", "s", "1x", "1 s", "-1s", "1.5s"] {
-            assert_eq!(parse_duration(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
     fn minimal_with_defaults_and_hash() {
         let c = Config::from_bytes(MIN.as_bytes()).unwrap();
         assert_eq!(c.connection_limit, 5);
         assert_eq!(c.pool_mode, PoolMode::Transaction);
-        assert_eq!(c.pool_timeout, d(30));
+        assert_eq!(c.pool_timeout, Duration::from_secs(30));
         assert_eq!(c.server.port, 5432);
         assert!(c.users.contains_key("app"));
-        assert_eq!(c.hash, hex(&Sha256::digest(MIN.as_bytes())));
+        assert_eq!(c.hash, config_hash(MIN.as_bytes()));
         assert_eq!(c.hash.len(), 64);
     }
 
@@ -459,7 +279,7 @@ users_dir = "{u}"
         );
         let c = Config::from_bytes(text.as_bytes()).unwrap();
         assert_eq!(c.pool_mode, PoolMode::Session);
-        assert_eq!(c.drain_timeout, d(90));
+        assert_eq!(c.drain_timeout, Duration::from_secs(90));
         assert_eq!(c.server.user, "app");
         assert_eq!(c.server.password.as_deref(), Some("pw"));
         assert_eq!(c.auth_method, AuthMethod::Md5);

@@ -11,9 +11,17 @@ pub enum Error {
     /// The peer violated the wire protocol (bad length, unknown message, ...).
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// A startup packet length below 8 or above 10 000 bytes: the connection is closed
+    /// without a word, as PostgreSQL does.
+    #[error("invalid length of startup packet ({0} bytes)")]
+    BadStartupLength(usize),
     /// A message was longer than the configured bound.
     #[error("message of {len} bytes exceeds the limit of {max} bytes")]
     TooLarge { len: usize, max: usize },
+    /// The startup packet asked for a parameter the pooler cannot carry between server
+    /// connections (see `params.rs`; `ignore_startup_parameters` drops it instead).
+    #[error("unsupported startup parameter: {0}")]
+    UnsupportedStartupParameter(String),
     /// Client authentication failed.
     #[error("password authentication failed for user \"{0}\"")]
     AuthFailed(String),
@@ -54,7 +62,10 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::Io(_) => "io",
-            Error::Protocol(_) | Error::TooLarge { .. } => "protocol",
+            Error::Protocol(_)
+            | Error::TooLarge { .. }
+            | Error::BadStartupLength(_)
+            | Error::UnsupportedStartupParameter(_) => "protocol",
             Error::AuthFailed(_) | Error::AuthUnsupported(_) => "auth",
             Error::PoolTimeout { .. } => "pool_timeout",
             Error::TooManyClients(_) => "too_many_clients",
@@ -98,9 +109,14 @@ impl Error {
     /// server's own ErrorResponse ([`Error::ServerError`]) or no message at all (i/o).
     pub fn to_client(&self) -> Option<ClientError> {
         let e = match self {
-            Error::Io(_) | Error::ServerError(_) | Error::ServerEnded(_) => return None,
+            Error::Io(_)
+            | Error::ServerError(_)
+            | Error::ServerEnded(_)
+            | Error::BadStartupLength(_) => return None,
             Error::Protocol(m) => ClientError::fatal("08P01", format!("protocol violation: {m}")),
-            Error::TooLarge { .. } => ClientError::fatal("08P01", self.to_string()),
+            Error::TooLarge { .. } | Error::UnsupportedStartupParameter(_) => {
+                ClientError::fatal("08P01", self.to_string())
+            }
             Error::AuthFailed(_) => ClientError::fatal("28P01", self.to_string()),
             Error::AuthUnsupported(m) => {
                 ClientError::fatal("28000", format!("unsupported authentication: {m}"))

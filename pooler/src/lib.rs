@@ -8,6 +8,7 @@ mod auth;
 mod config;
 mod error;
 mod metrics;
+mod params;
 mod pool;
 mod prepared;
 mod protocol;
@@ -24,11 +25,12 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-pub use admin::{Status, status};
+pub use admin::status;
 pub use auth::{ScramServer, ScramVerifier, Secret};
-pub use config::{AuthMethod, Config, PoolMode, parse_duration};
+pub use config::{AuthMethod, Config, PoolMode};
 pub use error::{ClientError, Error, Result};
 pub use pool::{Limiter, PoolKey};
+pub use sluice_contract::Status;
 pub use state::Shared;
 
 /// Default bound on one client message (16 MiB); larger ones close the client with

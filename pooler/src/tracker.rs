@@ -40,6 +40,9 @@ pub enum Pending {
     Sync,
     /// Simple query or function call: everything up to ReadyForQuery.
     Query,
+    /// A simple query the pooler sent for itself (session parameters): its whole
+    /// answer, up to and including ReadyForQuery, is swallowed.
+    Injected,
     /// CopyDone or CopyFail sent: ends a COPY FROM STDIN, or is ignored by the server
     /// when none runs. Owes no response of its own.
     CopyEnd,
@@ -137,7 +140,7 @@ impl Tracker {
             Pending::Sync => self.unsynced = false,
             // Outside a COPY the server ignores it; nothing pending could start one.
             Pending::CopyEnd if self.queue.is_empty() => return,
-            Pending::Query | Pending::SynthQuery(_) | Pending::CopyEnd => {}
+            Pending::Query | Pending::Injected | Pending::SynthQuery(_) | Pending::CopyEnd => {}
             _ => self.unsynced = true,
         }
         self.queue.push_back(p);
@@ -224,6 +227,19 @@ impl Tracker {
         })
     }
 
+    /// Whether the next server message may be swallowed: the caller must then have it
+    /// whole before calling [`Tracker::on_message`].
+    pub fn front_swallows(&self) -> bool {
+        matches!(
+            self.queue.front(),
+            Some(
+                Pending::Injected
+                    | Pending::Parse { swallow: true, .. }
+                    | Pending::Close { swallow: true }
+            )
+        )
+    }
+
     /// Whether a synthetic response is due now.
     pub fn has_synth(&self) -> bool {
         self.queue.front().is_some_and(Pending::is_synth)
@@ -256,6 +272,13 @@ impl Tracker {
     }
 
     fn on_message_inner(&mut self, tag: u8, status: u8) -> Verdict {
+        if self.queue.front() == Some(&Pending::Injected) {
+            if tag == b'Z' {
+                self.status = TxStatus::from_byte(status);
+                self.queue.pop_front();
+            }
+            return Verdict::Drop;
+        }
         // Asynchronous messages may come at any time; anything else answers something.
         if self.queue.is_empty() && !matches!(tag, b'N' | b'S' | b'A' | b'E') {
             self.desync = true;

@@ -234,3 +234,18 @@ fn unsynced_batch_is_not_settled() {
     t.on_message(b'Z', b'I');
     assert!(t.is_settled());
 }
+
+#[test]
+fn injected_queries_are_swallowed_whole() {
+    let mut t = Tracker::default();
+    t.push(Pending::Injected);
+    t.push(Pending::Query);
+    assert!(t.front_swallows());
+    for tag in [b'S', b'C', b'S', b'C'] {
+        assert_eq!(t.on_message(tag, 0), Verdict::Drop);
+    }
+    assert_eq!(t.on_message(b'Z', b'I'), Verdict::Drop);
+    assert!(!t.front_swallows());
+    answer(&mut t, &[(b'T', 0), (b'D', 0), (b'C', 0), (b'Z', b'I')]);
+    assert!(t.is_settled());
+}

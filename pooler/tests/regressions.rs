@@ -160,3 +160,129 @@ async fn server_fatal_is_the_last_word() -> Result<()> {
     p.shutdown().await?;
     Ok(())
 }
+
+/// The salt a SCRAM exchange offers `user` (the `s=` of server-first-message).
+async fn scram_salt(addr: std::net::SocketAddr, user: &str) -> Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(&startup(&[("user", user), ("database", APP_DB)]))
+        .await?;
+    let (tag, _) = read_msg(&mut s).await?;
+    ensure!(tag == b'R', "expected SASL");
+    let first = b"n,,n=,r=abcdefghijklmnopqrstuvwx";
+    let mut body = b"SCRAM-SHA-256\0".to_vec();
+    body.extend_from_slice(&(first.len() as i32).to_be_bytes());
+    body.extend_from_slice(first);
+    s.write_all(&msg(b'p', &body)).await?;
+    let (tag, body) = read_msg(&mut s).await?;
+    ensure!(
+        tag == b'R' && body[..4] == 11i32.to_be_bytes(),
+        "SASL continue"
+    );
+    let text = String::from_utf8_lossy(&body[4..]).to_string();
+    let salt = text
+        .split(',')
+        .find_map(|p| p.strip_prefix("s="))
+        .ok_or_else(|| anyhow::anyhow!("no salt in {text}"))?;
+    Ok(salt.to_string())
+}
+
+/// Item 8: unknown users got one fixed salt (so a name's existence showed) and a full
+/// key derivation per attempt on the runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unknown_users_are_not_told_apart_by_their_salt() -> Result<()> {
+    let pg = postgres(20).await?;
+    let mut p = start(&pg, "connection_limit = 2").await?;
+    let a = scram_salt(p.addr, "nobody_a").await?;
+    assert_eq!(a, scram_salt(p.addr, "nobody_a").await?, "stable per name");
+    assert_ne!(
+        a,
+        scram_salt(p.addr, "nobody_b").await?,
+        "different per name"
+    );
+    let real = scram_salt(p.addr, APP_USER.0).await?;
+    assert_eq!(real, scram_salt(p.addr, APP_USER.0).await?);
+    assert_eq!(a.len(), real.len(), "same salt length as a real user's");
+    p.shutdown().await?;
+    Ok(())
+}
+
+/// First column of every row a simple query returns, on a raw connection.
+async fn values(s: &mut tokio::net::TcpStream, sql: &str) -> Result<Vec<String>> {
+    s.write_all(&query(sql)).await?;
+    let (got, done) = read_until(s, Duration::from_secs(10), |t, _| t == b'Z').await;
+    ensure!(done, "no answer to {sql}");
+    if let Some((_, b)) = got.iter().find(|(t, _)| *t == b'E') {
+        anyhow::bail!("{sql}: {:?}", fields(b));
+    }
+    Ok(first_values(&got))
+}
+
+/// Item 5: startup parameters are honoured and follow their client from server
+/// connection to server connection; one client's SET never reaches another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn startup_parameters_follow_their_client() -> Result<()> {
+    let pg = postgres(20).await?;
+    for mode in ["transaction", "session"] {
+        let limit = if mode == "transaction" { 1 } else { 3 };
+        let mut p = start(
+            &pg,
+            &format!("connection_limit = {limit}\npool_mode = \"{mode}\""),
+        )
+        .await?;
+        let (mut a, greeting) = login_with(
+            p.addr,
+            APP_USER.0,
+            APP_USER.1,
+            APP_DB,
+            &[
+                ("application_name", "alpha"),
+                ("options", "-c DateStyle=SQL,\\ DMY"),
+            ],
+        )
+        .await?;
+        let told = |n: &str| {
+            greeting
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(told("application_name").as_deref(), Some("alpha"), "{mode}");
+        assert_eq!(told("DateStyle").as_deref(), Some("SQL, DMY"), "{mode}");
+        let (mut b, _) = login_with(p.addr, APP_USER.0, APP_USER.1, APP_DB, &[]).await?;
+        assert_eq!(values(&mut a, "show application_name").await?, ["alpha"]);
+        assert_eq!(values(&mut a, "show datestyle").await?, ["SQL, DMY"]);
+        assert_eq!(
+            values(&mut b, "show application_name").await?,
+            [""],
+            "{mode}"
+        );
+        assert_eq!(
+            values(&mut b, "show datestyle").await?,
+            ["ISO, MDY"],
+            "{mode}"
+        );
+        // A's SET stays A's.
+        values(&mut a, "set client_encoding = 'LATIN1'").await?;
+        assert_eq!(
+            values(&mut b, "show client_encoding").await?,
+            ["UTF8"],
+            "{mode}"
+        );
+        assert_eq!(
+            values(&mut a, "show client_encoding").await?,
+            ["LATIN1"],
+            "{mode}"
+        );
+        // Parameters the pooler cannot carry are refused, clearly.
+        let e = login_with(p.addr, APP_USER.0, APP_USER.1, APP_DB, &[("geqo", "off")])
+            .await
+            .expect_err("refused");
+        assert!(
+            e.to_string()
+                .contains("unsupported startup parameter: geqo"),
+            "{e}"
+        );
+        p.shutdown().await?;
+    }
+    Ok(())
+}

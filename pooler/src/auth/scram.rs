@@ -56,6 +56,21 @@ impl ScramVerifier {
         Self::derive(password, &salt, DEFAULT_ITERATIONS)
     }
 
+    /// A verifier for a user that does not exist, so that the exchange looks the same as
+    /// for one that does: the salt is derived from the user name and a per-process secret
+    /// (stable per name, different between names, as real users' salts are), the keys are
+    /// random. No key derivation runs, so unknown users cost what known ones do.
+    pub fn for_unknown_user(user: &str) -> Self {
+        static SECRET: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+        let secret = SECRET.get_or_init(rand::random);
+        Self {
+            iterations: DEFAULT_ITERATIONS,
+            salt: hmac(secret, user.as_bytes())[..16].to_vec(),
+            stored_key: rand::random(),
+            server_key: rand::random(),
+        }
+    }
+
     /// Derives a verifier from a password, salt and iteration count.
     pub fn derive(password: &str, salt: &[u8], iterations: u32) -> Self {
         let mut salted = [0u8; 32];
@@ -179,6 +194,14 @@ impl ScramServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_users_get_a_stable_salt_of_their_own() {
+        let a = ScramVerifier::for_unknown_user("nobody");
+        assert_eq!(a.salt, ScramVerifier::for_unknown_user("nobody").salt);
+        assert_ne!(a.salt, ScramVerifier::for_unknown_user("someone").salt);
+        assert_eq!((a.salt.len(), a.iterations), (16, DEFAULT_ITERATIONS));
+    }
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 
     #[test]

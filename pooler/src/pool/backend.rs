@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use crate::auth::md5_client_response;
 use crate::config::ServerConfig;
 use crate::error::{Error, Result};
+use crate::params::Params;
 use crate::protocol::{
     Authentication, BackendKeyData, ErrorFields, Frame, ParameterStatus, PasswordMessage,
     ReadyForQuery, ResponseScanner, SaslInitialResponse, SaslResponse, TxStatus, split_frame,
@@ -84,6 +85,11 @@ impl PreparedLru {
     }
 }
 
+/// The tracked parameters of a login's ParameterStatus list.
+pub fn login_params(list: &[ParameterStatus]) -> Params {
+    Params::from_reported(list.iter().map(|p| (p.name.as_str(), p.value.as_str())))
+}
+
 /// A logged-in server connection.
 #[derive(Debug)]
 pub struct ServerConn {
@@ -94,6 +100,8 @@ pub struct ServerConn {
     pub addr: SocketAddr,
     pub key: BackendKeyData,
     pub params: Vec<ParameterStatus>,
+    /// The tracked session parameters in force on this connection now.
+    pub session_params: Params,
     pub created: Instant,
     pub prepared: PreparedLru,
 }
@@ -191,7 +199,7 @@ impl ServerConn {
                 b'Z' => break,
                 b'E' => {
                     let e = ErrorFields::decode(&f)?;
-                    tracing::warn!(code = %e.code, message = %e.message, "server login refused");
+                    tracing::warn!(code = %e.code, message = %e.message.escape_debug(), "server login refused");
                     return Err(Error::ServerError(f.raw));
                 }
                 _ => {}
@@ -206,10 +214,16 @@ impl ServerConn {
             scanner: ResponseScanner::default(),
             addr,
             key,
+            session_params: login_params(&params),
             params,
             created: Instant::now(),
             prepared: PreparedLru::default(),
         })
+    }
+
+    /// `DISCARD ALL` (or `RESET ALL`) ran: the session parameters are the login's again.
+    pub fn params_reset(&mut self) {
+        self.session_params = login_params(&self.params);
     }
 
     /// Runs one simple query, discarding its output; true when the connection ends idle.

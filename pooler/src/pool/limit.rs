@@ -136,6 +136,18 @@ impl<C> State<C> {
         &mut self.pool(key).counts
     }
 
+    /// Drops `key`'s entry once nothing refers to it (no connection, client or waiter),
+    /// so that names clients merely asked for (a database that does not exist) do not
+    /// stay in the map, in `/status` and in `/metrics`.
+    fn forget_if_unused(&mut self, key: &PoolKey) {
+        let unused = self.pools.get(key).is_some_and(|p| {
+            p.idle.is_empty() && p.counts.open == 0 && p.counts.in_use == 0 && p.counts.clients == 0
+        });
+        if unused && !self.waiters.iter().any(|w| &w.key == key) {
+            self.pools.remove(key);
+        }
+    }
+
     fn idle_total(&self) -> usize {
         self.pools.values().map(|p| p.idle.len()).sum()
     }
@@ -262,6 +274,7 @@ impl<C> Limiter<C> {
             s.counts(key).open -= 1;
             close.push(conn);
             s.grant_slots();
+            s.forget_if_unused(key);
             return close;
         }
         let mut conn = conn;
@@ -282,6 +295,7 @@ impl<C> Limiter<C> {
                 c.open += 1;
                 c.in_use += 1;
                 close.push(conn);
+                s.forget_if_unused(key);
                 return close;
             }
         }
@@ -301,6 +315,7 @@ impl<C> Limiter<C> {
         c.open -= 1;
         c.in_use -= 1;
         s.grant_slots();
+        s.forget_if_unused(key);
     }
 
     /// Changes the limit: idle connections above it are handed back for closing at
@@ -349,6 +364,7 @@ impl<C> Limiter<C> {
         for k in removed {
             s.open -= 1;
             s.counts(&k).open -= 1;
+            s.forget_if_unused(&k);
         }
         s.grant_slots();
         close
@@ -371,6 +387,7 @@ impl<C> Limiter<C> {
         let mut s = self.lock();
         let c = s.counts(key);
         c.clients = c.clients.saturating_add_signed(delta);
+        s.forget_if_unused(key);
     }
 
     /// Current numbers.
@@ -462,7 +479,7 @@ mod tests {
         let s = l.snapshot();
         assert_eq!(s.open, 1);
         assert_eq!(s.pools.iter().find(|p| p.0 == b).unwrap().1.open, 1);
-        assert_eq!(s.pools.iter().find(|p| p.0 == a).unwrap().1.open, 0);
+        assert!(s.pools.iter().all(|p| p.0 != a), "a has nothing left");
     }
 
     #[tokio::test(start_paused = true)]
@@ -540,6 +557,29 @@ mod tests {
             vec![2]
         );
         assert_eq!(l.snapshot().open, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unused_pools_are_forgotten() {
+        let l = Limiter::<u32>::new(2);
+        for i in 0..100 {
+            let k = key(&format!("bogus{i}"));
+            assert!(matches!(l.acquire(&k), Acquire::Open(_)));
+            // The database does not exist: the login fails.
+            l.discard(&k);
+        }
+        assert!(l.snapshot().pools.is_empty(), "no entry per name asked for");
+        let k = key("app");
+        l.client_delta(&k, 1);
+        open_n(&l, &k, 1);
+        assert!(l.release(&k, 7, Instant::now(), true).is_empty());
+        l.client_delta(&k, -1);
+        assert_eq!(l.snapshot().pools.len(), 1, "an idle connection keeps it");
+        assert_eq!(l.reap(Duration::ZERO, Duration::MAX, |_| false).len(), 1);
+        assert!(
+            l.snapshot().pools.is_empty(),
+            "gone with its last connection"
+        );
     }
 
     #[tokio::test(start_paused = true)]

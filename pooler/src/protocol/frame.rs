@@ -53,16 +53,8 @@ pub fn split_startup(buf: &mut BytesMut) -> Result<Option<Bytes>> {
         return Ok(None);
     }
     let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-    if len < 8 {
-        return Err(Error::Protocol(format!(
-            "invalid startup packet length {len}"
-        )));
-    }
-    if len > MAX_STARTUP_LEN {
-        return Err(Error::TooLarge {
-            len,
-            max: MAX_STARTUP_LEN,
-        });
+    if !(8..=MAX_STARTUP_LEN).contains(&len) {
+        return Err(Error::BadStartupLength(len));
     }
     if buf.len() < len {
         return Ok(None);
@@ -139,7 +131,7 @@ mod tests {
         let mut buf = BytesMut::from(&b"\0\x01\0\0"[..]);
         assert!(matches!(
             split_startup(&mut buf),
-            Err(Error::TooLarge { .. })
+            Err(Error::BadStartupLength(65536))
         ));
         let mut buf = BytesMut::from(&b"\0\0\0\x08\x04\xd2\x16\x2f"[..]);
         assert_eq!(

@@ -21,7 +21,7 @@ pub enum Startup {
     GssEnc,
     /// CancelRequest with the pooler's own keys.
     Cancel(CancelRequest),
-    /// StartupMessage (protocol 3.0).
+    /// StartupMessage (protocol 3.x; the pooler speaks 3.0).
     Message(StartupMessage),
 }
 
@@ -29,6 +29,28 @@ pub enum Startup {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartupMessage {
     pub params: HashMap<String, String>,
+    /// The minor protocol version asked for (3.x).
+    pub minor: u16,
+    /// Protocol options (`_pq_.*` keys), none of which the pooler knows.
+    pub protocol_options: Vec<String>,
+}
+
+impl StartupMessage {
+    /// NegotiateProtocolVersion (`v`), as PostgreSQL sends it when the client asked for
+    /// a newer minor version or for protocol options: the pooler speaks 3.0 and knows
+    /// none of the options. `None` when there is nothing to negotiate.
+    pub fn negotiation(&self) -> Option<Bytes> {
+        if self.minor == 0 && self.protocol_options.is_empty() {
+            return None;
+        }
+        let mut body = BytesMut::new();
+        body.put_u32(0);
+        body.put_u32(self.protocol_options.len() as u32);
+        for o in &self.protocol_options {
+            put_cstr(&mut body, o);
+        }
+        Some(finish(b'v', &body))
+    }
 }
 
 /// CancelRequest: process id and secret key.
@@ -64,15 +86,20 @@ impl Startup {
                 pid: body.get_i32(),
                 secret: body.get_i32(),
             })),
-            PROTOCOL_V3 => {
+            version if version >> 16 == PROTOCOL_V3 >> 16 => {
                 let mut params = HashMap::new();
+                let mut protocol_options = Vec::new();
                 loop {
                     let k = read_cstr(&mut body)?;
                     if k.is_empty() {
                         break;
                     }
                     let v = read_cstr(&mut body)?;
-                    params.insert(k, v);
+                    if k.starts_with("_pq_.") {
+                        protocol_options.push(k);
+                    } else {
+                        params.insert(k, v);
+                    }
                 }
                 if !body.is_empty() {
                     return Err(Error::Protocol("trailing bytes in startup packet".into()));
@@ -80,7 +107,11 @@ impl Startup {
                 if !params.contains_key("user") {
                     return Err(Error::Protocol("no user name in startup packet".into()));
                 }
-                Ok(Startup::Message(StartupMessage { params }))
+                Ok(Startup::Message(StartupMessage {
+                    params,
+                    minor: (version & 0xffff) as u16,
+                    protocol_options,
+                }))
             }
             other => Err(Error::Protocol(format!(
                 "unsupported frontend protocol {}.{}",

@@ -177,11 +177,27 @@ pub async fn expect_closed(s: &mut TcpStream) -> bool {
 /// Logs in as `user` to `db` at `addr` (PostgreSQL or the pooler) with SCRAM over a
 /// raw socket; returns the socket after the first ReadyForQuery.
 pub async fn login(addr: SocketAddr, user: &str, password: &str, db: &str) -> Result<TcpStream> {
+    Ok(login_with(addr, user, password, db, &[]).await?.0)
+}
+
+/// [`login`] with `extra` startup parameters; also returns the ParameterStatus pairs of
+/// the greeting.
+pub async fn login_with(
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+    db: &str,
+    extra: &[(&str, &str)],
+) -> Result<(TcpStream, Vec<(String, String)>)> {
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
-    s.write_all(&startup(&[("user", user), ("database", db)]))
-        .await?;
+    let mut params = vec![("user", user), ("database", db)];
+    params.extend_from_slice(extra);
+    s.write_all(&startup(&params)).await?;
     let (tag, body) = read_msg(&mut s).await?;
+    if tag == b'E' {
+        bail!("login refused: {:?}", fields(&body));
+    }
     ensure!(tag == b'R', "expected authentication, got {}", tag as char);
     ensure!(body[..4] == 10i32.to_be_bytes(), "expected SASL");
     let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
@@ -196,11 +212,18 @@ pub async fn login(addr: SocketAddr, user: &str, password: &str, db: &str) -> Re
     );
     scram.update(&body[4..])?;
     s.write_all(&msg(b'p', scram.message())).await?;
+    let mut status = Vec::new();
     loop {
         let (tag, body) = read_msg(&mut s).await?;
         match tag {
             b'E' => bail!("login failed: {:?}", fields(&body)),
-            b'Z' => return Ok(s),
+            b'S' => {
+                let mut parts = body.split(|&b| b == 0).map(|p| String::from_utf8_lossy(p));
+                let name = parts.next().unwrap_or_default().to_string();
+                let value = parts.next().unwrap_or_default().to_string();
+                status.push((name, value));
+            }
+            b'Z' => return Ok((s, status)),
             _ => {}
         }
     }

@@ -1,0 +1,309 @@
+//! `pooler.toml`: the file the operator renders into the pool's ConfigMap and the pooler
+//! reads (docs/interfaces.md §1). Keys with a default are optional in the file: the
+//! operator leaves out what it does not set, and the accessors give the effective value.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::duration::ConfigDuration;
+
+/// How the pooler hands out server connections.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server connection per transaction.
+    #[default]
+    Transaction,
+    /// A server connection per client session.
+    Session,
+}
+
+impl PoolMode {
+    /// The value as the config file spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::Transaction => "transaction",
+            PoolMode::Session => "session",
+        }
+    }
+}
+
+/// Client authentication method.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AuthMethod {
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+}
+
+/// Defaults of the optional keys, as the pooler applies them.
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const LISTEN_ADDR: &str = "0.0.0.0:6432";
+    pub const ADMIN_ADDR: &str = "0.0.0.0:9930";
+    pub const MAX_CLIENT_CONNECTIONS: usize = 10_000;
+    pub const POOL_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+    pub const SERVER_LIFETIME: Duration = Duration::from_secs(3600);
+    pub const SERVER_CHECK_DELAY: Duration = Duration::from_secs(30);
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const MAX_PREPARED_STATEMENTS: usize = 100;
+    pub const SERVER_PORT: u16 = 5432;
+}
+
+/// The whole file. Unknown keys are an error: a typo must not silently change behaviour.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolerConfig {
+    /// Where clients connect (`ip:port`).
+    #[serde(default = "listen_addr")]
+    pub listen_addr: String,
+    /// Where the admin API listens (`ip:port`).
+    #[serde(default = "admin_addr")]
+    pub admin_addr: String,
+    #[serde(default)]
+    pub pool_mode: PoolMode,
+    /// Hard cap on server connections, whole process.
+    pub connection_limit: usize,
+    /// Further clients are refused at startup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_client_connections: Option<usize>,
+    /// How long a client waits for a server connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_timeout: Option<ConfigDuration>,
+    /// Idle server connections are closed after this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<ConfigDuration>,
+    /// Server connections are replaced after this age.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_lifetime: Option<ConfigDuration>,
+    /// A connection idle for this long is checked before reuse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_check_delay: Option<ConfigDuration>,
+    /// On SIGTERM, what still runs after this is cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_timeout: Option<ConfigDuration>,
+    /// Prepared statements per server connection (LRU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_prepared_statements: Option<usize>,
+    /// Startup parameters clients may send that the pooler drops instead of refusing
+    /// (as PgBouncer's `ignore_startup_parameters`), e.g. `["search_path"]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_startup_parameters: Option<Vec<String>>,
+    /// Opaque to the pooler; the operator changes it when a referenced Secret changes,
+    /// so the file, and with it the hash, changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    pub server: ServerSection,
+    #[serde(default)]
+    pub auth: AuthSection,
+}
+
+/// `[server]`: where and as whom the pooler logs in to PostgreSQL.
+#[derive(Serialize, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    pub host: String,
+    #[serde(default = "server_port")]
+    pub port: u16,
+    /// When absent, the database each client asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// File with the user name (a mounted Secret key); or `user` inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for ServerSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerSection")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("database", &self.database)
+            .field("user_file", &self.user_file)
+            .field("password_file", &self.password_file)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[auth]`: client authentication.
+#[derive(Serialize, Deserialize, Clone, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    #[serde(default)]
+    pub method: AuthMethod,
+    /// One file per user: name = user, content = password or SCRAM verifier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users_dir: Option<String>,
+    /// Inline users (tests, local runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<BTreeMap<String, String>>,
+}
+
+impl std::fmt::Debug for AuthSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthSection")
+            .field("method", &self.method)
+            .field("users_dir", &self.users_dir)
+            .field(
+                "users",
+                &self.users.as_ref().map(|u| u.keys().collect::<Vec<_>>()),
+            )
+            .finish()
+    }
+}
+
+fn listen_addr() -> String {
+    defaults::LISTEN_ADDR.into()
+}
+fn admin_addr() -> String {
+    defaults::ADMIN_ADDR.into()
+}
+fn server_port() -> u16 {
+    defaults::SERVER_PORT
+}
+
+fn or(d: &Option<ConfigDuration>, default: Duration) -> Duration {
+    d.as_ref().map_or(default, ConfigDuration::get)
+}
+
+impl PoolerConfig {
+    /// Parses the file's text.
+    ///
+    /// # Errors
+    /// The TOML error (syntax, unknown key, bad duration), as the pooler logs it.
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The file's text: `header` as a comment line, then the keys in a fixed order.
+    pub fn render(&self, header: &str) -> String {
+        let body = toml::to_string(self).expect("a PoolerConfig always serializes");
+        format!("# {header}\n{body}")
+    }
+
+    pub fn max_client_connections(&self) -> usize {
+        self.max_client_connections
+            .unwrap_or(defaults::MAX_CLIENT_CONNECTIONS)
+    }
+    pub fn pool_timeout(&self) -> Duration {
+        or(&self.pool_timeout, defaults::POOL_TIMEOUT)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        or(&self.idle_timeout, defaults::IDLE_TIMEOUT)
+    }
+    pub fn server_lifetime(&self) -> Duration {
+        or(&self.server_lifetime, defaults::SERVER_LIFETIME)
+    }
+    pub fn server_check_delay(&self) -> Duration {
+        or(&self.server_check_delay, defaults::SERVER_CHECK_DELAY)
+    }
+    pub fn drain_timeout(&self) -> Duration {
+        or(&self.drain_timeout, defaults::DRAIN_TIMEOUT)
+    }
+    pub fn max_prepared_statements(&self) -> usize {
+        self.max_prepared_statements
+            .unwrap_or(defaults::MAX_PREPARED_STATEMENTS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> PoolerConfig {
+        PoolerConfig {
+            listen_addr: listen_addr(),
+            admin_addr: admin_addr(),
+            pool_mode: PoolMode::Session,
+            connection_limit: 17,
+            max_client_connections: Some(500),
+            pool_timeout: Some("1m30s".parse().unwrap()),
+            idle_timeout: None,
+            server_lifetime: None,
+            server_check_delay: None,
+            drain_timeout: Some("45s".parse().unwrap()),
+            max_prepared_statements: None,
+            ignore_startup_parameters: Some(vec!["search_path".into()]),
+            revision: Some("ab\"c\\d".into()),
+            server: ServerSection {
+                host: "db.example.svc".into(),
+                port: 5433,
+                database: Some("app".into()),
+                user_file: Some(crate::SERVER_USER_FILE.into()),
+                password_file: Some(crate::SERVER_PASSWORD_FILE.into()),
+                user: None,
+                password: None,
+            },
+            auth: AuthSection {
+                method: AuthMethod::ScramSha256,
+                users_dir: Some(crate::USERS_DIR.into()),
+                users: None,
+            },
+        }
+    }
+
+    #[test]
+    fn what_the_operator_renders_the_pooler_reads_back() {
+        let c = sample();
+        let text = c.render("rendered for a test");
+        assert!(text.starts_with("# rendered for a test\n"), "{text}");
+        assert_eq!(PoolerConfig::parse(&text).unwrap(), c);
+        assert_eq!(
+            PoolerConfig::parse(&text)
+                .unwrap()
+                .render("rendered for a test"),
+            text
+        );
+    }
+
+    #[test]
+    fn optional_keys_take_their_defaults() {
+        let c = PoolerConfig::parse("connection_limit = 3\n[server]\nhost = \"h\"\n").unwrap();
+        assert_eq!(c.pool_mode, PoolMode::Transaction);
+        assert_eq!(c.listen_addr, defaults::LISTEN_ADDR);
+        assert_eq!(c.server.port, 5432);
+        assert_eq!(c.pool_timeout(), defaults::POOL_TIMEOUT);
+        assert_eq!(c.max_prepared_statements(), 100);
+        assert_eq!(c.auth.method, AuthMethod::ScramSha256);
+        let c = sample();
+        assert_eq!(c.pool_timeout(), Duration::from_secs(90));
+        assert_eq!(c.max_client_connections(), 500);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_durations_are_errors() {
+        let e = PoolerConfig::parse(
+            "connection_limit = 3\nconection_limit = 4\n[server]\nhost = \"h\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        let e = PoolerConfig::parse(
+            "connection_limit = 3\npool_timeout = \"soon\"\n[server]\nhost = \"h\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not a duration"), "{e}");
+    }
+
+    #[test]
+    fn debug_never_shows_passwords() {
+        let mut c = sample();
+        c.server.password = Some("hunter2".into());
+        c.auth.users = Some([("app".to_string(), "s3cret".to_string())].into());
+        let d = format!("{c:?}");
+        assert!(!d.contains("hunter2") && !d.contains("s3cret"), "{d}");
+    }
+}

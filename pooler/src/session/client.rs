@@ -1,0 +1,230 @@
+//! Client messages: forwarded to the held server connection, with transaction mode's
+//! prepared-statement rewrite, and each recorded with the response tracker.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::prepared::{SpecialQuery, Statement, special_query};
+use crate::protocol::{
+    Bind, Close, Describe, Frame, Parse, ReadyForQuery, Target, TxStatus, command_complete,
+};
+use crate::tracker::Pending;
+
+use super::Session;
+
+impl Session<'_> {
+    /// Makes sure `st` exists on the held server connection, queueing a Parse if not;
+    /// `client` is the client's name when the client itself sent the Parse.
+    fn prepare_on_server(&mut self, st: &Statement, client: Option<Arc<str>>) {
+        let swallow = client.is_none();
+        let sc = self.server.as_mut().expect("server held");
+        if sc.prepared.touch(&st.server_name) {
+            return;
+        }
+        let cap = self.shared.config().max_prepared_statements;
+        if let Some(victim) = sc.prepared.insert(st.server_name.clone(), cap) {
+            let c = Close {
+                target: Target::Statement,
+                name: victim.to_string(),
+            };
+            self.to_server.extend_from_slice(&c.encode());
+            self.tracker.push(Pending::Close { swallow: true });
+        }
+        self.to_server.extend_from_slice(&st.parse);
+        self.tracker.push(Pending::Parse {
+            name: Some(st.server_name.clone()),
+            client,
+            swallow,
+        });
+    }
+
+    async fn forward(&mut self, f: &Frame) -> Result<()> {
+        self.ensure_server().await?;
+        self.to_server.extend_from_slice(&f.raw);
+        Ok(())
+    }
+
+    pub(super) async fn on_client_message(&mut self, f: Frame) -> Result<()> {
+        let rewrite = self.transaction_mode();
+        tracing::trace!(tag = %(f.tag as char), "client message");
+        match f.tag {
+            b'Q' => {
+                self.queries.inc();
+                if rewrite && looks_special(&f.raw[5..]) {
+                    let q = crate::protocol::Query::decode(&f)?;
+                    match special_query(&q.sql) {
+                        // The server does not know the client's name. (In a failed
+                        // transaction the server's own error is the answer.)
+                        Some(SpecialQuery::Deallocate(name))
+                            if self.tracker.status != TxStatus::Failed
+                                && self.stmts.remove(&name) =>
+                        {
+                            return self.answer_locally("DEALLOCATE");
+                        }
+                        // Forwarded: the server's CommandComplete confirms it (see
+                        // `on_server_data`), and its error, if any, is the answer.
+                        Some(SpecialQuery::DeallocateAll | SpecialQuery::DiscardAll) => {
+                            self.stmts.cut();
+                        }
+                        _ => {}
+                    }
+                }
+                self.forward(&f).await?;
+                self.tracker.push(Pending::Query);
+            }
+            b'P' if rewrite => {
+                let p = Parse::decode(&f)?;
+                if p.name.is_empty() {
+                    self.forward(&f).await?;
+                    self.tracker.push(Pending::Parse {
+                        name: None,
+                        client: None,
+                        swallow: false,
+                    });
+                    return Ok(());
+                }
+                let st = self.stmts.register(&p);
+                let client: Arc<str> = p.name.into();
+                let sc = self.ensure_server().await?;
+                if !sc.prepared.touch(&st.server_name) {
+                    self.prepare_on_server(&st, Some(client));
+                } else if self.tracker.status == TxStatus::Failed {
+                    // PostgreSQL refuses a Parse in a failed transaction: let it say so.
+                    self.to_server.extend_from_slice(&st.parse);
+                    self.tracker.push(Pending::Parse {
+                        name: None,
+                        client: Some(client),
+                        swallow: false,
+                    });
+                } else {
+                    self.tracker.push(Pending::SynthParse(client));
+                }
+            }
+            b'B' if rewrite => {
+                let (name, range) = Bind::peek_statement(&f.raw)?;
+                let st = (!name.is_empty()).then(|| self.stmts.get(name)).flatten();
+                self.ensure_server().await?;
+                match st {
+                    Some(st) => {
+                        self.prepare_on_server(&st, None);
+                        Bind::write_renamed(&f.raw, range, &st.server_name, &mut self.to_server);
+                    }
+                    None => self.to_server.extend_from_slice(&f.raw),
+                }
+                self.tracker.push(Pending::Bind);
+            }
+            b'D' if rewrite && f.raw.get(5) == Some(&b'P') => {
+                // Portals are per connection and never renamed.
+                self.forward(&f).await?;
+                self.tracker.push(Pending::Describe);
+            }
+            b'D' if rewrite => {
+                let d = Describe::decode(&f)?;
+                let st = (d.target == Target::Statement && !d.name.is_empty())
+                    .then(|| self.stmts.get(&d.name))
+                    .flatten();
+                self.ensure_server().await?;
+                match st {
+                    Some(st) => {
+                        self.prepare_on_server(&st, None);
+                        let nd = Describe {
+                            target: Target::Statement,
+                            name: st.server_name.to_string(),
+                        };
+                        self.to_server.extend_from_slice(&nd.encode());
+                    }
+                    None => self.to_server.extend_from_slice(&f.raw),
+                }
+                self.tracker.push(Pending::Describe);
+            }
+            b'C' if rewrite => {
+                let c = Close::decode(&f)?;
+                if c.target == Target::Statement && !c.name.is_empty() {
+                    // Server statements are shared; only the client's mapping goes.
+                    self.stmts.remove(&c.name);
+                    self.tracker.push(Pending::SynthClose);
+                } else {
+                    self.forward(&f).await?;
+                    self.tracker.push(Pending::Close { swallow: false });
+                }
+            }
+            b'P' => {
+                self.forward(&f).await?;
+                self.tracker.push(Pending::Parse {
+                    name: None,
+                    client: None,
+                    swallow: false,
+                });
+            }
+            b'B' => {
+                self.forward(&f).await?;
+                self.tracker.push(Pending::Bind);
+            }
+            b'D' => {
+                self.forward(&f).await?;
+                self.tracker.push(Pending::Describe);
+            }
+            b'C' => {
+                self.forward(&f).await?;
+                self.tracker.push(Pending::Close { swallow: false });
+            }
+            b'E' => {
+                self.queries.inc();
+                self.forward(&f).await?;
+                self.tracker.push(Pending::Execute);
+            }
+            b'S' => {
+                self.forward(&f).await?;
+                self.tracker.push(Pending::Sync);
+            }
+            b'H' => {
+                self.forward(&f).await?;
+                self.tracker.mark_unsynced();
+            }
+            b'F' => {
+                self.forward(&f).await?;
+                self.tracker.push(Pending::Query);
+            }
+            b'c' | b'f' => {
+                // Without a server connection no COPY runs: the server would ignore it.
+                if self.server.is_some() {
+                    self.to_server.extend_from_slice(&f.raw);
+                    self.tracker.push(Pending::CopyEnd);
+                }
+            }
+            b'd' => {
+                // COPY data only means something while a server connection is held.
+                if self.server.is_some() {
+                    self.to_server.extend_from_slice(&f.raw);
+                }
+            }
+            b'p' => return Err(Error::Protocol("unexpected password message".into())),
+            other => {
+                return Err(Error::Protocol(format!(
+                    "unknown message type '{}'",
+                    other.escape_ascii()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers a simple query the pooler handled itself, in order.
+    fn answer_locally(&mut self, tag: &'static str) -> Result<()> {
+        if self.server.is_some() {
+            self.tracker.push(Pending::SynthQuery(tag));
+        } else {
+            self.to_client.extend_from_slice(&command_complete(tag));
+            self.to_client
+                .extend_from_slice(&ReadyForQuery(TxStatus::Idle).encode());
+        }
+        Ok(())
+    }
+}
+
+/// Cheap pre-check before parsing a Query for DEALLOCATE / DISCARD.
+fn looks_special(body: &[u8]) -> bool {
+    body.iter()
+        .find(|c| !c.is_ascii_whitespace())
+        .is_some_and(|c| matches!(c, b'd' | b'D'))
+}

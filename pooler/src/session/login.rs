@@ -1,0 +1,229 @@
+//! Startup and authentication: SSL/GSS probes answered, CancelRequests passed on, the
+//! startup packet read, the client authenticated (SCRAM-SHA-256 or md5) and greeted with
+//! the server's parameters and its own cancel key.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::auth::{ScramServer, ScramVerifier, verify_md5};
+use crate::config::{AuthMethod, Config, PoolMode};
+use crate::error::{Error, Result};
+use crate::params::{self, Params};
+use crate::pool::login_params;
+use crate::pool::{PoolKey, ServerConn};
+use crate::protocol::{
+    Authentication, BackendKeyData, Frame, ParameterStatus, PasswordMessage, ReadyForQuery,
+    SaslInitialResponse, SaslResponse, Startup, StartupMessage, TxStatus, split_frame,
+    split_startup,
+};
+use crate::state::{CancelSlot, Shared};
+
+/// Initial read buffer for startup and authentication (grown to fit a longer message).
+pub(super) const LOGIN_BUF: usize = 1024;
+/// Bound on authentication-phase messages.
+const MAX_AUTH_MESSAGE: usize = 8 * 1024;
+/// Time allowed from connect to logged in.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut, max: usize) -> Result<Frame> {
+    loop {
+        if let Some(f) = split_frame(buf, max)? {
+            return Ok(f);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+}
+
+pub(super) struct Login {
+    pub(super) key: PoolKey,
+    pub(super) cancel_key: BackendKeyData,
+    pub(super) cancel: CancelSlot,
+    pub(super) server: Option<ServerConn>,
+    pub(super) params: Params,
+}
+
+/// Startup packets, auth, and the greeting. `None` when the connection was only an
+/// SSL probe or a CancelRequest.
+pub(super) async fn login(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    shared: &Shared,
+    n: usize,
+) -> Result<Option<Login>> {
+    // Startup and authentication are bounded in time; waiting for a server is not.
+    let phase = async {
+        let msg = loop {
+            let body = loop {
+                if let Some(b) = split_startup(buf)? {
+                    break b;
+                }
+                if stream.read_buf(buf).await? == 0 {
+                    return Ok(None);
+                }
+            };
+            match Startup::parse(body)? {
+                Startup::Ssl | Startup::GssEnc => {
+                    if !buf.is_empty() {
+                        return Err(Error::Protocol("data after encryption request".into()));
+                    }
+                    stream.write_all(b"N").await?;
+                }
+                Startup::Cancel(c) => {
+                    shared.cancel(c).await;
+                    return Ok(None);
+                }
+                Startup::Message(m) => break m,
+            }
+        };
+        if shared.is_draining() {
+            return Err(Error::ShuttingDown);
+        }
+        let cfg = shared.config();
+        if n > cfg.max_client_connections {
+            return Err(Error::TooManyClients(cfg.max_client_connections));
+        }
+        if let Some(v) = msg.negotiation() {
+            stream.write_all(&v).await?;
+        }
+        let StartupMessage { params, .. } = msg;
+        let user = params.get("user").cloned().unwrap_or_default();
+        let database = params
+            .get("database")
+            .filter(|d| !d.is_empty())
+            .cloned()
+            .unwrap_or_else(|| user.clone());
+        let wanted = params::from_startup(&params, &cfg.ignore_startup_parameters)
+            .map_err(|u| Error::UnsupportedStartupParameter(u.0))?;
+        authenticate(stream, buf, &cfg, &user).await?;
+        Ok::<_, Error>(Some((cfg, user, database, wanted)))
+    };
+    let (cfg, user, database, wanted) = match tokio::time::timeout(LOGIN_TIMEOUT, phase).await {
+        Ok(r) => match r? {
+            Some(v) => v,
+            None => return Ok(None),
+        },
+        Err(_) => return Err(Error::Protocol("login timed out".into())),
+    };
+    let key = PoolKey::new(&database, &user);
+    let mut server = None;
+    let server_params = match shared.pools.params(&key) {
+        Some(p) => p,
+        None => {
+            // First client of this pool: a server connection tells us the parameters
+            // (and that the database exists).
+            let (conn, _) = shared.pools.acquire(&key, &cfg).await?;
+            let p = Arc::new(conn.params.clone());
+            if shared.mode == PoolMode::Session {
+                server = Some(conn);
+            } else {
+                shared.pools.release(&key, conn, true, &cfg);
+            }
+            p
+        }
+    };
+    // The client's parameters: the database's, with what it asked for at startup; it is
+    // told its own values, as PostgreSQL would tell it.
+    let mut client_params = login_params(&server_params);
+    for (name, value) in &wanted {
+        client_params.set(name, &params::canonical(name, value));
+    }
+    let (cancel_key, cancel) = shared.register_cancel();
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&Authentication::Ok.encode());
+    for p in server_params.iter() {
+        let value = client_params.get(&p.name).unwrap_or(&p.value);
+        let p = ParameterStatus {
+            name: p.name.clone(),
+            value: value.to_string(),
+        };
+        out.extend_from_slice(&p.encode());
+    }
+    out.extend_from_slice(&cancel_key.encode());
+    out.extend_from_slice(&ReadyForQuery(TxStatus::Idle).encode());
+    if let Err(e) = stream.write_all(&out).await {
+        shared.unregister_cancel(cancel_key);
+        if let Some(c) = server {
+            shared.pools.release(&key, c, true, &cfg);
+        }
+        return Err(e.into());
+    }
+    Ok(Some(Login {
+        key,
+        cancel_key,
+        cancel,
+        server,
+        params: client_params,
+    }))
+}
+
+async fn authenticate(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    cfg: &Config,
+    user: &str,
+) -> Result<()> {
+    let secret = cfg.users.get(user);
+    match cfg.auth_method {
+        AuthMethod::ScramSha256 => {
+            let sasl = Authentication::Sasl {
+                mechanisms: vec!["SCRAM-SHA-256".into()],
+            };
+            stream.write_all(&sasl.encode()).await?;
+            let f = read_frame(stream, buf, MAX_AUTH_MESSAGE).await?;
+            let init = SaslInitialResponse::decode(&f)?;
+            if init.mechanism != "SCRAM-SHA-256" {
+                return Err(Error::AuthUnsupported(format!(
+                    "SASL mechanism {}",
+                    init.mechanism
+                )));
+            }
+            // Unknown users go through the same exchange, at the same cost.
+            let verifier = secret
+                .and_then(|s| s.scram.clone())
+                .unwrap_or_else(|| ScramVerifier::for_unknown_user(user));
+            let nonce =
+                base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 18]>());
+            let (server, first) = ScramServer::start(verifier, &init.data, &nonce)?;
+            stream
+                .write_all(&Authentication::SaslContinue(Bytes::from(first)).encode())
+                .await?;
+            let f = read_frame(stream, buf, MAX_AUTH_MESSAGE).await?;
+            let resp = SaslResponse::decode(&f)?;
+            let fin = server.finish(&resp.data, user)?;
+            if secret.is_none() {
+                return Err(Error::AuthFailed(user.to_string()));
+            }
+            stream
+                .write_all(&Authentication::SaslFinal(Bytes::from(fin)).encode())
+                .await?;
+        }
+        AuthMethod::Md5 => {
+            let salt: [u8; 4] = rand::random();
+            stream
+                .write_all(&Authentication::Md5Password { salt }.encode())
+                .await?;
+            let f = read_frame(stream, buf, MAX_AUTH_MESSAGE).await?;
+            let pw = PasswordMessage::decode(&f)?;
+            let ok = secret.is_some_and(|s| {
+                verify_md5(
+                    user,
+                    s.plain.as_deref(),
+                    s.md5.as_deref(),
+                    salt,
+                    &pw.password,
+                )
+            });
+            if !ok {
+                return Err(Error::AuthFailed(user.to_string()));
+            }
+        }
+    }
+    Ok(())
+}
