@@ -26,9 +26,14 @@ pub struct Status {
 /// Server connections of the whole process.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ServerConnections {
+    /// Connections the server may have: open, opening and closing (a closing one
+    /// counts until the server has closed its end).
     pub open: usize,
     pub in_use: usize,
     pub idle: usize,
+    /// Of `open`, being closed.
+    #[serde(default)]
+    pub closing: usize,
 }
 
 /// Clients of the whole process.
@@ -55,7 +60,7 @@ mod tests {
 
     #[test]
     fn round_trips_as_documented() {
-        let doc = r#"{"version":"0.1.0","config_hash":"9f86","connection_limit":18,"pool_mode":"transaction","server_connections":{"open":4,"in_use":2,"idle":2},"clients":{"active":120,"waiting":0},"draining":false,"pools":[{"database":"app","user":"app","server_open":4,"server_in_use":2,"clients":120,"waiting":0}]}"#;
+        let doc = r#"{"version":"0.1.0","config_hash":"9f86","connection_limit":18,"pool_mode":"transaction","server_connections":{"open":4,"in_use":2,"idle":2,"closing":0},"clients":{"active":120,"waiting":0},"draining":false,"pools":[{"database":"app","user":"app","server_open":4,"server_in_use":2,"clients":120,"waiting":0}]}"#;
         let s: Status = serde_json::from_str(doc).unwrap();
         assert_eq!(s.connection_limit, 18);
         assert_eq!(s.pool_mode, PoolMode::Transaction);

@@ -337,6 +337,7 @@ mod tests {
                 open: 1,
                 in_use: 0,
                 idle: 1,
+                closing: 0,
             },
             clients: sluice_contract::Clients {
                 active: 2,

@@ -24,6 +24,7 @@ pub fn status(shared: &Shared) -> Status {
             open: snap.open,
             in_use: snap.in_use,
             idle: snap.idle,
+            closing: snap.closing,
         },
         clients: Clients {
             active: snap.pools.iter().map(|(_, c)| c.clients).sum(),

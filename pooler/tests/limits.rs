@@ -831,3 +831,71 @@ async fn drain_timeout_cancels_what_still_runs() -> Result<()> {
     );
     Ok(())
 }
+
+/// Issue 15, item 7: a slot is free only once PostgreSQL has let its backend go. Busy
+/// clients killed mid-statement (their statements cancelled) and new clients taking
+/// their slots at once never make PostgreSQL hold more backends than the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_busy_clients_free_their_slots_only_when_the_backend_is_gone() -> Result<()> {
+    let pg = postgres(40).await?;
+    let mut p = start(&pg, "connection_limit = 3").await?;
+    let su = pg.connect_superuser().await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    // A tight sampler: the window in which a closed connection's backend lingers is short.
+    let sampled = {
+        let (su, stop) = (pg.connect_superuser().await?, stop.clone());
+        tokio::spawn(async move {
+            let (mut max, mut n) = (0, 0);
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok(c) = backends(&su).await {
+                    max = max.max(c);
+                    n += 1;
+                }
+            }
+            (max, n)
+        })
+    };
+    for _ in 0..10 {
+        let mut busy = Vec::new();
+        for _ in 0..3 {
+            let mut s = raw_login(p.addr, APP_USER.1).await?;
+            s.write_all(&query("select pg_sleep(30)")).await?;
+            busy.push(s);
+        }
+        let running = eventually(10, || async {
+            su.query_one(
+                "select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) == 3)
+            .unwrap_or(false)
+        })
+        .await;
+        assert!(running, "three statements run");
+        drop(busy);
+        // New clients want the slots at once.
+        let mut next = Vec::new();
+        for _ in 0..3 {
+            let c = p.connect().await?;
+            next.push(tokio::spawn(async move {
+                for _ in 0..20 {
+                    c.simple_query("select 1").await?;
+                }
+                Ok::<_, tokio_postgres::Error>(())
+            }));
+        }
+        for t in next {
+            t.await??;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (max, n) = sampled.await?;
+    assert!(n > 10, "sampled {n} times");
+    assert!(
+        max <= 3,
+        "PostgreSQL saw {max} backends of the pooler, limit 3"
+    );
+    p.shutdown().await?;
+    Ok(())
+}

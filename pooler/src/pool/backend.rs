@@ -85,6 +85,10 @@ impl PreparedLru {
     }
 }
 
+/// How long a closing connection may take to be let go by the server before its slot
+/// is freed anyway.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The tracked parameters of a login's ParameterStatus list.
 pub fn login_params(list: &[ParameterStatus]) -> Params {
     Params::from_reported(list.iter().map(|p| (p.name.as_str(), p.value.as_str())))
@@ -268,13 +272,23 @@ impl ServerConn {
         )
     }
 
-    /// Says goodbye (best effort) and closes.
+    /// Says goodbye and waits (up to [`CLOSE_TIMEOUT`]) until the server closes its end,
+    /// which it does when the backend exits: until then the backend still counts
+    /// against `max_connections`. A backend still running a (cancelled) statement
+    /// reads the Terminate once that statement ends.
     pub async fn terminate(mut self) {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            self.stream.write_all(&crate::protocol::terminate()),
-        )
-        .await;
+        let bye = async {
+            self.stream.write_all(&crate::protocol::terminate()).await?;
+            let mut sink = [0u8; 4096];
+            while self.stream.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        };
+        if tokio::time::timeout(CLOSE_TIMEOUT, bye).await.is_err() {
+            tracing::warn!(
+                id = self.id,
+                "server connection did not close within {CLOSE_TIMEOUT:?}; dropping it"
+            );
+        }
         tracing::debug!(id = self.id, "server connection closed");
     }
 }

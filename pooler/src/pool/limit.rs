@@ -1,6 +1,13 @@
 //! Pure bookkeeping of the process-wide server connection limit: idle connections per
 //! pool, a FIFO wait queue, and per-pool counters. No I/O; callers close what it hands
 //! back. The lock is never held across an await.
+//!
+//! # Guarantees
+//! A connection handed back for closing keeps its slot until its [`SlotGuard`] is
+//! dropped, which the caller does once the server has closed its end (the backend is
+//! gone): connections open, opening and closing together never exceed the limit, so
+//! PostgreSQL never sees more backends from this process than the limit, even when a
+//! busy connection is cancelled or a pool's slot goes to another pool.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -40,14 +47,49 @@ pub enum Grant<C> {
 pub enum Acquire<C> {
     /// An idle connection and how long it sat idle.
     Conn(C, Duration),
-    /// A reserved slot (plus an idle connection of another pool to close, if one had
-    /// to make room).
-    Open(Option<C>),
+    /// A reserved slot: open a new connection.
+    Open,
     /// Wait on this receiver; `id` identifies the waiter for [`Limiter::cancel_wait`].
+    /// `evicted` is an idle connection of another pool to close to make room: the
+    /// waiter gets its slot once that one is gone.
     Wait {
         id: u64,
         rx: oneshot::Receiver<Grant<C>>,
+        evicted: Option<Closing<C>>,
     },
+}
+
+/// A connection to close; its slot stays taken until `slot` is dropped.
+#[derive(Debug)]
+pub struct Closing<C> {
+    pub conn: C,
+    pub slot: SlotGuard<C>,
+}
+
+impl<C: PartialEq> PartialEq<C> for Closing<C> {
+    fn eq(&self, other: &C) -> bool {
+        self.conn == *other
+    }
+}
+
+/// Holds one slot of a connection being closed; dropping it frees the slot (and may
+/// serve a waiter).
+pub struct SlotGuard<C> {
+    state: Arc<Mutex<State<C>>>,
+}
+
+impl<C> std::fmt::Debug for SlotGuard<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SlotGuard")
+    }
+}
+
+impl<C> Drop for SlotGuard<C> {
+    fn drop(&mut self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.closing -= 1;
+        s.grant_slots();
+    }
 }
 
 /// Per-pool counters.
@@ -67,7 +109,10 @@ pub struct PoolCounts {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub limit: usize,
+    /// Server connections that may exist: open, opening and closing.
     pub open: usize,
+    /// Of those, being closed (the server has not closed its end yet).
+    pub closing: usize,
     pub in_use: usize,
     pub idle: usize,
     pub waiting: usize,
@@ -88,7 +133,10 @@ struct Waiter<C> {
 
 struct State<C> {
     limit: usize,
+    /// Connections open or opening (in use or idle).
     open: usize,
+    /// Connections handed back for closing whose [`SlotGuard`] is alive.
+    closing: usize,
     draining: bool,
     next_id: u64,
     waiters: VecDeque<Waiter<C>>,
@@ -114,7 +162,7 @@ impl<C> Default for Pool<C> {
 
 /// The limiter; see the module docs. `C` is the connection type.
 pub struct Limiter<C> {
-    state: Mutex<State<C>>,
+    state: Arc<Mutex<State<C>>>,
 }
 
 impl<C> std::fmt::Debug for Limiter<C> {
@@ -152,6 +200,11 @@ impl<C> State<C> {
         self.pools.values().map(|p| p.idle.len()).sum()
     }
 
+    /// Slots taken: connections open, opening or closing.
+    fn used(&self) -> usize {
+        self.open + self.closing
+    }
+
     /// Removes the idle connection that has been idle longest, across pools.
     fn pop_oldest_idle(&mut self) -> Option<(PoolKey, C)> {
         let key = self
@@ -169,7 +222,7 @@ impl<C> State<C> {
 
     /// Hands free slots to waiters in FIFO order.
     fn grant_slots(&mut self) {
-        while self.open < self.limit && !self.draining {
+        while self.used() < self.limit && !self.draining {
             let Some(w) = self.waiters.pop_front() else {
                 break;
             };
@@ -187,19 +240,30 @@ impl<C> Limiter<C> {
     /// A limiter allowing `limit` server connections.
     pub fn new(limit: usize) -> Self {
         Self {
-            state: Mutex::new(State {
+            state: Arc::new(Mutex::new(State {
                 limit,
                 open: 0,
+                closing: 0,
                 draining: false,
                 next_id: 0,
                 waiters: VecDeque::new(),
                 pools: HashMap::default(),
-            }),
+            })),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, State<C>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `conn`, whose slot `s` already moved from `open` to `closing`, with its guard.
+    fn closing(&self, conn: C) -> Closing<C> {
+        Closing {
+            conn,
+            slot: SlotGuard {
+                state: self.state.clone(),
+            },
+        }
     }
 
     /// Takes an idle connection of `key`, reserves a slot, or queues the caller.
@@ -215,20 +279,20 @@ impl<C> Limiter<C> {
             pool.counts.in_use += 1;
             return Acquire::Conn(i.conn, now - i.since);
         }
+        let mut evicted = None;
         if s.waiters.is_empty() && !s.draining {
-            if s.open < s.limit {
+            if s.used() < s.limit {
                 s.open += 1;
                 let c = s.counts(key);
                 c.open += 1;
                 c.in_use += 1;
-                return Acquire::Open(None);
+                return Acquire::Open;
             }
-            if let Some((_, evicted)) = s.pop_oldest_idle() {
-                s.open += 1;
-                let c = s.counts(key);
-                c.open += 1;
-                c.in_use += 1;
-                return Acquire::Open(Some(evicted));
+            // Make room by closing another pool's idle connection; the slot is this
+            // caller's (first in the queue) once that one is gone.
+            if let Some((_, conn)) = s.pop_oldest_idle() {
+                s.closing += 1;
+                evicted = Some(conn);
             }
         }
         let (tx, rx) = oneshot::channel();
@@ -239,7 +303,12 @@ impl<C> Limiter<C> {
             key: key.clone(),
             tx,
         });
-        Acquire::Wait { id, rx }
+        drop(s);
+        Acquire::Wait {
+            id,
+            rx,
+            evicted: evicted.map(|c| self.closing(c)),
+        }
     }
 
     /// Removes a waiter that gave up. Returns false when it was already granted
@@ -252,8 +321,14 @@ impl<C> Limiter<C> {
     }
 
     /// Returns a connection. `reusable` is false when it is broken, dirty or too old.
-    /// Returns connections the caller must close.
-    pub fn release(&self, key: &PoolKey, conn: C, created: Instant, reusable: bool) -> Vec<C> {
+    /// Returns connections the caller must close (see [`Closing`]).
+    pub fn release(
+        &self,
+        key: &PoolKey,
+        conn: C,
+        created: Instant,
+        reusable: bool,
+    ) -> Vec<Closing<C>> {
         self.release_at(key, conn, created, reusable, Instant::now())
     }
 
@@ -265,46 +340,47 @@ impl<C> Limiter<C> {
         created: Instant,
         reusable: bool,
         now: Instant,
-    ) -> Vec<C> {
+    ) -> Vec<Closing<C>> {
         let mut s = self.lock();
         s.pool(key).counts.in_use -= 1;
-        let mut close = Vec::new();
-        if !reusable || s.draining || s.open > s.limit {
-            s.open -= 1;
-            s.counts(key).open -= 1;
-            close.push(conn);
-            s.grant_slots();
-            s.forget_if_unused(key);
-            return close;
-        }
         let mut conn = conn;
-        while let Some(w) = s.waiters.pop_front() {
-            if w.key == *key {
-                match w.tx.send(Grant::Conn(conn)) {
-                    Ok(()) => {
-                        s.counts(key).in_use += 1;
-                        return close;
-                    }
-                    Err(Grant::Conn(c)) => conn = c,
-                    Err(Grant::Open) => unreachable!("sent a connection"),
+        loop {
+            let front = s.waiters.front().map(|w| (w.key == *key, w.tx.is_closed()));
+            match front {
+                Some((_, true)) => {
+                    s.waiters.pop_front();
                 }
-            } else if w.tx.send(Grant::Open).is_ok() {
-                // Hand the slot over to another pool's waiter.
-                s.counts(key).open -= 1;
-                let c = s.counts(&w.key);
-                c.open += 1;
-                c.in_use += 1;
-                close.push(conn);
-                s.forget_if_unused(key);
-                return close;
+                Some((true, false)) if reusable && !s.draining && s.used() <= s.limit => {
+                    let w = s.waiters.pop_front().expect("front exists");
+                    match w.tx.send(Grant::Conn(conn)) {
+                        Ok(()) => {
+                            s.counts(key).in_use += 1;
+                            return Vec::new();
+                        }
+                        Err(Grant::Conn(c)) => conn = c,
+                        Err(Grant::Open) => unreachable!("sent a connection"),
+                    }
+                }
+                None if reusable && !s.draining && s.used() <= s.limit => {
+                    s.pool(key).idle.push(Idle {
+                        conn,
+                        since: now,
+                        created,
+                    });
+                    return Vec::new();
+                }
+                // Closed: broken, draining, above the limit, or another pool's client
+                // waits first (its slot is this one, once the server has let it go).
+                _ => {
+                    s.open -= 1;
+                    s.closing += 1;
+                    s.counts(key).open -= 1;
+                    s.forget_if_unused(key);
+                    drop(s);
+                    return vec![self.closing(conn)];
+                }
             }
         }
-        s.pool(key).idle.push(Idle {
-            conn,
-            since: now,
-            created,
-        });
-        close
     }
 
     /// A connection in use (or being opened) is gone.
@@ -320,18 +396,22 @@ impl<C> Limiter<C> {
 
     /// Changes the limit: idle connections above it are handed back for closing at
     /// once; busy ones close on release; raising it serves waiters.
-    pub fn set_limit(&self, limit: usize) -> Vec<C> {
+    pub fn set_limit(&self, limit: usize) -> Vec<Closing<C>> {
         let mut s = self.lock();
         s.limit = limit;
         let mut close = Vec::new();
-        while s.open > s.limit {
+        for _ in 0..s.used().saturating_sub(s.limit) {
             match s.pop_oldest_idle() {
-                Some((_, c)) => close.push(c),
+                Some((_, c)) => {
+                    s.closing += 1;
+                    close.push(c);
+                }
                 None => break,
             }
         }
         s.grant_slots();
-        close
+        drop(s);
+        close.into_iter().map(|c| self.closing(c)).collect()
     }
 
     /// Idle connections idle longer than `idle_timeout`, older than `lifetime`, or for
@@ -341,7 +421,7 @@ impl<C> Limiter<C> {
         idle_timeout: Duration,
         lifetime: Duration,
         mut dead: impl FnMut(&mut C) -> bool,
-    ) -> Vec<C> {
+    ) -> Vec<Closing<C>> {
         let mut s = self.lock();
         let now = Instant::now();
         let mut close = Vec::new();
@@ -363,23 +443,26 @@ impl<C> Limiter<C> {
         }
         for k in removed {
             s.open -= 1;
+            s.closing += 1;
             s.counts(&k).open -= 1;
             s.forget_if_unused(&k);
         }
-        s.grant_slots();
-        close
+        drop(s);
+        close.into_iter().map(|c| self.closing(c)).collect()
     }
 
     /// Starts draining: no new connections; idle ones are handed back for closing.
-    pub fn start_drain(&self) -> Vec<C> {
+    pub fn start_drain(&self) -> Vec<Closing<C>> {
         let mut s = self.lock();
         s.draining = true;
         s.waiters.clear();
         let mut close = Vec::new();
         while let Some((_, c)) = s.pop_oldest_idle() {
+            s.closing += 1;
             close.push(c);
         }
-        close
+        drop(s);
+        close.into_iter().map(|c| self.closing(c)).collect()
     }
 
     /// Counts a client logged in to (`+1`) or leaving (`-1`) a pool.
@@ -405,7 +488,8 @@ impl<C> Limiter<C> {
         pools.sort_by(|a, b| a.0.cmp(&b.0));
         Snapshot {
             limit: s.limit,
-            open: s.open,
+            open: s.used(),
+            closing: s.closing,
             in_use: pools.iter().map(|(_, c)| c.in_use).sum(),
             idle: s.idle_total(),
             waiting: pools.iter().map(|(_, c)| c.waiting).sum(),
@@ -424,7 +508,7 @@ mod tests {
 
     fn open_n(l: &Limiter<u32>, k: &PoolKey, n: usize) {
         for _ in 0..n {
-            assert!(matches!(l.acquire(k), Acquire::Open(None)));
+            assert!(matches!(l.acquire(k), Acquire::Open));
         }
     }
 
@@ -454,7 +538,7 @@ mod tests {
         let l = Limiter::<u32>::new(1);
         let k = key("a");
         open_n(&l, &k, 1);
-        let Acquire::Wait { id, rx } = l.acquire(&k) else {
+        let Acquire::Wait { id, rx, .. } = l.acquire(&k) else {
             panic!()
         };
         assert!(l.cancel_wait(id));
@@ -474,10 +558,20 @@ mod tests {
         let Acquire::Wait { rx, .. } = l.acquire(&b) else {
             panic!()
         };
-        assert_eq!(l.release(&a, 7, Instant::now(), true), vec![7]);
+        let mut rx = rx;
+        let closing = l.release(&a, 7, Instant::now(), true);
+        assert_eq!(closing, vec![7], "closed to make room for b");
+        let s = l.snapshot();
+        assert_eq!(
+            (s.open, s.closing),
+            (1, 1),
+            "its slot is taken until it is gone"
+        );
+        assert!(rx.try_recv().is_err(), "b waits for it");
+        drop(closing);
         assert!(matches!(rx.await.unwrap(), Grant::Open));
         let s = l.snapshot();
-        assert_eq!(s.open, 1);
+        assert_eq!((s.open, s.closing), (1, 0));
         assert_eq!(s.pools.iter().find(|p| p.0 == b).unwrap().1.open, 1);
         assert!(s.pools.iter().all(|p| p.0 != a), "a has nothing left");
     }
@@ -488,7 +582,19 @@ mod tests {
         let (a, b) = (key("a"), key("b"));
         open_n(&l, &a, 1);
         l.release(&a, 3, Instant::now(), true);
-        assert!(matches!(l.acquire(&b), Acquire::Open(Some(3))));
+        let Acquire::Wait {
+            mut rx,
+            evicted: Some(evicted),
+            ..
+        } = l.acquire(&b)
+        else {
+            panic!("a's idle connection is closed for b")
+        };
+        assert_eq!(evicted, 3);
+        assert_eq!(l.snapshot().open, 1);
+        assert!(rx.try_recv().is_err(), "b's slot is free once 3 is gone");
+        drop(evicted);
+        assert!(matches!(rx.await.unwrap(), Grant::Open));
         assert_eq!(l.snapshot().open, 1);
     }
 
@@ -500,8 +606,14 @@ mod tests {
         l.release(&k, 1, Instant::now(), true);
         l.release(&k, 2, Instant::now(), true);
         let mut closed = l.set_limit(1);
-        closed.sort();
+        closed.sort_by_key(|c| c.conn);
         assert_eq!(closed, vec![1, 2]);
+        assert_eq!(
+            l.snapshot().open,
+            4,
+            "closing ones count until they are gone"
+        );
+        drop(closed);
         assert_eq!(l.snapshot().open, 2);
         assert!(
             matches!(l.acquire(&k), Acquire::Wait { .. }),
@@ -537,11 +649,12 @@ mod tests {
         tokio::time::advance(Duration::from_secs(5)).await;
         l.release(&k, 2, Instant::now(), true);
         l.release(&k, 3, t0, true);
-        let mut closed = l.reap(Duration::from_secs(4), Duration::from_secs(100), |_| false);
-        closed.sort();
+        let closed = l.reap(Duration::from_secs(4), Duration::from_secs(100), |_| false);
         assert_eq!(closed, vec![1]);
+        drop(closed);
         let closed = l.reap(Duration::from_secs(100), Duration::from_secs(5), |_| false);
         assert_eq!(closed, vec![3]);
+        drop(closed);
         assert_eq!(l.snapshot().open, 1);
         assert!(
             l.reap(Duration::from_secs(100), Duration::from_secs(100), |_| {
@@ -564,7 +677,7 @@ mod tests {
         let l = Limiter::<u32>::new(2);
         for i in 0..100 {
             let k = key(&format!("bogus{i}"));
-            assert!(matches!(l.acquire(&k), Acquire::Open(_)));
+            assert!(matches!(l.acquire(&k), Acquire::Open));
             // The database does not exist: the login fails.
             l.discard(&k);
         }

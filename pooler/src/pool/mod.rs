@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub use backend::{SERVER_BUF, ServerConn, login_params, send_cancel};
-pub use limit::{Acquire, Grant, Limiter, PoolKey, Snapshot};
+pub use limit::{Acquire, Closing, Grant, Limiter, PoolKey, Snapshot};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -28,9 +28,13 @@ pub struct Pools {
 }
 
 /// Closes connections in the background.
-pub fn close_all(conns: Vec<ServerConn>) {
-    for c in conns {
-        tokio::spawn(c.terminate());
+pub fn close_all(conns: Vec<Closing<ServerConn>>) {
+    for Closing { conn, slot } in conns {
+        tokio::spawn(async move {
+            conn.terminate().await;
+            // The backend is gone: its slot may go to the next client.
+            drop(slot);
+        });
     }
 }
 
@@ -115,11 +119,13 @@ impl Pools {
             };
             let grant = match self.limiter.acquire_at(key, now) {
                 Acquire::Conn(c, idle) => Grant::Conn((c, idle)),
-                Acquire::Open(evicted) => {
+                Acquire::Open => Grant::Open,
+                Acquire::Wait {
+                    id,
+                    mut rx,
+                    evicted,
+                } => {
                     close_all(evicted.into_iter().collect());
-                    Grant::Open
-                }
-                Acquire::Wait { id, mut rx } => {
                     let got = match tokio::time::timeout_at(deadline, &mut rx).await {
                         Ok(r) => r,
                         Err(_) if self.limiter.cancel_wait(id) => {
@@ -159,13 +165,14 @@ impl Pools {
                         continue;
                     }
                     if now.saturating_duration_since(c.created) >= cfg.server_lifetime {
-                        self.limiter.discard(key);
-                        close_all(vec![c]);
+                        let created = c.created;
+                        close_all(self.limiter.release(key, c, created, false));
                         continue;
                     }
                     if idle >= cfg.server_check_delay && !c.check().await {
                         tracing::info!(id = c.id, "server connection failed its check; replacing");
-                        self.limiter.discard(key);
+                        let created = c.created;
+                        close_all(self.limiter.release(key, c, created, false));
                         continue;
                     }
                     return Ok((c, now - start));

@@ -8,6 +8,9 @@ mod frame;
 mod frontend;
 mod scan;
 
+#[cfg(test)]
+mod fuzz;
+
 pub use backend::{
     Authentication, BackendKeyData, ErrorFields, ParameterStatus, ReadyForQuery, TxStatus,
     close_complete, command_complete, error_response, parse_complete,
