@@ -16,10 +16,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::error::SqlState;
 
-/// Samples the number of app backends every 10 ms until stopped; returns (max, samples).
-fn sampler(
+/// Samples the number of app backends every `every` (back to back when zero) until
+/// stopped; returns (max, samples).
+fn sampler_every(
     su: tokio_postgres::Client,
     stop: Arc<AtomicBool>,
+    every: Duration,
 ) -> tokio::task::JoinHandle<(i64, usize)> {
     tokio::spawn(async move {
         let (mut max, mut n) = (0, 0);
@@ -28,10 +30,20 @@ fn sampler(
                 max = max.max(c);
                 n += 1;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            if !every.is_zero() {
+                tokio::time::sleep(every).await;
+            }
         }
         (max, n)
     })
+}
+
+/// [`sampler_every`] 10 ms.
+fn sampler(
+    su: tokio_postgres::Client,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(i64, usize)> {
+    sampler_every(su, stop, Duration::from_millis(10))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -841,20 +853,8 @@ async fn killed_busy_clients_free_their_slots_only_when_the_backend_is_gone() ->
     let mut p = start(&pg, "connection_limit = 3").await?;
     let su = pg.connect_superuser().await?;
     let stop = Arc::new(AtomicBool::new(false));
-    // A tight sampler: the window in which a closed connection's backend lingers is short.
-    let sampled = {
-        let (su, stop) = (pg.connect_superuser().await?, stop.clone());
-        tokio::spawn(async move {
-            let (mut max, mut n) = (0, 0);
-            while !stop.load(Ordering::SeqCst) {
-                if let Ok(c) = backends(&su).await {
-                    max = max.max(c);
-                    n += 1;
-                }
-            }
-            (max, n)
-        })
-    };
+    // Back to back: the window in which a closed connection's backend lingers is short.
+    let sampled = sampler_every(pg.connect_superuser().await?, stop.clone(), Duration::ZERO);
     for _ in 0..10 {
         let mut busy = Vec::new();
         for _ in 0..3 {
