@@ -17,7 +17,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::protocol::{ReadyForQuery, TxStatus, close_complete, command_complete, parse_complete};
+use crate::protocol::{TxStatus, close_complete, parse_complete};
 
 /// A response the server owes for something sent to it, or one the pooler owes itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,16 +51,19 @@ pub enum Pending {
     SynthParse(Arc<str>),
     /// Answer CloseComplete for a Close the pooler did not send.
     SynthClose,
-    /// Answer CommandComplete(tag) + ReadyForQuery for a query handled locally.
-    SynthQuery(&'static str),
+    /// `DEALLOCATE <client name>` sent as `PREPARE t AS SELECT; DEALLOCATE t` (the server
+    /// does not know the client's name, but answers as it would, error in a failed
+    /// transaction included): the PREPARE's CommandComplete is swallowed, and the
+    /// client's name is dropped once the DEALLOCATE's arrives.
+    Deallocate {
+        client: Arc<str>,
+        prepared: bool,
+    },
 }
 
 impl Pending {
     fn is_synth(&self) -> bool {
-        matches!(
-            self,
-            Pending::SynthParse(_) | Pending::SynthClose | Pending::SynthQuery(_)
-        )
+        matches!(self, Pending::SynthParse(_) | Pending::SynthClose)
     }
 }
 
@@ -90,7 +93,8 @@ pub struct Tracker {
     pub status: TxStatus,
     /// Server statements found not to exist after an error (to forget).
     pub failed: Vec<Arc<str>>,
-    /// Client statements whose Parse failed or was skipped after an error (to forget).
+    /// Client statements whose Parse failed or was skipped after an error, or that a
+    /// `DEALLOCATE` dropped (to forget).
     pub failed_clients: Vec<Arc<str>>,
     /// The server is in COPY FROM STDIN (it sent CopyInResponse, not yet its result).
     server_copy: bool,
@@ -140,7 +144,7 @@ impl Tracker {
             Pending::Sync => self.unsynced = false,
             // Outside a COPY the server ignores it; nothing pending could start one.
             Pending::CopyEnd if self.queue.is_empty() => return,
-            Pending::Query | Pending::Injected | Pending::SynthQuery(_) | Pending::CopyEnd => {}
+            Pending::Query | Pending::Injected | Pending::Deallocate { .. } | Pending::CopyEnd => {}
             _ => self.unsynced = true,
         }
         self.queue.push_back(p);
@@ -236,6 +240,10 @@ impl Tracker {
                 Pending::Injected
                     | Pending::Parse { swallow: true, .. }
                     | Pending::Close { swallow: true }
+                    | Pending::Deallocate {
+                        prepared: false,
+                        ..
+                    }
             )
         )
     }
@@ -253,10 +261,6 @@ impl Tracker {
             match self.queue.pop_front() {
                 Some(Pending::SynthParse(_)) => out.extend_from_slice(&parse_complete()),
                 Some(Pending::SynthClose) => out.extend_from_slice(&close_complete()),
-                Some(Pending::SynthQuery(tag)) => {
-                    out.extend_from_slice(&command_complete(tag));
-                    out.extend_from_slice(&ReadyForQuery(self.status).encode());
-                }
                 _ => {}
             }
             self.skip_inert();
@@ -284,7 +288,20 @@ impl Tracker {
             self.desync = true;
             return Verdict::Keep;
         }
-        let front_query = matches!(self.queue.front(), Some(Pending::Query));
+        if let Some(Pending::Deallocate { client, prepared }) = self.queue.front_mut()
+            && tag == b'C'
+        {
+            if !*prepared {
+                *prepared = true;
+                return Verdict::Drop;
+            }
+            self.failed_clients.push(client.clone());
+            return Verdict::Keep;
+        }
+        let front_query = matches!(
+            self.queue.front(),
+            Some(Pending::Query | Pending::Deallocate { .. })
+        );
         match tag {
             b'1' => {
                 if let Some(Pending::Parse { swallow: true, .. }) =
@@ -349,7 +366,12 @@ impl Tracker {
                 self.server_copy = false;
                 self.status = TxStatus::from_byte(status);
                 if self
-                    .pop_if(|p| matches!(p, Pending::Sync | Pending::Query))
+                    .pop_if(|p| {
+                        matches!(
+                            p,
+                            Pending::Sync | Pending::Query | Pending::Deallocate { .. }
+                        )
+                    })
                     .is_none()
                 {
                     self.desync = true;

@@ -249,3 +249,27 @@ fn injected_queries_are_swallowed_whole() {
     answer(&mut t, &[(b'T', 0), (b'D', 0), (b'C', 0), (b'Z', b'I')]);
     assert!(t.is_settled());
 }
+
+#[test]
+fn deallocate_swallows_the_prepare_and_drops_the_name_on_success() {
+    let mut t = Tracker::default();
+    t.push(Pending::Deallocate {
+        client: "s1".into(),
+        prepared: false,
+    });
+    assert!(t.front_swallows());
+    assert_eq!(t.on_message(b'C', 0), Verdict::Drop, "PREPARE");
+    assert_eq!(t.on_message(b'C', 0), Verdict::Keep, "DEALLOCATE");
+    assert_eq!(t.failed_clients, vec![Arc::<str>::from("s1")]);
+    answer(&mut t, &[(b'Z', b'I')]);
+    assert!(t.is_settled());
+    // In a failed transaction the server's error is the answer, and the name stays.
+    let mut t = Tracker::default();
+    t.push(Pending::Deallocate {
+        client: "s1".into(),
+        prepared: false,
+    });
+    answer(&mut t, &[(b'E', 0), (b'Z', b'E')]);
+    assert!(t.is_settled());
+    assert!(t.failed_clients.is_empty());
+}

@@ -231,13 +231,6 @@ pub fn close_complete() -> Bytes {
     finish(b'3', &[])
 }
 
-/// CommandComplete (`C`) with a command tag.
-pub fn command_complete(tag: &str) -> Bytes {
-    let mut body = tag.as_bytes().to_vec();
-    body.push(0);
-    finish(b'C', &body)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

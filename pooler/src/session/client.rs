@@ -5,9 +5,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::prepared::{SpecialQuery, Statement, special_query};
-use crate::protocol::{
-    Bind, Close, Describe, Frame, Parse, ReadyForQuery, Target, TxStatus, command_complete,
-};
+use crate::protocol::{Bind, Close, Describe, Frame, Parse, Target, TxStatus};
 use crate::tracker::Pending;
 
 use super::Session;
@@ -53,13 +51,22 @@ impl Session<'_> {
                 if rewrite && looks_special(&f.raw[5..]) {
                     let q = crate::protocol::Query::decode(&f)?;
                     match special_query(&q.sql) {
-                        // The server does not know the client's name. (In a failed
-                        // transaction the server's own error is the answer.)
-                        Some(SpecialQuery::Deallocate(name))
-                            if self.tracker.status != TxStatus::Failed
-                                && self.stmts.remove(&name) =>
-                        {
-                            return self.answer_locally("DEALLOCATE");
+                        // The server does not know the client's name: it runs a
+                        // statement that answers the same, error in a failed
+                        // transaction included (see `Pending::Deallocate`).
+                        Some(SpecialQuery::Deallocate(name)) if self.stmts.get(&name).is_some() => {
+                            self.ensure_server().await?;
+                            self.deallocations += 1;
+                            let t = format!("sluice_deallocate_{}", self.deallocations);
+                            let q = crate::protocol::Query {
+                                sql: format!("PREPARE {t} AS SELECT; DEALLOCATE {t}"),
+                            };
+                            self.to_server.extend_from_slice(&q.encode());
+                            self.tracker.push(Pending::Deallocate {
+                                client: name.into(),
+                                prepared: false,
+                            });
+                            return Ok(());
                         }
                         // Forwarded: the server's CommandComplete confirms it (see
                         // `on_server_data`), and its error, if any, is the answer.
@@ -205,18 +212,6 @@ impl Session<'_> {
                     other.escape_ascii()
                 )));
             }
-        }
-        Ok(())
-    }
-
-    /// Answers a simple query the pooler handled itself, in order.
-    fn answer_locally(&mut self, tag: &'static str) -> Result<()> {
-        if self.server.is_some() {
-            self.tracker.push(Pending::SynthQuery(tag));
-        } else {
-            self.to_client.extend_from_slice(&command_complete(tag));
-            self.to_client
-                .extend_from_slice(&ReadyForQuery(TxStatus::Idle).encode());
         }
         Ok(())
     }

@@ -108,6 +108,8 @@ struct Session<'a> {
     stmts: ClientStatements,
     /// The session parameters this client has (startup, then its SETs as reported).
     params: Params,
+    /// `DEALLOCATE`s of client statements sent (names their stand-in statements).
+    deallocations: u64,
     /// Bytes to send to the server, batched.
     to_server: BytesMut,
     /// Bytes to send to the client that are not a plain slice of the server buffer.
@@ -148,6 +150,7 @@ async fn run_session(
         tracker: Tracker::default(),
         stmts: ClientStatements::default(),
         params: login.params,
+        deallocations: 0,
         to_server: BytesMut::new(),
         to_client: Vec::new(),
         cancel: login.cancel,
