@@ -150,11 +150,6 @@ impl Tracker {
         self.queue.push_back(p);
     }
 
-    /// Notes that an extended message with no response of its own (Flush) was sent.
-    pub fn mark_unsynced(&mut self) {
-        self.unsynced = true;
-    }
-
     /// Nothing owed, no open extended-protocol batch, and the order of responses known.
     pub fn is_settled(&self) -> bool {
         self.queue.is_empty() && !self.unsynced && !self.desync && self.resync.is_none()

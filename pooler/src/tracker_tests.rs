@@ -153,7 +153,6 @@ fn error_during_extended_copy_without_pipelined_sync_is_in_step() {
     let mut t = Tracker::default();
     t.push(Pending::Bind);
     t.push(Pending::Execute);
-    t.mark_unsynced();
     answer(&mut t, &[(b'2', 0), (b'G', 0), (b'E', 0)]);
     t.push(Pending::Sync);
     assert!(!t.is_settled(), "the Sync after the error is answered");

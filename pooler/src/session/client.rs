@@ -185,8 +185,11 @@ impl Session<'_> {
                 self.tracker.push(Pending::Sync);
             }
             b'H' => {
-                self.forward(&f).await?;
-                self.tracker.mark_unsynced();
+                // Flush owes no answer and opens nothing; without a server connection
+                // there is nothing to flush.
+                if self.server.is_some() {
+                    self.to_server.extend_from_slice(&f.raw);
+                }
             }
             b'F' => {
                 self.forward(&f).await?;
