@@ -49,15 +49,25 @@ async fn run_script(addr: SocketAddr, s: Script) -> Result<Messages> {
         query("rollback; select 'sluice-end'")
     };
     // A write fails once the server has ended the session (as PostgreSQL does after a
-    // protocol violation): what was received up to then is the result.
-    for (write, pause) in s.writes.iter().zip(&s.pauses).chain([(&end, &0)]) {
+    // protocol violation): what was received up to then is the result. After a step that
+    // may end it (unless the transaction had already failed), the end marker waits until
+    // the answer is read: a write racing the close would make the connection reset
+    // discard what the client has not read yet.
+    let last = s.writes.len().saturating_sub(1);
+    for (i, (write, pause)) in s.writes.iter().zip(&s.pauses).enumerate() {
         if w.write_all(write).await.is_err() {
             break;
         }
-        if *pause > 0 {
-            tokio::time::sleep(Duration::from_millis(*pause)).await;
+        let pause = if i == last && s.fatal_end {
+            300
+        } else {
+            *pause
+        };
+        if pause > 0 {
+            tokio::time::sleep(Duration::from_millis(pause)).await;
         }
     }
+    let _ = w.write_all(&end).await;
     let (msgs, complete) = reader.await?;
     ensure!(
         complete,

@@ -20,6 +20,10 @@ pub struct Script {
     pub notes: Vec<String>,
     /// Ends with Terminate (pipelined after its last write) instead of the end marker.
     pub terminate: bool,
+    /// Ends with a protocol violation after which PostgreSQL closes the connection
+    /// (FATAL): nothing is written after it, so no write races the close (a reset
+    /// would discard what the client has not read yet).
+    pub fatal_end: bool,
     /// Milliseconds to pause after each write.
     pub pauses: Vec<u64>,
 }
@@ -40,6 +44,8 @@ struct Gen {
     named: Vec<String>,
     next_name: usize,
     flavor: Flavor,
+    /// The last step ends the session (see [`Script::fatal_end`]).
+    fatal: bool,
 }
 
 /// The script of client `client` for `seed`.
@@ -51,12 +57,14 @@ pub fn script(seed: u64, client: usize, flavor: Flavor) -> Script {
         named: Vec::new(),
         next_name: 0,
         flavor,
+        fatal: false,
     };
     let mut s = Script {
         client,
         writes: Vec::new(),
         notes: Vec::new(),
         terminate: false,
+        fatal_end: false,
         pauses: Vec::new(),
     };
     let writes = g.rng.random_range(3..12);
@@ -67,6 +75,9 @@ pub fn script(seed: u64, client: usize, flavor: Flavor) -> Script {
             let (bytes, note) = g.step();
             w.extend_from_slice(&bytes);
             notes.push(note);
+            if g.fatal {
+                break;
+            }
         }
         s.writes.push(w);
         s.notes.push(notes.join(" | "));
@@ -75,6 +86,10 @@ pub fn script(seed: u64, client: usize, flavor: Flavor) -> Script {
         } else {
             0
         });
+        if g.fatal {
+            s.fatal_end = true;
+            return s;
+        }
     }
     if g.rng.random_bool(0.15) {
         // A pipelined write right before Terminate must not be lost.
@@ -167,10 +182,12 @@ impl Gen {
                 note.push_str(" c");
             }
             3 => {
-                // Hostile: a query inside the COPY fails it.
+                // Hostile: a query inside the COPY; PostgreSQL ends the session.
                 b.extend_from_slice(&query("select 'inside copy'"));
                 b.extend_from_slice(&copy_done());
-                note.push_str(" Q c");
+                note.push_str(" Q c (FATAL)");
+                self.fatal = true;
+                return (b, note);
             }
             _ => {
                 b.extend_from_slice(&copy_done());
