@@ -51,6 +51,9 @@ pub struct ClientStatements {
     /// Recently forgotten (server name, client name) pairs: a pipelined message may
     /// still name them, and its error must say the client's name.
     forgotten: std::collections::VecDeque<(Arc<str>, String)>,
+    /// Statements a Close removed whose CloseComplete is not answered yet: after an
+    /// error the server skips the Close, and the statement is the client's again.
+    closing: HashMap<String, (u64, Arc<Statement>)>,
 }
 
 /// How many forgotten names [`ClientStatements`] keeps for error messages.
@@ -75,6 +78,23 @@ impl ClientStatements {
 
     pub fn get(&self, name: &str) -> Option<Arc<Statement>> {
         self.map.get(name).map(|(_, st)| st.clone())
+    }
+
+    /// Removes `name` for a client Close; [`Self::undo_close`] restores it if the Close
+    /// turns out skipped.
+    pub fn close(&mut self, name: &str) {
+        if let Some(entry) = self.map.get(name).cloned() {
+            self.closing.insert(name.to_string(), entry);
+            self.remove(name);
+        }
+    }
+
+    /// The server skipped the Close of `name` (an earlier error): it is the client's
+    /// again, unless the client prepared another under that name since.
+    pub fn undo_close(&mut self, name: &str) {
+        if let Some(entry) = self.closing.remove(name) {
+            self.map.entry(name.to_string()).or_insert(entry);
+        }
     }
 
     pub fn remove(&mut self, name: &str) -> bool {
@@ -127,9 +147,10 @@ impl ClientStatements {
         }
     }
 
-    /// A recognised deallocation failed or was never answered: drop its cut.
+    /// Everything sent has been answered: no deallocation or Close is pending.
     pub fn forget_cuts(&mut self) {
         self.cuts.clear();
+        self.closing.clear();
     }
 }
 

@@ -50,7 +50,7 @@ pub enum Pending {
     /// send, the statement being on the server already.
     SynthParse(Arc<str>),
     /// Answer CloseComplete for a Close the pooler did not send.
-    SynthClose,
+    SynthClose(Arc<str>),
     /// `DEALLOCATE <client name>` sent as `PREPARE t AS SELECT; DEALLOCATE t` (the server
     /// does not know the client's name, but answers as it would, error in a failed
     /// transaction included): the PREPARE's CommandComplete is swallowed, and the
@@ -63,7 +63,7 @@ pub enum Pending {
 
 impl Pending {
     fn is_synth(&self) -> bool {
-        matches!(self, Pending::SynthParse(_) | Pending::SynthClose)
+        matches!(self, Pending::SynthParse(_) | Pending::SynthClose(_))
     }
 }
 
@@ -96,6 +96,8 @@ pub struct Tracker {
     /// Client statements whose Parse failed or was skipped after an error, or that a
     /// `DEALLOCATE` dropped (to forget).
     pub failed_clients: Vec<Arc<str>>,
+    /// Client statements whose Close the server skipped after an error (to restore).
+    pub skipped_closes: Vec<Arc<str>>,
     /// The server is in COPY FROM STDIN (it sent CopyInResponse, not yet its result).
     server_copy: bool,
     /// The client's messages go into a running COPY: it has not sent CopyDone/CopyFail.
@@ -116,6 +118,7 @@ impl Default for Tracker {
             status: TxStatus::Idle,
             failed: Vec::new(),
             failed_clients: Vec::new(),
+            skipped_closes: Vec::new(),
             server_copy: false,
             client_copy: false,
             copy_ambiguous: false,
@@ -255,7 +258,7 @@ impl Tracker {
             any = true;
             match self.queue.pop_front() {
                 Some(Pending::SynthParse(_)) => out.extend_from_slice(&parse_complete()),
-                Some(Pending::SynthClose) => out.extend_from_slice(&close_complete()),
+                Some(Pending::SynthClose(_)) => out.extend_from_slice(&close_complete()),
                 _ => {}
             }
             self.skip_inert();
@@ -352,6 +355,7 @@ impl Tracker {
                                 self.failed_clients.extend(client);
                             }
                             Some(Pending::SynthParse(client)) => self.failed_clients.push(client),
+                            Some(Pending::SynthClose(client)) => self.skipped_closes.push(client),
                             _ => {}
                         }
                     }

@@ -37,11 +37,12 @@ fn error_skips_to_sync_and_forgets_failed_parse() {
         client: Some("c".into()),
         swallow: false,
     });
-    t.push(Pending::SynthClose);
+    t.push(Pending::SynthClose("c1".into()));
     t.push(Pending::Sync);
     assert_eq!(t.on_message(b'E', 0), Verdict::Keep);
     assert_eq!(t.failed, vec![Arc::<str>::from("p")]);
     assert_eq!(t.failed_clients, vec![Arc::<str>::from("c")]);
+    assert_eq!(t.skipped_closes, vec![Arc::<str>::from("c1")]);
     let mut out = Vec::new();
     assert!(
         !t.take_synth(&mut out),

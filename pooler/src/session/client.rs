@@ -147,9 +147,10 @@ impl Session<'_> {
             b'C' if rewrite => {
                 let c = Close::decode(&f)?;
                 if c.target == Target::Statement && !c.name.is_empty() {
-                    // Server statements are shared; only the client's mapping goes.
-                    self.stmts.remove(&c.name);
-                    self.tracker.push(Pending::SynthClose);
+                    // Server statements are shared; only the client's mapping goes
+                    // (back again if the server skips the Close after an error).
+                    self.stmts.close(&c.name);
+                    self.tracker.push(Pending::SynthClose(c.name.into()));
                 } else {
                     self.forward(&f).await?;
                     self.tracker.push(Pending::Close { swallow: false });

@@ -179,6 +179,10 @@ impl Session<'_> {
             // PostgreSQL did not create it.
             self.stmts.remove(&name);
         }
+        for name in self.tracker.skipped_closes.drain(..) {
+            // PostgreSQL did not close it.
+            self.stmts.undo_close(&name);
+        }
         self.flush_synth().await?;
         self.maybe_release();
         Ok(())
