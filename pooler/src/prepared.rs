@@ -186,6 +186,24 @@ pub fn rename_in_error(
     Some(out)
 }
 
+/// The SQLSTATE of an ErrorResponse (`msg`: tag, length, body).
+pub fn sqlstate(msg: &[u8]) -> Option<&[u8]> {
+    msg.get(5..)?
+        .split(|&b| b == 0)
+        .find_map(|f| f.strip_prefix(b"C"))
+}
+
+/// The server statement (`sluice_…`) an ErrorResponse says does not exist (`26000`).
+pub fn missing_statement(msg: &[u8]) -> Option<&str> {
+    if sqlstate(msg) != Some(b"26000") {
+        return None;
+    }
+    const OPEN: &[u8] = b"\"sluice_";
+    let start = msg.windows(OPEN.len()).position(|w| w == OPEN)? + 1;
+    let end = start + msg[start..].iter().position(|&b| b == b'"')?;
+    std::str::from_utf8(&msg[start..end]).ok()
+}
+
 /// Whether the CommandComplete body `tag` (with its NUL) says the server dropped all
 /// prepared statements.
 pub fn drops_all_statements(tag: &[u8]) -> bool {
@@ -237,6 +255,22 @@ mod tests {
             server_name("select $1", &[0, 1, 0, 0, 0, 23]),
             server_name("select $1", &[0, 1, 0, 0, 0, 25])
         );
+    }
+
+    #[test]
+    fn reads_sqlstates_and_missing_statements() {
+        let frame = |body: &[u8]| {
+            let mut m = vec![b'E'];
+            m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+            m.extend_from_slice(body);
+            m
+        };
+        let m = frame(b"SERROR\0C26000\0Mprepared statement \"sluice_ab\" does not exist\0\0");
+        assert_eq!(sqlstate(&m), Some(&b"26000"[..]));
+        assert_eq!(missing_statement(&m), Some("sluice_ab"));
+        let m = frame(b"SERROR\0C25P02\0Mcurrent transaction is aborted\0\0");
+        assert_eq!(sqlstate(&m), Some(&b"25P02"[..]));
+        assert_eq!(missing_statement(&m), None);
     }
 
     #[test]

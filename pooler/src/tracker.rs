@@ -221,6 +221,19 @@ impl Tracker {
         Verdict::Drop
     }
 
+    /// The server statement of a Parse the pooler injected, when it is the next to be
+    /// answered.
+    pub fn front_injected_parse(&self) -> Option<&Arc<str>> {
+        match self.queue.front() {
+            Some(Pending::Parse {
+                name: Some(n),
+                swallow: true,
+                ..
+            }) => Some(n),
+            _ => None,
+        }
+    }
+
     /// Server statements whose Parse is sent and not yet answered, oldest first.
     pub fn pending_parses(&self) -> impl Iterator<Item = &Arc<str>> {
         self.queue.iter().filter_map(|p| match p {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -110,6 +110,9 @@ struct Session<'a> {
     params: Params,
     /// `DEALLOCATE`s of client statements sent (names their stand-in statements).
     deallocations: u64,
+    /// Server statements whose injected Parse a failed transaction refused, with that
+    /// error (until everything sent is answered).
+    refused: Vec<(Arc<str>, Bytes)>,
     /// Bytes to send to the server, batched.
     to_server: BytesMut,
     /// Bytes to send to the client that are not a plain slice of the server buffer.
@@ -151,6 +154,7 @@ async fn run_session(
         stmts: ClientStatements::default(),
         params: login.params,
         deallocations: 0,
+        refused: Vec::new(),
         to_server: BytesMut::new(),
         to_client: Vec::new(),
         cancel: login.cancel,

@@ -1,13 +1,15 @@
 //! Server responses: forwarded to the client in bulk, with the tracker's verdicts
 //! (swallow, synthesise, rename), connection release and resynchronisation.
 
-use bytes::Buf;
+use bytes::{Buf, Bytes};
 use tokio::io::AsyncWriteExt;
 
 use crate::config::PoolMode;
 use crate::error::Result;
 use crate::params::parse_status_body;
-use crate::prepared::{DROPS_ALL_LENGTHS, drops_all_statements, rename_in_error};
+use crate::prepared::{
+    DROPS_ALL_LENGTHS, drops_all_statements, missing_statement, rename_in_error, sqlstate,
+};
 use crate::protocol::{Response, TxStatus};
 use crate::tracker::Verdict;
 
@@ -114,9 +116,25 @@ impl Session<'_> {
                         if buf.len() - pos < len {
                             break;
                         }
+                        let msg = &buf[pos..pos + len];
+                        if let Some(name) = self.tracker.front_injected_parse()
+                            && sqlstate(msg) == Some(b"25P02")
+                        {
+                            // The transaction had failed: the statement cannot be
+                            // prepared here. Messages already sent that use it will be
+                            // told the same, as PostgreSQL would have told them.
+                            self.refused
+                                .push((name.clone(), Bytes::copy_from_slice(msg)));
+                        }
+                        let refused = missing_statement(msg).and_then(|m| {
+                            self.refused
+                                .iter()
+                                .find(|(n, _)| &**n == m)
+                                .map(|(_, e)| e.to_vec())
+                        });
                         let stmts = &self.stmts;
-                        if let Some(renamed) = rename_in_error(&buf[pos..pos + len], |s| {
-                            stmts.client_name(s).map(str::to_string)
+                        if let Some(renamed) = refused.or_else(|| {
+                            rename_in_error(msg, |s| stmts.client_name(s).map(str::to_string))
                         }) {
                             self.tracker.on_message(tag, status);
                             self.to_client.extend_from_slice(&buf[flushed..pos]);
@@ -199,8 +217,10 @@ impl Session<'_> {
         if !idle {
             return;
         }
-        // Everything sent is answered: no deallocation is still to be confirmed.
+        // Everything sent is answered: no deallocation is still to be confirmed, and no
+        // statement refused in a failed transaction is still named.
         self.stmts.forget_cuts();
+        self.refused.clear();
         if self.transaction_mode() {
             self.transactions.inc();
             let cfg = self.shared.config();
