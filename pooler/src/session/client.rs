@@ -28,6 +28,14 @@ impl Session<'_> {
             self.to_server.extend_from_slice(&c.encode());
             self.tracker.push(Pending::Close { swallow: true });
         }
+        // Close first (not an error when absent): the list may think a statement gone
+        // that a DEALLOCATE ALL still pending, or failing, leaves on the server.
+        let close = Close {
+            target: Target::Statement,
+            name: st.server_name.to_string(),
+        };
+        self.to_server.extend_from_slice(&close.encode());
+        self.tracker.push(Pending::Close { swallow: true });
         self.to_server.extend_from_slice(&st.parse);
         self.tracker.push(Pending::Parse {
             name: Some(st.server_name.clone()),
@@ -72,6 +80,9 @@ impl Session<'_> {
                         // `on_server_data`), and its error, if any, is the answer.
                         Some(SpecialQuery::DeallocateAll | SpecialQuery::DiscardAll) => {
                             self.stmts.cut();
+                            // What is sent after it must not count on the statements
+                            // it drops: they are prepared again (Close, then Parse).
+                            self.ensure_server().await?.prepared.clear();
                         }
                         _ => {}
                     }
