@@ -54,6 +54,7 @@ pub mod defaults {
     pub const SERVER_CHECK_DELAY: Duration = Duration::from_secs(30);
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
     pub const MAX_PREPARED_STATEMENTS: usize = 100;
+    pub const MAX_CLIENT_MEMORY: usize = 128 * 1024 * 1024;
     pub const SERVER_PORT: u16 = 5432;
 }
 
@@ -92,6 +93,11 @@ pub struct PoolerConfig {
     /// Prepared statements per server connection (LRU).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_prepared_statements: Option<usize>,
+    /// Bytes all clients together may make the pooler hold beyond their fixed read
+    /// buffers: messages longer than 64 KiB while they arrive, and transaction mode's
+    /// prepared statements (each client's at most `--max-message-size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_client_memory: Option<usize>,
     /// Startup parameters clients may send that the pooler drops instead of refusing
     /// (as PgBouncer's `ignore_startup_parameters`), e.g. `["search_path"]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -218,6 +224,10 @@ impl PoolerConfig {
         self.max_prepared_statements
             .unwrap_or(defaults::MAX_PREPARED_STATEMENTS)
     }
+    pub fn max_client_memory(&self) -> usize {
+        self.max_client_memory
+            .unwrap_or(defaults::MAX_CLIENT_MEMORY)
+    }
 }
 
 #[cfg(test)]
@@ -237,6 +247,7 @@ mod tests {
             server_check_delay: None,
             drain_timeout: Some("45s".parse().unwrap()),
             max_prepared_statements: None,
+            max_client_memory: None,
             ignore_startup_parameters: Some(vec!["search_path".into()]),
             revision: Some("ab\"c\\d".into()),
             server: ServerSection {

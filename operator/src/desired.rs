@@ -156,6 +156,7 @@ pub fn pooler_toml(pool: &ConnectionPool, limit: i64, revision: &str) -> Result<
         server_check_delay: None,
         drain_timeout: Some(dur(&s.drain_timeout, DEFAULT_DRAIN)?),
         max_prepared_statements: None,
+        max_client_memory: None,
         ignore_startup_parameters: None,
         revision: Some(revision.to_string()),
         server: ServerSection {

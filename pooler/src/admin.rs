@@ -68,6 +68,7 @@ async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    s.metrics.client_memory.set(s.memory.used() as i64);
     let body = s.metrics.encode(&s.pools.limiter().snapshot());
     (
         [(

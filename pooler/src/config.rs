@@ -48,6 +48,8 @@ pub struct Config {
     pub server_check_delay: Duration,
     pub drain_timeout: Duration,
     pub max_prepared_statements: usize,
+    /// See [`crate::memory`].
+    pub max_client_memory: usize,
     /// Startup parameters dropped instead of refused.
     pub ignore_startup_parameters: Vec<String>,
     pub server: ServerConfig,
@@ -165,6 +167,7 @@ impl Config {
             server_check_delay: raw.server_check_delay(),
             drain_timeout: raw.drain_timeout(),
             max_prepared_statements: raw.max_prepared_statements(),
+            max_client_memory: raw.max_client_memory(),
             ignore_startup_parameters: raw.ignore_startup_parameters.clone().unwrap_or_default(),
             listen_addr: raw.listen_addr,
             admin_addr: raw.admin_addr,

@@ -39,6 +39,14 @@ pub enum Error {
         "no server connection free within pool_timeout ({timeout_ms} ms, connection_limit {limit})"
     )]
     PoolTimeout { timeout_ms: u128, limit: usize },
+    /// The process-wide bound on client-held memory (`max_client_memory`), or one
+    /// client's share of it, is reached.
+    #[error("out of memory: {what} would exceed the pooler's {bound} ({limit} bytes)")]
+    OutOfMemory {
+        what: &'static str,
+        bound: &'static str,
+        limit: usize,
+    },
     /// `max_client_connections` reached.
     #[error("too many client connections (max_client_connections = {0})")]
     TooManyClients(usize),
@@ -69,6 +77,7 @@ impl Error {
             Error::AuthFailed(_) | Error::AuthUnsupported(_) => "auth",
             Error::PoolTimeout { .. } => "pool_timeout",
             Error::TooManyClients(_) => "too_many_clients",
+            Error::OutOfMemory { .. } => "memory",
             Error::ShuttingDown => "shutdown",
             Error::ServerError(_)
             | Error::ServerLogin(_)
@@ -124,6 +133,7 @@ impl Error {
             Error::PoolTimeout { .. } | Error::TooManyClients(_) => {
                 ClientError::fatal("53300", self.to_string())
             }
+            Error::OutOfMemory { .. } => ClientError::fatal("53200", self.to_string()),
             Error::ShuttingDown => ClientError::fatal("57P01", "pooler shutting down"),
             Error::ServerLogin(_) | Error::Server(_) | Error::Config(_) => {
                 ClientError::fatal("08006", "the pooler could not reach the database server")

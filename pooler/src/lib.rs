@@ -7,6 +7,7 @@ mod admin;
 mod auth;
 mod config;
 mod error;
+mod memory;
 mod metrics;
 mod params;
 mod pool;

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub server_open: Family<PoolLabels, Gauge>,
     pub server_in_use: Family<PoolLabels, Gauge>,
     pub connection_limit: Gauge,
+    /// Bytes held under `max_client_memory` (see `crate::memory`).
+    pub client_memory: Gauge,
     pub wait_seconds: Histogram,
     pub queries: Family<PoolLabels, Counter>,
     pub transactions: Family<PoolLabels, Counter>,
@@ -62,6 +64,7 @@ impl Metrics {
             server_open: Family::default(),
             server_in_use: Family::default(),
             connection_limit: Gauge::default(),
+            client_memory: Gauge::default(),
             wait_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             queries: Family::default(),
             transactions: Family::default(),
@@ -89,6 +92,11 @@ impl Metrics {
             "connection_limit",
             "Process-wide server connection limit",
             m.connection_limit.clone(),
+        );
+        registry.register(
+            "client_memory_bytes",
+            "Bytes clients make the pooler hold (long messages, prepared statements), bounded by max_client_memory",
+            m.client_memory.clone(),
         );
         registry.register(
             "wait_seconds",
@@ -130,6 +138,16 @@ impl Metrics {
     /// Prometheus text, with gauges refreshed from `snap`.
     pub fn encode(&self, snap: &Snapshot) -> String {
         self.connection_limit.set(snap.limit as i64);
+        // Only pools that exist now have gauge series: a pool forgotten (for example
+        // one a client asked for under a database name that does not exist) leaves none.
+        for g in [
+            &self.clients,
+            &self.clients_waiting,
+            &self.server_open,
+            &self.server_in_use,
+        ] {
+            g.clear();
+        }
         for (k, c) in &snap.pools {
             let l = PoolLabels::from(k);
             self.clients.get_or_create(&l).set(c.clients as i64);

@@ -54,6 +54,8 @@ pub struct ClientStatements {
     /// Statements a Close removed whose CloseComplete is not answered yet: after an
     /// error the server skips the Close, and the statement is the client's again.
     closing: HashMap<String, (u64, Arc<Statement>)>,
+    /// Bytes of the statements in `map` (their Parse messages).
+    bytes: usize,
 }
 
 /// How many forgotten names [`ClientStatements`] keeps for error messages.
@@ -71,9 +73,24 @@ impl ClientStatements {
             server_name,
             parse: p.encode(),
         });
-        self.map
-            .insert(parse.name.clone(), (self.generation, st.clone()));
+        self.bytes += st.parse.len();
+        if let Some((_, old)) = self
+            .map
+            .insert(parse.name.clone(), (self.generation, st.clone()))
+        {
+            self.bytes -= old.parse.len();
+        }
         st
+    }
+
+    /// Bytes the client's statements hold (the Parse messages kept to prepare them on
+    /// other server connections).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn recount(&mut self) {
+        self.bytes = self.map.values().map(|(_, st)| st.parse.len()).sum();
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Statement>> {
@@ -92,14 +109,18 @@ impl ClientStatements {
     /// The server skipped the Close of `name` (an earlier error): it is the client's
     /// again, unless the client prepared another under that name since.
     pub fn undo_close(&mut self, name: &str) {
-        if let Some(entry) = self.closing.remove(name) {
-            self.map.entry(name.to_string()).or_insert(entry);
+        if let Some(entry) = self.closing.remove(name)
+            && !self.map.contains_key(name)
+        {
+            self.bytes += entry.1.parse.len();
+            self.map.insert(name.to_string(), entry);
         }
     }
 
     pub fn remove(&mut self, name: &str) -> bool {
         match self.map.remove_entry(name) {
             Some((client, (_, st))) => {
+                self.bytes -= st.parse.len();
                 self.remember(st.server_name.clone(), client);
                 true
             }
@@ -145,6 +166,7 @@ impl ClientStatements {
             Some(g) => self.map.retain(|_, (gen_, _)| *gen_ > g),
             None => self.map.clear(),
         }
+        self.recount();
     }
 
     /// Everything sent has been answered: no deallocation or Close is pending.
@@ -213,6 +235,26 @@ pub fn drops_all_statements(tag: &[u8]) -> bool {
 /// Total length (tag byte included) of CommandCompletes that may drop all statements:
 /// the hot path looks at a CommandComplete's bytes only when its length is one of them.
 pub const DROPS_ALL_LENGTHS: [usize; 2] = [20, 17];
+
+/// Longest CommandComplete (tag byte included) [`changes_schema`] may recognise.
+pub const SCHEMA_TAG_MAX: usize = 40;
+
+/// Whether the CommandComplete body `tag` (with its NUL) reports a schema change that
+/// may change a prepared statement's result type: any `ALTER …` or `DROP …`, and
+/// `CREATE VIEW`/`CREATE RULE` (`CREATE OR REPLACE` reports the same tags). Tables and
+/// indexes created do not change existing statements (a table shadowing another through
+/// `search_path` is caught by the server's error instead, see the session).
+pub fn changes_schema(tag: &[u8]) -> bool {
+    [
+        b"ALTER ".as_slice(),
+        b"DROP ",
+        b"CREATE VIEW\0",
+        b"CREATE MATERIALIZED VIEW\0",
+        b"CREATE RULE\0",
+    ]
+    .iter()
+    .any(|p| tag.starts_with(p))
+}
 
 /// Recognises `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` as the whole query.
 pub fn special_query(sql: &str) -> Option<SpecialQuery> {
@@ -309,5 +351,29 @@ mod tests {
             Some(SpecialQuery::Deallocate("S1".into()))
         );
         assert_eq!(special_query("select 1; discard all"), None);
+    }
+
+    #[test]
+    fn schema_changes_are_recognised_by_their_tag() {
+        for tag in [
+            "ALTER TABLE",
+            "DROP TABLE",
+            "DROP SCHEMA",
+            "CREATE VIEW",
+            "CREATE RULE",
+        ] {
+            let body = format!("{tag}\0");
+            assert!(changes_schema(body.as_bytes()), "{tag}");
+            assert!(body.len() + 5 <= SCHEMA_TAG_MAX);
+        }
+        for tag in [
+            "CREATE TABLE",
+            "CREATE INDEX",
+            "DELETE 3",
+            "COMMIT",
+            "DEALLOCATE",
+        ] {
+            assert!(!changes_schema(format!("{tag}\0").as_bytes()), "{tag}");
+        }
     }
 }

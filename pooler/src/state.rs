@@ -2,12 +2,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::watch;
 
 use crate::config::{Config, PoolMode};
+use crate::memory::MemoryBudget;
 use crate::metrics::Metrics;
 use crate::pool::{Pools, close_all, send_cancel};
 use crate::protocol::{BackendKeyData, CancelRequest};
@@ -29,11 +30,17 @@ pub struct Shared {
     pub max_message: usize,
     /// Fixed at startup (changing it needs a restart).
     pub mode: PoolMode,
+    /// Bumped when a schema change may have changed a shared statement's result type:
+    /// statements prepared on server connections before it are prepared again.
+    schema_epoch: AtomicU64,
+    /// Bound on what clients make the pooler hold (`max_client_memory`).
+    pub memory: MemoryBudget,
 }
 
 impl Shared {
     pub fn new(config: Config, max_message: usize) -> Self {
         let (drain_tx, _) = watch::channel(false);
+        let memory = MemoryBudget::new(config.max_client_memory);
         Self {
             pools: Pools::new(config.connection_limit),
             mode: config.pool_mode,
@@ -44,7 +51,20 @@ impl Shared {
             drain_tx,
             cancels: Mutex::new(HashMap::new()),
             max_message,
+            schema_epoch: AtomicU64::new(0),
+            memory,
         }
+    }
+
+    /// The current schema epoch (see [`Shared::schema_changed`]).
+    pub fn schema_epoch(&self) -> u64 {
+        self.schema_epoch.load(Ordering::Relaxed)
+    }
+
+    /// A server reported DDL (or a statement whose result type changed under it):
+    /// statements already prepared on server connections are not trusted by new Parses.
+    pub fn schema_changed(&self) {
+        self.schema_epoch.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The config in force.
@@ -69,6 +89,7 @@ impl Shared {
             new.admin_addr = old.admin_addr.clone();
             new.pool_mode = old.pool_mode;
         }
+        self.memory.set_limit(new.max_client_memory);
         let limit = new.connection_limit;
         let hash = new.hash.clone();
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);

@@ -95,7 +95,7 @@ pub struct Tracker {
     pub failed: Vec<Arc<str>>,
     /// Client statements whose Parse failed or was skipped after an error, or that a
     /// `DEALLOCATE` dropped (to forget).
-    pub failed_clients: Vec<Arc<str>>,
+    pub forget_clients: Vec<Arc<str>>,
     /// Client statements whose Close the server skipped after an error (to restore).
     pub skipped_closes: Vec<Arc<str>>,
     /// The server is in COPY FROM STDIN (it sent CopyInResponse, not yet its result).
@@ -117,7 +117,7 @@ impl Default for Tracker {
             unsynced: false,
             status: TxStatus::Idle,
             failed: Vec::new(),
-            failed_clients: Vec::new(),
+            forget_clients: Vec::new(),
             skipped_closes: Vec::new(),
             server_copy: false,
             client_copy: false,
@@ -234,6 +234,18 @@ impl Tracker {
         }
     }
 
+    /// Whether a Parse of client statement `client` is sent and not yet answered (its
+    /// fate, and so the answer to a `DEALLOCATE` of it, is not known yet).
+    pub fn client_parse_pending(&self, client: &str) -> bool {
+        self.queue.iter().any(|p| match p {
+            Pending::Parse {
+                client: Some(c), ..
+            }
+            | Pending::SynthParse(c) => &**c == client,
+            _ => false,
+        })
+    }
+
     /// Server statements whose Parse is sent and not yet answered, oldest first.
     pub fn pending_parses(&self) -> impl Iterator<Item = &Arc<str>> {
         self.queue.iter().filter_map(|p| match p {
@@ -306,7 +318,7 @@ impl Tracker {
                 *prepared = true;
                 return Verdict::Drop;
             }
-            self.failed_clients.push(client.clone());
+            self.forget_clients.push(client.clone());
             return Verdict::Keep;
         }
         let front_query = matches!(
@@ -365,9 +377,9 @@ impl Tracker {
                         match self.queue.pop_front() {
                             Some(Pending::Parse { name, client, .. }) => {
                                 self.failed.extend(name);
-                                self.failed_clients.extend(client);
+                                self.forget_clients.extend(client);
                             }
-                            Some(Pending::SynthParse(client)) => self.failed_clients.push(client),
+                            Some(Pending::SynthParse(client)) => self.forget_clients.push(client),
                             Some(Pending::SynthClose(client)) => self.skipped_closes.push(client),
                             _ => {}
                         }

@@ -41,7 +41,7 @@ fn error_skips_to_sync_and_forgets_failed_parse() {
     t.push(Pending::Sync);
     assert_eq!(t.on_message(b'E', 0), Verdict::Keep);
     assert_eq!(t.failed, vec![Arc::<str>::from("p")]);
-    assert_eq!(t.failed_clients, vec![Arc::<str>::from("c")]);
+    assert_eq!(t.forget_clients, vec![Arc::<str>::from("c")]);
     assert_eq!(t.skipped_closes, vec![Arc::<str>::from("c1")]);
     let mut out = Vec::new();
     assert!(
@@ -260,7 +260,7 @@ fn deallocate_swallows_the_prepare_and_drops_the_name_on_success() {
     assert!(t.front_swallows());
     assert_eq!(t.on_message(b'C', 0), Verdict::Drop, "PREPARE");
     assert_eq!(t.on_message(b'C', 0), Verdict::Keep, "DEALLOCATE");
-    assert_eq!(t.failed_clients, vec![Arc::<str>::from("s1")]);
+    assert_eq!(t.forget_clients, vec![Arc::<str>::from("s1")]);
     answer(&mut t, &[(b'Z', b'I')]);
     assert!(t.is_settled());
     // In a failed transaction the server's error is the answer, and the name stays.
@@ -271,5 +271,5 @@ fn deallocate_swallows_the_prepare_and_drops_the_name_on_success() {
     });
     answer(&mut t, &[(b'E', 0), (b'Z', b'E')]);
     assert!(t.is_settled());
-    assert!(t.failed_clients.is_empty());
+    assert!(t.forget_clients.is_empty());
 }

@@ -899,3 +899,121 @@ async fn killed_busy_clients_free_their_slots_only_when_the_backend_is_gone() ->
     p.shutdown().await?;
     Ok(())
 }
+
+/// The `sluice_pooler_client_memory_bytes` gauge.
+async fn client_memory(p: &Pooler) -> Result<u64> {
+    let (_, m) = p.admin_get("/metrics").await?;
+    m.lines()
+        .find_map(|l| l.strip_prefix("sluice_pooler_client_memory_bytes "))
+        .context("client_memory_bytes gauge")?
+        .trim()
+        .parse()
+        .context("gauge value")
+}
+
+/// Issue 15 item 7: what clients make the pooler hold, long messages arriving and
+/// prepared statements, is bounded for the whole process; the client that would go over
+/// gets 53200 and the others are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_memory_is_bounded_process_wide() -> Result<()> {
+    const MIB: usize = 1024 * 1024;
+    let pg = postgres(20).await?;
+    let mut p = start(
+        &pg,
+        &format!(
+            "connection_limit = 2\npool_mode = \"transaction\"\nmax_client_memory = {}",
+            8 * MIB
+        ),
+    )
+    .await?;
+    let good = p.connect().await?;
+    // Three clients each send most of a 3 MiB query: two fit, the third does not.
+    let sql = format!("select 'long'{}", " ".repeat(3 * MIB));
+    let whole = query(&sql);
+    // The bound is taken when the header arrives: the rest waits in the socket.
+    let (head, tail) = whole.split_at(64 * 1024);
+    let mut senders = Vec::new();
+    for _ in 0..3 {
+        let mut s = raw_login(p.addr, APP_USER.1).await?;
+        s.write_all(head).await?;
+        senders.push(s);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, code, m) = expect_error(&mut senders[2]).await?;
+    assert_eq!(code, "53200", "{m}");
+    assert!(m.contains("max_client_memory (8388608 bytes)"), "{m}");
+    assert!(expect_closed(&mut senders[2]).await);
+    assert!(client_memory(&p).await? >= 6 * MIB as u64);
+    let v: i32 = good.query_one("select 7", &[]).await?.get(0);
+    assert_eq!(v, 7, "other clients are unaffected");
+    for s in &mut senders[..2] {
+        s.write_all(tail).await?;
+        let (got, done) = read_until(s, Duration::from_secs(10), |t, _| t == b'Z').await;
+        ensure!(done, "no answer: {got:?}");
+        assert!(got.iter().any(|(t, _)| *t == b'D'), "{got:?}");
+    }
+    // Given back once the messages have passed.
+    assert!(
+        eventually(10, || async {
+            client_memory(&p).await.is_ok_and(|m| m < 64 * 1024)
+        })
+        .await,
+        "client memory is given back (short statements of the other client stay)"
+    );
+
+    // Prepared statements count too: 1 MiB statements, until the bound.
+    let mut s = raw_login(p.addr, APP_USER.1).await?;
+    let mut refused = None;
+    for i in 0..12 {
+        let sql = format!("select {i}{}", " ".repeat(MIB));
+        s.write_all(&parse(&format!("s{i}"), &sql)).await?;
+        s.write_all(&sync()).await?;
+        let (got, done) = read_until(&mut s, Duration::from_secs(10), |t, _| {
+            t == b'Z' || t == b'E'
+        })
+        .await;
+        ensure!(done, "statement {i}: {got:?}");
+        if let Some((_, body)) = got.iter().find(|(t, _)| *t == b'E') {
+            refused = Some((i, fields(body)));
+            break;
+        }
+    }
+    let (i, (_, code, m)) = refused.context("a statement past the bound is refused")?;
+    assert!((6..=8).contains(&i), "refused at statement {i}");
+    assert_eq!(code, "53200");
+    assert!(m.contains("prepared statements"), "{m}");
+    assert!(
+        eventually(10, || async {
+            client_memory(&p).await.is_ok_and(|m| m < 64 * 1024)
+        })
+        .await,
+        "the refused client's statements are given back"
+    );
+    let v: i32 = good.query_one("select 8", &[]).await?.get(0);
+    assert_eq!(v, 8);
+    p.shutdown().await?;
+    Ok(())
+}
+
+/// Issue 15 item 7: database names that do not exist leave no pool and no metric series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unknown_databases_leave_no_pools_or_series() -> Result<()> {
+    let pg = postgres(20).await?;
+    let mut p = start(&pg, "connection_limit = 2").await?;
+    let (_, before) = p.admin_get("/metrics").await?;
+    for i in 0..30 {
+        let e = sluice_testkit::connect(&p.conn_str(APP_USER.0, APP_USER.1, &format!("bogus{i}")))
+            .await
+            .expect_err("no such database");
+        assert!(format!("{e:#}").contains("does not exist"), "{e:#}");
+        // Scraped while the attempt may still hold its pool entry.
+        p.admin_get("/metrics").await?;
+    }
+    let (_, after) = p.admin_get("/metrics").await?;
+    assert!(!after.contains("bogus"), "{after}");
+    assert!(after.len() < before.len() + 1024, "/metrics grew");
+    let status = p.status().await?;
+    assert!(!status.to_string().contains("bogus"), "{status}");
+    p.shutdown().await?;
+    Ok(())
+}

@@ -286,3 +286,46 @@ async fn startup_parameters_follow_their_client() -> Result<()> {
     }
     Ok(())
 }
+
+/// Item 4: after a schema change, a client preparing a statement gets a plan of the new
+/// schema (the server connection may hold the same text prepared before it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn schema_changes_do_not_break_statements_prepared_after_them() -> Result<()> {
+    let pg = postgres(20).await?;
+    let mut p = start(&pg, "connection_limit = 1\npool_mode = \"transaction\"").await?;
+    let sql = "select * from shape";
+    let first = p.connect().await?;
+    first
+        .batch_execute("create table shape (a int); insert into shape values (1)")
+        .await?;
+    assert_eq!(first.query(sql, &[]).await?[0].len(), 1);
+    // Through the pooler: the server's tag says so, nobody sees an error.
+    first
+        .batch_execute("alter table shape add column b int default 2")
+        .await?;
+    let second = p.connect().await?;
+    let rows = second.query(sql, &[]).await?;
+    assert_eq!(rows[0].len(), 2, "a new client sees the new column");
+    assert_eq!(rows[0].get::<_, i32>(1), 2);
+    // Elsewhere: PostgreSQL's error tells the pooler; one try fails at most (PostgreSQL
+    // direct would not fail), and every later one works.
+    let direct = sluice_testkit::connect(&pg.app_conn_str()).await?;
+    direct
+        .batch_execute("alter table shape alter column b type text")
+        .await?;
+    let third = p.connect().await?;
+    let mut failures = 0;
+    for _ in 0..3 {
+        match third.query(sql, &[]).await {
+            Ok(rows) => assert_eq!(rows[0].get::<_, String>(1), "2"),
+            Err(e) => {
+                let code = e.code().map(|c| c.code().to_string());
+                assert_eq!(code.as_deref(), Some("0A000"), "{e}");
+                failures += 1;
+            }
+        }
+    }
+    assert!(failures <= 1, "{failures} of 3 tries failed");
+    p.shutdown().await?;
+    Ok(())
+}

@@ -8,19 +8,20 @@ use crate::prepared::{SpecialQuery, Statement, special_query};
 use crate::protocol::{Bind, Close, Describe, Frame, Parse, Target, TxStatus};
 use crate::tracker::Pending;
 
-use super::Session;
+use super::{CLIENT_BUF, Session};
 
 impl Session<'_> {
     /// Makes sure `st` exists on the held server connection, queueing a Parse if not;
     /// `client` is the client's name when the client itself sent the Parse.
     fn prepare_on_server(&mut self, st: &Statement, client: Option<Arc<str>>) {
         let swallow = client.is_none();
+        let epoch = self.shared.schema_epoch();
         let sc = self.server.as_mut().expect("server held");
-        if sc.prepared.touch(&st.server_name) {
+        if sc.prepared.touch(&st.server_name, epoch) {
             return;
         }
         let cap = self.shared.config().max_prepared_statements;
-        if let Some(victim) = sc.prepared.insert(st.server_name.clone(), cap) {
+        if let Some(victim) = sc.prepared.insert(st.server_name.clone(), cap, epoch) {
             let c = Close {
                 target: Target::Statement,
                 name: victim.to_string(),
@@ -44,6 +45,26 @@ impl Session<'_> {
         });
     }
 
+    /// Holds the client's statement map within its bounds: `--max-message-size` for one
+    /// client, and its share of `max_client_memory`.
+    ///
+    /// # Errors
+    /// [`Error::OutOfMemory`] when either is exceeded.
+    fn bound_statements(&mut self) -> Result<()> {
+        let bytes = self.stmts.bytes();
+        if bytes > self.shared.max_message {
+            return Err(Error::OutOfMemory {
+                what: "this client's prepared statements",
+                bound: "max message size",
+                limit: self.shared.max_message,
+            });
+        }
+        if bytes > self.stmt_lease.held() || bytes + CLIENT_BUF < self.stmt_lease.held() {
+            self.stmt_lease.resize(bytes, "prepared statements")?;
+        }
+        Ok(())
+    }
+
     async fn forward(&mut self, f: &Frame) -> Result<()> {
         self.ensure_server().await?;
         self.to_server.extend_from_slice(&f.raw);
@@ -59,6 +80,14 @@ impl Session<'_> {
                 if rewrite && looks_special(&f.raw[5..]) {
                     let q = crate::protocol::Query::decode(&f)?;
                     match special_query(&q.sql) {
+                        // Whether the statement exists depends on a Parse still in
+                        // flight: answered first, then this is rewritten.
+                        Some(SpecialQuery::Deallocate(name))
+                            if self.tracker.client_parse_pending(&name) =>
+                        {
+                            self.held = Some(f);
+                            return Ok(());
+                        }
                         // The server does not know the client's name: it runs a
                         // statement that answers the same, error in a failed
                         // transaction included (see `Pending::Deallocate`).
@@ -102,9 +131,11 @@ impl Session<'_> {
                     return Ok(());
                 }
                 let st = self.stmts.register(&p);
+                self.bound_statements()?;
                 let client: Arc<str> = p.name.into();
+                let epoch = self.shared.schema_epoch();
                 let sc = self.ensure_server().await?;
-                if !sc.prepared.touch(&st.server_name) {
+                if !sc.prepared.touch(&st.server_name, epoch) {
                     self.prepare_on_server(&st, Some(client));
                 } else if self.tracker.status == TxStatus::Failed {
                     // PostgreSQL refuses a Parse in a failed transaction: let it say so.

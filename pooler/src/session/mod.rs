@@ -21,6 +21,7 @@ use tokio::sync::watch;
 
 use crate::config::PoolMode;
 use crate::error::{Error, Result};
+use crate::memory::Lease;
 use crate::metrics::PoolLabels;
 use crate::params::Params;
 use crate::pool::{PoolKey, ServerConn, send_cancel};
@@ -110,9 +111,17 @@ struct Session<'a> {
     params: Params,
     /// `DEALLOCATE`s of client statements sent (names their stand-in statements).
     deallocations: u64,
+    /// A client message waiting for earlier answers before it can be rewritten (a
+    /// `DEALLOCATE` of a statement whose Parse is not answered yet); nothing more is
+    /// read from the client meanwhile.
+    held: Option<crate::protocol::Frame>,
     /// Server statements whose injected Parse a failed transaction refused, with that
     /// error (until everything sent is answered).
     refused: Vec<(Arc<str>, Bytes)>,
+    /// Share of `max_client_memory` for a message longer than [`CLIENT_BUF`] arriving.
+    buf_lease: Lease<'a>,
+    /// Share of `max_client_memory` for the client's prepared statements.
+    stmt_lease: Lease<'a>,
     /// Bytes to send to the server, batched.
     to_server: BytesMut,
     /// Bytes to send to the client that are not a plain slice of the server buffer.
@@ -154,6 +163,9 @@ async fn run_session(
         stmts: ClientStatements::default(),
         params: login.params,
         deallocations: 0,
+        held: None,
+        buf_lease: shared.memory.lease(),
+        stmt_lease: shared.memory.lease(),
         refused: Vec::new(),
         to_server: BytesMut::new(),
         to_client: Vec::new(),
@@ -230,15 +242,23 @@ impl Session<'_> {
         let drained = drain.changed();
         tokio::pin!(drained);
         loop {
-            while !self.closing
-                && let Some(f) = split_frame(&mut self.cbuf, self.shared.max_message)?
-            {
+            while !self.closing {
+                let f = match self.held.take() {
+                    Some(f) => f,
+                    None => match self.split_client_frame()? {
+                        Some(f) => f,
+                        None => break,
+                    },
+                };
                 if f.tag == b'X' {
                     self.closing = true;
                     self.cbuf.clear();
                     break;
                 }
                 self.on_client_message(f).await?;
+                if self.held.is_some() {
+                    break;
+                }
             }
             self.flush_server().await?;
             self.flush_synth().await?;
@@ -251,10 +271,14 @@ impl Session<'_> {
             if self.draining && self.server.is_none() && self.cbuf.is_empty() {
                 return Err(Error::ShuttingDown);
             }
-            if self.server.is_none() && self.cbuf.is_empty() && self.cbuf_grown {
-                // Idle between transactions: back to the small buffer (see `read_client`).
+            if self.cbuf.is_empty()
+                && ((self.server.is_none() && self.cbuf_grown) || self.buf_lease.held() > 0)
+            {
+                // Idle between transactions, or a long message passed: back to the small
+                // buffer (see `read_client`).
                 self.cbuf = BytesMut::with_capacity(IDLE_BUF);
                 self.cbuf_grown = false;
+                self.buf_lease.resize(0, "")?;
             }
             // A partial message may grow the buffer (here or in `split_frame`).
             self.cbuf_grown |= !self.cbuf.is_empty();
@@ -263,7 +287,7 @@ impl Session<'_> {
                 let cbuf = &mut self.cbuf;
                 let server = &mut self.server;
                 let draining = self.draining;
-                let listen = !self.closing && self.resync_deadline.is_none();
+                let listen = !self.closing && self.resync_deadline.is_none() && self.held.is_none();
                 let deadline = self.resync_deadline;
                 tokio::select! {
                     r = read_client(client, cbuf), if listen => Event::Client(r),
@@ -353,6 +377,22 @@ impl Session<'_> {
         Ok(self.server.as_mut().expect("attached above"))
     }
 
+    /// Splits the next whole client message off the read buffer. A message longer than
+    /// [`CLIENT_BUF`] is buffered whole only with a share of `max_client_memory`.
+    ///
+    /// # Errors
+    /// Bad or too long lengths ([`split_frame`]), and [`Error::OutOfMemory`].
+    fn split_client_frame(&mut self) -> Result<Option<crate::protocol::Frame>> {
+        if let Some(h) = self.cbuf.get(..5) {
+            let need = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize + 1;
+            if need > CLIENT_BUF && need <= self.shared.max_message && need > self.buf_lease.held()
+            {
+                self.buf_lease.resize(need, "a long message")?;
+            }
+        }
+        split_frame(&mut self.cbuf, self.shared.max_message)
+    }
+
     async fn flush_server(&mut self) -> Result<()> {
         if self.to_server.is_empty() {
             return Ok(());
@@ -364,7 +404,12 @@ impl Session<'_> {
         if let Err(e) = sc.stream.write_all(&self.to_server).await {
             return Err(self.server_lost(e.to_string()));
         }
-        self.to_server.clear();
+        if self.to_server.capacity() > CLIENT_BUF {
+            // It held a long message: give the memory back.
+            self.to_server = BytesMut::new();
+        } else {
+            self.to_server.clear();
+        }
         Ok(())
     }
 

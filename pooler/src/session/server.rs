@@ -8,7 +8,8 @@ use crate::config::PoolMode;
 use crate::error::Result;
 use crate::params::parse_status_body;
 use crate::prepared::{
-    DROPS_ALL_LENGTHS, drops_all_statements, missing_statement, rename_in_error, sqlstate,
+    DROPS_ALL_LENGTHS, SCHEMA_TAG_MAX, changes_schema, drops_all_statements, missing_statement,
+    rename_in_error, sqlstate,
 };
 use crate::protocol::{Response, TxStatus};
 use crate::tracker::Verdict;
@@ -101,10 +102,27 @@ impl Session<'_> {
                             // Statements whose Parse was sent after it still come.
                             sc.prepared.clear();
                             let cap = self.shared.config().max_prepared_statements;
+                            let epoch = self.shared.schema_epoch();
                             for name in self.tracker.pending_parses() {
-                                sc.prepared.insert(name.clone(), cap);
+                                sc.prepared.insert(name.clone(), cap, epoch);
                             }
                             self.stmts.deallocated_all();
+                        }
+                    }
+                    if tag == b'C'
+                        && self.mode == PoolMode::Transaction
+                        && len <= SCHEMA_TAG_MAX
+                        && buf
+                            .get(pos + 5)
+                            .is_some_and(|b| matches!(b, b'A' | b'C' | b'D'))
+                    {
+                        // ALTER, DROP, CREATE VIEW… may change what a shared statement
+                        // returns: statements prepared before are prepared again.
+                        if buf.len() - pos < len {
+                            break;
+                        }
+                        if changes_schema(&buf[pos + 5..pos + len]) {
+                            self.shared.schema_changed();
                         }
                     }
                     if tag == b'E'
@@ -117,6 +135,11 @@ impl Session<'_> {
                             break;
                         }
                         let msg = &buf[pos..pos + len];
+                        if sqlstate(msg) == Some(b"0A000") {
+                            // Likely "cached plan must not change result type": a
+                            // schema change the pooler did not see (made elsewhere).
+                            self.shared.schema_changed();
+                        }
                         if let Some(name) = self.tracker.front_injected_parse()
                             && sqlstate(msg) == Some(b"25P02")
                         {
@@ -193,7 +216,7 @@ impl Session<'_> {
         for name in self.tracker.failed.drain(..) {
             sc.prepared.remove(&name);
         }
-        for name in self.tracker.failed_clients.drain(..) {
+        for name in self.tracker.forget_clients.drain(..) {
             // PostgreSQL did not create it.
             self.stmts.remove(&name);
         }
