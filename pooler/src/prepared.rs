@@ -17,9 +17,11 @@ use sha2::{Digest, Sha256};
 use crate::protocol::Parse;
 
 /// A client statement mapped to its server statement.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Statement {
     pub server_name: Arc<str>,
+    /// The client's name for it.
+    pub client_name: Arc<str>,
     /// The Parse message with the server name, for preparing on another connection.
     pub parse: Bytes,
 }
@@ -71,6 +73,7 @@ impl ClientStatements {
         };
         let st = Arc::new(Statement {
             server_name,
+            client_name: parse.name.as_str().into(),
             parse: p.encode(),
         });
         self.bytes += st.parse.len();

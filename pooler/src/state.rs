@@ -1,7 +1,7 @@
 //! Process-wide shared state: the applied config, pools, cancel keys, metrics, drain flag.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use crate::config::{Config, PoolMode};
 use crate::memory::MemoryBudget;
 use crate::metrics::Metrics;
-use crate::pool::{Pools, close_all, send_cancel};
+use crate::pool::{Pools, close_all, send_cancel, send_cancel_request};
 use crate::protocol::{BackendKeyData, CancelRequest};
 
 /// Which server backend a client is currently using, for CancelRequest.
@@ -115,13 +115,17 @@ impl Shared {
         close_all(self.pools.limiter().start_drain());
     }
 
-    /// Registers a client's pooler-issued cancel key; returns the key and its slot.
-    pub fn register_cancel(&self) -> (BackendKeyData, CancelSlot) {
+    /// Registers a client's pooler-issued cancel key; returns the key and its slot. The
+    /// key's process id is this pod's IPv4 address (`local`, where the client reached
+    /// it) so that any peer behind the same Service can pass a CancelRequest on to it
+    /// (see [`Shared::cancel`]); the secret alone tells this pod's clients apart.
+    pub fn register_cancel(&self, local: Option<SocketAddr>) -> (BackendKeyData, CancelSlot) {
         let slot: CancelSlot = Arc::new(Mutex::new(None));
+        let pid = local.and_then(ipv4_of).map(|ip| u32::from(ip) as i32);
         let mut map = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let key = BackendKeyData {
-                pid: rand::random::<i32>().abs().max(1),
+                pid: pid.unwrap_or_else(|| rand::random::<i32>().abs().max(1)),
                 secret: rand::random(),
             };
             if let std::collections::hash_map::Entry::Vacant(e) = map.entry((key.pid, key.secret)) {
@@ -138,15 +142,27 @@ impl Shared {
             .remove(&(key.pid, key.secret));
     }
 
-    /// Forwards a client's CancelRequest to the backend serving it, if any.
-    pub async fn cancel(&self, req: CancelRequest) {
+    /// Handles a CancelRequest that reached this pooler at `local`: a key this process
+    /// issued goes to the backend serving that client, if any; a key another pod issued
+    /// (behind a Service the request lands on any pod) is passed on once to that pod.
+    pub async fn cancel(&self, req: CancelRequest, local: Option<SocketAddr>) {
         let target = {
             let map = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
             map.get(&(req.pid, req.secret))
-                .and_then(|s| *s.lock().unwrap_or_else(|e| e.into_inner()))
+                .map(|s| *s.lock().unwrap_or_else(|e| e.into_inner()))
         };
-        if let Some((addr, key)) = target {
-            send_cancel(addr, key).await;
+        match target {
+            Some(Some((addr, key))) => send_cancel(addr, key).await,
+            Some(None) => {}
+            None => {
+                if let Some(peer) = local.and_then(|l| cancel_peer(req, l)) {
+                    let req = CancelRequest {
+                        from_peer: true,
+                        ..req
+                    };
+                    send_cancel_request(peer, req).await;
+                }
+            }
         }
     }
 
@@ -165,5 +181,72 @@ impl Shared {
         for t in tasks {
             let _ = t.await;
         }
+    }
+}
+
+/// The IPv4 address of `addr` (an IPv4-mapped IPv6 address included).
+fn ipv4_of(addr: SocketAddr) -> Option<Ipv4Addr> {
+    match addr.ip().to_canonical() {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// The peer pooler a CancelRequest that reached this one at `local` belongs to: the pod
+/// whose IPv4 address its process id is, on the same port. `None` for a request a peer
+/// passed on (never passed on twice), a key of this pod's own address (unknown here:
+/// nothing to do), and addresses no pod has.
+pub fn cancel_peer(req: CancelRequest, local: SocketAddr) -> Option<SocketAddr> {
+    if req.from_peer {
+        return None;
+    }
+    let own = ipv4_of(local)?;
+    let ip = Ipv4Addr::from(req.pid as u32);
+    let nowhere = ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast();
+    if ip == own || nowhere || (ip.is_loopback() && !own.is_loopback()) {
+        return None;
+    }
+    Some(SocketAddr::new(IpAddr::V4(ip), local.port()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(ip: [u8; 4], from_peer: bool) -> CancelRequest {
+        CancelRequest {
+            pid: u32::from(Ipv4Addr::from(ip)) as i32,
+            secret: 7,
+            from_peer,
+        }
+    }
+
+    #[test]
+    fn cancels_go_to_the_pod_that_issued_the_key_once() {
+        let local: SocketAddr = "10.0.0.5:5432".parse().unwrap();
+        assert_eq!(
+            cancel_peer(req([10, 0, 1, 9], false), local),
+            Some("10.0.1.9:5432".parse().unwrap())
+        );
+        assert_eq!(
+            cancel_peer(req([10, 0, 1, 9], true), local),
+            None,
+            "not twice"
+        );
+        assert_eq!(
+            cancel_peer(req([10, 0, 0, 5], false), local),
+            None,
+            "own key"
+        );
+        assert_eq!(cancel_peer(req([127, 0, 0, 1], false), local), None);
+        assert_eq!(cancel_peer(req([0, 0, 0, 0], false), local), None);
+        assert_eq!(cancel_peer(req([224, 0, 0, 1], false), local), None);
+        let mapped: SocketAddr = "[::ffff:10.0.0.5]:6432".parse().unwrap();
+        assert_eq!(
+            cancel_peer(req([10, 0, 1, 9], false), mapped),
+            Some("10.0.1.9:6432".parse().unwrap())
+        );
+        let v6: SocketAddr = "[fd00::5]:5432".parse().unwrap();
+        assert_eq!(cancel_peer(req([10, 0, 1, 9], false), v6), None);
     }
 }

@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use crate::prepared::Statement;
 use crate::protocol::{TxStatus, close_complete, parse_complete};
 
 /// A response the server owes for something sent to it, or one the pooler owes itself.
@@ -30,8 +31,10 @@ pub enum Pending {
         client: Option<Arc<str>>,
         swallow: bool,
     },
-    Bind,
-    Describe,
+    /// Bind or Describe sent; the client's statement when the pooler renamed it (an
+    /// error naming the server statement is told in the client's name for it).
+    Bind(Option<Arc<Statement>>),
+    Describe(Option<Arc<Statement>>),
     Execute,
     /// Close sent; `swallow` when the pooler injected it.
     Close {
@@ -246,6 +249,15 @@ impl Tracker {
         })
     }
 
+    /// The client statement of the Bind or Describe next to be answered, when the
+    /// pooler renamed it.
+    pub fn front_statement(&self) -> Option<&Arc<Statement>> {
+        match self.queue.front() {
+            Some(Pending::Bind(Some(n)) | Pending::Describe(Some(n))) => Some(n),
+            _ => None,
+        }
+    }
+
     /// Server statements whose Parse is sent and not yet answered, oldest first.
     pub fn pending_parses(&self) -> impl Iterator<Item = &Arc<str>> {
         self.queue.iter().filter_map(|p| match p {
@@ -334,7 +346,7 @@ impl Tracker {
                 }
             }
             b'2' => {
-                self.pop_if(|p| *p == Pending::Bind);
+                self.pop_if(|p| matches!(p, Pending::Bind(_)));
             }
             b'3' => {
                 if let Some(Pending::Close { swallow: true }) =
@@ -344,7 +356,7 @@ impl Tracker {
                 }
             }
             b'T' | b'n' => {
-                self.pop_if(|p| *p == Pending::Describe);
+                self.pop_if(|p| matches!(p, Pending::Describe(_)));
             }
             b'G' | b'W' => self.enter_copy_in(),
             b'C' | b'I' | b's' => {

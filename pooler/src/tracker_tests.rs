@@ -13,7 +13,7 @@ fn swallows_injected_and_synthesises_skipped_in_order() {
         client: None,
         swallow: true,
     });
-    t.push(Pending::Bind);
+    t.push(Pending::Bind(None));
     t.push(Pending::Execute);
     t.push(Pending::Sync);
     let mut out = Vec::new();
@@ -31,7 +31,7 @@ fn swallows_injected_and_synthesises_skipped_in_order() {
 #[test]
 fn error_skips_to_sync_and_forgets_failed_parse() {
     let mut t = Tracker::default();
-    t.push(Pending::Bind);
+    t.push(Pending::Bind(None));
     t.push(Pending::Parse {
         name: Some("p".into()),
         client: Some("c".into()),
@@ -77,7 +77,7 @@ fn answer(t: &mut Tracker, msgs: &[(u8, u8)]) {
 fn extended_copy_in_ignores_syncs_sent_during_copy() {
     // tokio-postgres: Bind, Execute, Sync in one write; data; CopyDone, Sync.
     let mut t = Tracker::default();
-    t.push(Pending::Bind);
+    t.push(Pending::Bind(None));
     t.push(Pending::Execute);
     t.push(Pending::Sync);
     answer(&mut t, &[(b'2', 0), (b'G', 0)]);
@@ -152,7 +152,7 @@ fn copy_fail_in_simple_mode_answers_error_then_ready() {
 fn error_during_extended_copy_without_pipelined_sync_is_in_step() {
     // Bind, Execute, Flush; the server fails the COPY; the client's Sync is answered.
     let mut t = Tracker::default();
-    t.push(Pending::Bind);
+    t.push(Pending::Bind(None));
     t.push(Pending::Execute);
     answer(&mut t, &[(b'2', 0), (b'G', 0), (b'E', 0)]);
     t.push(Pending::Sync);
@@ -168,7 +168,7 @@ fn error_during_copy_with_a_sync_inside_desynchronises() {
     // Whether PostgreSQL read the pipelined Sync before or after the error decides
     // whether it is answered: the tracker must not guess.
     let mut t = Tracker::default();
-    t.push(Pending::Bind);
+    t.push(Pending::Bind(None));
     t.push(Pending::Execute);
     t.push(Pending::Sync);
     answer(&mut t, &[(b'2', 0), (b'G', 0), (b'E', 0)]);

@@ -23,7 +23,7 @@ use tokio::io::AsyncWriteExt;
 /// Clients per round; more than the transaction pool's connections, so they share.
 const CLIENTS: usize = 6;
 /// Seeds that once diverged (kept as regression cases), then a fixed range.
-const REGRESSION_SEEDS: &[u64] = &[1012, 1057, 1106, 1185, 1439, 1618];
+const REGRESSION_SEEDS: &[u64] = &[1012, 1057, 1106, 1185, 1439, 1618, 8831651239876319360];
 const END_MARKER: &[u8] = b"sluice-end";
 
 type Messages = Vec<(u8, Vec<u8>)>;
@@ -294,5 +294,32 @@ async fn differential_fuzz() -> Result<()> {
     );
     rig.transaction.shutdown().await?;
     rig.session.shutdown().await?;
+    Ok(())
+}
+
+/// Debugging aid: one client's script of seed `SEED` (`CLIENT`, transaction mode) alone,
+/// directly and through the pooler, with the first difference. `RUST_LOG=trace` then
+/// shows that client's messages only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn one_client() -> Result<()> {
+    let seed: u64 = std::env::var("SEED")?.parse()?;
+    let c: usize = std::env::var("CLIENT")?.parse()?;
+    let rig = Rig::start().await?;
+    let direct: SocketAddr = format!("127.0.0.1:{}", rig.pg.port()).parse()?;
+    reset_tables(&rig.su).await?;
+    let w = run_script(direct, script(seed, c, Flavor::Transaction)).await?;
+    reset_tables(&rig.su).await?;
+    let g = run_script(rig.transaction.addr, script(seed, c, Flavor::Transaction)).await?;
+    let (w, g) = (&normalize(&w), &normalize(&g));
+    let i = w.iter().zip(g).take_while(|(a, b)| a == b).count();
+    println!("first difference at {i} of {} / {}", w.len(), g.len());
+    if i < w.len().max(g.len()) {
+        println!(
+            "PG:     {}\nSluice: {}",
+            show(&w[i..w.len().min(i + 6)]),
+            show(&g[i..g.len().min(i + 6)])
+        );
+    }
     Ok(())
 }

@@ -361,6 +361,54 @@ async fn cancel_request_reaches_the_backend() -> Result<()> {
     Ok(())
 }
 
+/// Issue 15 item 9: behind a Service a CancelRequest lands on any replica; the one that
+/// did not issue the key passes it on to the one that did (its address is in the key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_request_reaches_the_replica_that_issued_the_key() -> Result<()> {
+    let pg = postgres(20).await?;
+    // Two replicas on one port, as pods behind a Service are.
+    let port = std::net::TcpListener::bind("127.0.0.2:0")?
+        .local_addr()?
+        .port();
+    let replica = |ip: &str| {
+        config_text(&pg, "connection_limit = 2").replacen(
+            "listen_addr = \"127.0.0.1:0\"",
+            &format!("listen_addr = \"{ip}:{port}\""),
+            1,
+        )
+    };
+    let mut a = start_with_text(&replica("127.0.0.2")).await?;
+    let mut b = start_with_text(&replica("127.0.0.3")).await?;
+    let (mut s, (pid, secret)) = login_keyed(a.addr, APP_USER.0, APP_USER.1, APP_DB).await?;
+    assert_eq!(pid as u32, u32::from(std::net::Ipv4Addr::new(127, 0, 0, 2)));
+    s.write_all(&query("select pg_sleep(20)")).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cancel_via_b = |secret: i32| async move {
+        let mut c = TcpStream::connect(b.addr).await?;
+        let mut req = vec![0, 0, 0, 16, 4, 210, 22, 46];
+        req.extend_from_slice(&pid.to_be_bytes());
+        req.extend_from_slice(&secret.to_be_bytes());
+        c.write_all(&req).await?;
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await??;
+        anyhow::Ok(())
+    };
+    // A wrong secret cancels nothing.
+    cancel_via_b(secret.wrapping_add(1)).await?;
+    let (got, done) = read_until(&mut s, Duration::from_secs(1), |t, _| t == b'Z').await;
+    ensure!(!done, "cancelled by a wrong key: {got:?}");
+    let t0 = Instant::now();
+    cancel_via_b(secret).await?;
+    let (got, done) = read_until(&mut s, Duration::from_secs(10), |t, _| t == b'E').await;
+    ensure!(done, "not cancelled: {got:?}");
+    let (_, code, _) = fields(&got.last().context("error")?.1);
+    assert_eq!(code, "57014", "canceling statement due to user request");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    a.shutdown().await?;
+    b.shutdown().await?;
+    Ok(())
+}
+
 /// Logs in as the app user over a raw socket.
 async fn raw_login(addr: std::net::SocketAddr, password: &str) -> Result<TcpStream> {
     login(addr, APP_USER.0, password, APP_DB).await

@@ -303,7 +303,13 @@ pub async fn send_cancel(addr: SocketAddr, key: BackendKeyData) {
     let req = crate::protocol::CancelRequest {
         pid: key.pid,
         secret: key.secret,
+        from_peer: false,
     };
+    send_cancel_request(addr, req).await;
+}
+
+/// Sends `req` to `addr` and waits (bounded) for the peer to close.
+pub async fn send_cancel_request(addr: SocketAddr, req: crate::protocol::CancelRequest) {
     if let Ok(Ok(mut s)) =
         tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await
     {

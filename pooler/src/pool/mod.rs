@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub use backend::{SERVER_BUF, ServerConn, login_params, send_cancel};
+pub use backend::{SERVER_BUF, ServerConn, login_params, send_cancel, send_cancel_request};
 pub use limit::{Acquire, Closing, Grant, Limiter, PoolKey, Snapshot};
 
 use crate::config::Config;

@@ -11,6 +11,10 @@ const PROTOCOL_V3: u32 = 196_608;
 const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
 const CANCEL_REQUEST: u32 = 80_877_102;
+/// A CancelRequest one pooler passes to the peer that issued the key (`1234.5690`, a
+/// code PostgreSQL does not use: a real server refuses it, and a pooler never passes it
+/// on again).
+const PEER_CANCEL_REQUEST: u32 = 80_877_114;
 
 /// A startup-phase packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +62,8 @@ impl StartupMessage {
 pub struct CancelRequest {
     pub pid: i32,
     pub secret: i32,
+    /// Passed on by a peer pooler (see `Shared::cancel`).
+    pub from_peer: bool,
 }
 
 impl CancelRequest {
@@ -65,7 +71,11 @@ impl CancelRequest {
     pub fn encode(&self) -> Bytes {
         let mut b = BytesMut::with_capacity(16);
         b.put_u32(16);
-        b.put_u32(CANCEL_REQUEST);
+        b.put_u32(if self.from_peer {
+            PEER_CANCEL_REQUEST
+        } else {
+            CANCEL_REQUEST
+        });
         b.put_i32(self.pid);
         b.put_i32(self.secret);
         b.freeze()
@@ -82,10 +92,13 @@ impl Startup {
         match code {
             SSL_REQUEST if body.is_empty() => Ok(Startup::Ssl),
             GSSENC_REQUEST if body.is_empty() => Ok(Startup::GssEnc),
-            CANCEL_REQUEST if body.len() == 8 => Ok(Startup::Cancel(CancelRequest {
-                pid: body.get_i32(),
-                secret: body.get_i32(),
-            })),
+            CANCEL_REQUEST | PEER_CANCEL_REQUEST if body.len() == 8 => {
+                Ok(Startup::Cancel(CancelRequest {
+                    pid: body.get_i32(),
+                    secret: body.get_i32(),
+                    from_peer: code == PEER_CANCEL_REQUEST,
+                }))
+            }
             version if version >> 16 == PROTOCOL_V3 >> 16 => {
                 let mut params = HashMap::new();
                 let mut protocol_options = Vec::new();
@@ -426,11 +439,17 @@ mod tests {
             Startup::parse(Bytes::from_static(&[4, 210, 22, 48])).unwrap(),
             Startup::GssEnc
         );
-        let c = CancelRequest { pid: 7, secret: -3 };
-        assert_eq!(
-            Startup::parse(c.encode().slice(4..)).unwrap(),
-            Startup::Cancel(c)
-        );
+        for from_peer in [false, true] {
+            let c = CancelRequest {
+                pid: 7,
+                secret: -3,
+                from_peer,
+            };
+            assert_eq!(
+                Startup::parse(c.encode().slice(4..)).unwrap(),
+                Startup::Cancel(c)
+            );
+        }
     }
 
     #[test]

@@ -153,19 +153,23 @@ impl Session<'_> {
                 let (name, range) = Bind::peek_statement(&f.raw)?;
                 let st = (!name.is_empty()).then(|| self.stmts.get(name)).flatten();
                 self.ensure_server().await?;
-                match st {
+                let client = match st {
                     Some(st) => {
                         self.prepare_on_server(&st, None);
                         Bind::write_renamed(&f.raw, range, &st.server_name, &mut self.to_server);
+                        Some(st.clone())
                     }
-                    None => self.to_server.extend_from_slice(&f.raw),
-                }
-                self.tracker.push(Pending::Bind);
+                    None => {
+                        self.to_server.extend_from_slice(&f.raw);
+                        None
+                    }
+                };
+                self.tracker.push(Pending::Bind(client));
             }
             b'D' if rewrite && f.raw.get(5) == Some(&b'P') => {
                 // Portals are per connection and never renamed.
                 self.forward(&f).await?;
-                self.tracker.push(Pending::Describe);
+                self.tracker.push(Pending::Describe(None));
             }
             b'D' if rewrite => {
                 let d = Describe::decode(&f)?;
@@ -173,7 +177,7 @@ impl Session<'_> {
                     .then(|| self.stmts.get(&d.name))
                     .flatten();
                 self.ensure_server().await?;
-                match st {
+                let client = match st {
                     Some(st) => {
                         self.prepare_on_server(&st, None);
                         let nd = Describe {
@@ -181,10 +185,14 @@ impl Session<'_> {
                             name: st.server_name.to_string(),
                         };
                         self.to_server.extend_from_slice(&nd.encode());
+                        Some(st.clone())
                     }
-                    None => self.to_server.extend_from_slice(&f.raw),
-                }
-                self.tracker.push(Pending::Describe);
+                    None => {
+                        self.to_server.extend_from_slice(&f.raw);
+                        None
+                    }
+                };
+                self.tracker.push(Pending::Describe(client));
             }
             b'C' if rewrite => {
                 let c = Close::decode(&f)?;
@@ -208,11 +216,11 @@ impl Session<'_> {
             }
             b'B' => {
                 self.forward(&f).await?;
-                self.tracker.push(Pending::Bind);
+                self.tracker.push(Pending::Bind(None));
             }
             b'D' => {
                 self.forward(&f).await?;
-                self.tracker.push(Pending::Describe);
+                self.tracker.push(Pending::Describe(None));
             }
             b'C' => {
                 self.forward(&f).await?;

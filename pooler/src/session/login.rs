@@ -76,7 +76,7 @@ pub(super) async fn login(
                     stream.write_all(b"N").await?;
                 }
                 Startup::Cancel(c) => {
-                    shared.cancel(c).await;
+                    shared.cancel(c, stream.local_addr().ok()).await;
                     return Ok(None);
                 }
                 Startup::Message(m) => break m,
@@ -134,7 +134,7 @@ pub(super) async fn login(
     for (name, value) in &wanted {
         client_params.set(name, &params::canonical(name, value));
     }
-    let (cancel_key, cancel) = shared.register_cancel();
+    let (cancel_key, cancel) = shared.register_cancel(stream.local_addr().ok());
     let mut out = BytesMut::new();
     out.extend_from_slice(&Authentication::Ok.encode());
     for p in server_params.iter() {

@@ -156,8 +156,17 @@ impl Session<'_> {
                                 .map(|(_, e)| e.to_vec())
                         });
                         let stmts = &self.stmts;
+                        // The name the failing message used, else any the client has.
+                        let front = self.tracker.front_statement().cloned();
                         if let Some(renamed) = refused.or_else(|| {
-                            rename_in_error(msg, |s| stmts.client_name(s).map(str::to_string))
+                            rename_in_error(msg, |s| {
+                                front
+                                    .as_ref()
+                                    .filter(|st| &*st.server_name == s)
+                                    .map(|st| &*st.client_name)
+                                    .or_else(|| stmts.client_name(s))
+                                    .map(str::to_string)
+                            })
                         }) {
                             self.tracker.on_message(tag, status);
                             self.to_client.extend_from_slice(&buf[flushed..pos]);

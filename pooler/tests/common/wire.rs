@@ -189,6 +189,28 @@ pub async fn login_with(
     db: &str,
     extra: &[(&str, &str)],
 ) -> Result<(TcpStream, Vec<(String, String)>)> {
+    let (s, status, _) = login_full(addr, user, password, db, extra).await?;
+    Ok((s, status))
+}
+
+/// [`login`]; also returns the BackendKeyData (process id, secret) of the greeting.
+pub async fn login_keyed(
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Result<(TcpStream, (i32, i32))> {
+    let (s, _, key) = login_full(addr, user, password, db, &[]).await?;
+    Ok((s, key))
+}
+
+async fn login_full(
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+    db: &str,
+    extra: &[(&str, &str)],
+) -> Result<(TcpStream, Vec<(String, String)>, (i32, i32))> {
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     let mut params = vec![("user", user), ("database", db)];
@@ -213,6 +235,7 @@ pub async fn login_with(
     scram.update(&body[4..])?;
     s.write_all(&msg(b'p', scram.message())).await?;
     let mut status = Vec::new();
+    let mut key = (0, 0);
     loop {
         let (tag, body) = read_msg(&mut s).await?;
         match tag {
@@ -223,7 +246,13 @@ pub async fn login_with(
                 let value = parts.next().unwrap_or_default().to_string();
                 status.push((name, value));
             }
-            b'Z' => return Ok((s, status)),
+            b'K' if body.len() == 8 => {
+                key = (
+                    i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+                    i32::from_be_bytes([body[4], body[5], body[6], body[7]]),
+                );
+            }
+            b'Z' => return Ok((s, status, key)),
             _ => {}
         }
     }
