@@ -222,6 +222,7 @@ pub fn parse_status_json(body: &[u8]) -> Option<PodReport> {
     Some(PodReport {
         config_hash: s.config_hash,
         connection_limit: i64::try_from(s.connection_limit).ok()?,
+        held: i64::try_from(s.server_connections.open).ok()?,
     })
 }
 
@@ -357,7 +358,8 @@ mod tests {
             parse_status_response(&raw),
             Some(PodReport {
                 config_hash: "abc".into(),
-                connection_limit: 18
+                connection_limit: 18,
+                held: 1,
             })
         );
         assert_eq!(parse_status_response(b"HTTP/1.1 503 x\r\n\r\n{}"), None);

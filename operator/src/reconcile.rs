@@ -427,7 +427,7 @@ impl<'a> Reconciler<'a> {
             && children.pods.iter().all(|p| {
                 reports
                     .get(&p.name_any())
-                    .is_some_and(|r| r.config_hash == config_hash)
+                    .is_some_and(|r| r.config_hash == config_hash && r.held <= plan.config_limit)
             });
         // Pods that start later mount the ConfigMap as it is now, so the hash counts as
         // applied once every existing pod reports it (or there is none).

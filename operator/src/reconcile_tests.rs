@@ -332,6 +332,7 @@ impl Harness {
             PodReport {
                 config_hash: hash.into(),
                 connection_limit: limit,
+                held: 0,
             },
         );
     }

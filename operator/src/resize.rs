@@ -11,8 +11,11 @@
 //! 2. **Scale up only behind acknowledgements.** If `T > R`, set replicas to `T` only once no
 //!    pod can still hold more than the ConfigMap's limit: every pod reports the new config
 //!    hash on `/status`, or a limit no higher than it, or has not been scheduled yet (it will
-//!    start with the new file). Pods that do not acknowledge within a timeout are deleted by
-//!    the reconciler.
+//!    start with the new file), *and* holds no more server connections than that limit (a
+//!    lowered limit closes busy connections only when they are released: a session-mode
+//!    client's at its end, a long transaction's at its end). Pods that do not apply the
+//!    config within a timeout are deleted by the reconciler; pods that applied it but still
+//!    hold more keep the scale-up waiting (`Progressing`, `LoweringLimit`).
 //! 3. **Scale down before raising.** If `T < R`, set replicas to `T`.
 //! 4. **Raise last.** If the limit is below `L(T)`, raise it only once at most `T` pods exist
 //!    and none is terminating (removed pods are gone, not just draining).
@@ -32,6 +35,8 @@ pub struct PodReport {
     pub config_hash: String,
     /// `connection_limit`.
     pub connection_limit: i64,
+    /// `server_connections.open`: what the pod holds now (open, opening and closing).
+    pub held: i64,
 }
 
 /// One pooler pod as the planner sees it.
@@ -97,6 +102,9 @@ pub struct Plan {
     pub phase: Phase,
     /// Pods that still hold (or may hold) more than `config_limit`.
     pub unacknowledged: Vec<String>,
+    /// Of `unacknowledged`, pods that applied the config but still hold more server
+    /// connections than it allows (busy ones close when released).
+    pub over_limit: Vec<String>,
     /// Pods that must be gone before the limit can rise.
     pub awaiting_removal: Vec<String>,
     /// The limit the resize ends at.
@@ -113,10 +121,17 @@ impl Plan {
     pub fn message(&self) -> String {
         match self.phase {
             Phase::Idle => String::new(),
-            Phase::LoweringLimit => format!(
+            Phase::LoweringLimit if self.over_limit.is_empty() => format!(
                 "Waiting for {} pods to apply connection_limit {}",
                 self.unacknowledged.len(),
                 self.config_limit
+            ),
+            Phase::LoweringLimit => format!(
+                "Waiting for {} pods to apply connection_limit {}; {} of them still hold more \
+                 server connections (busy sessions and transactions close them when they end)",
+                self.unacknowledged.len(),
+                self.config_limit,
+                self.over_limit.len()
             ),
             Phase::ScalingDown => format!(
                 "Waiting for {} removed pods to be gone before raising connection_limit to {}",
@@ -159,15 +174,27 @@ pub fn plan(
     };
     let hash = hash_for(limit);
     let all_acknowledged = observed.acknowledged_hash.as_deref() == Some(hash.as_str());
-    let unacknowledged: Vec<String> = observed
+    let suspect: Vec<&PodView> = observed
         .pods
         .iter()
         // Once every pod was seen on this hash, pods created since started with it.
         .filter(|_| !all_acknowledged)
         .filter(|p| p.scheduled || p.terminating)
+        .collect();
+    let unacknowledged: Vec<String> = suspect
+        .iter()
         .filter(|p| match &p.report {
-            Some(r) => r.config_hash != hash && r.connection_limit > limit,
+            Some(r) => (r.config_hash != hash && r.connection_limit > limit) || r.held > limit,
             None => true,
+        })
+        .map(|p| p.name.clone())
+        .collect();
+    let over_limit: Vec<String> = suspect
+        .iter()
+        .filter(|p| {
+            p.report.as_ref().is_some_and(|r| {
+                (r.config_hash == hash || r.connection_limit <= limit) && r.held > limit
+            })
         })
         .map(|p| p.name.clone())
         .collect();
@@ -177,6 +204,7 @@ pub fn plan(
         deployment_replicas: current_replicas,
         phase: Phase::Idle,
         unacknowledged: Vec::new(),
+        over_limit: Vec::new(),
         awaiting_removal: Vec::new(),
         target_limit,
     };
@@ -194,6 +222,7 @@ pub fn plan(
         if !unacknowledged.is_empty() {
             out.phase = Phase::LoweringLimit;
             out.unacknowledged = unacknowledged;
+            out.over_limit = over_limit;
             return Ok(out);
         }
         if !draining.is_empty() || observed.pods.len() > current_replicas as usize {
@@ -236,11 +265,14 @@ pub fn plan(
     if !unacknowledged.is_empty() {
         out.phase = Phase::LoweringLimit;
         out.unacknowledged = unacknowledged;
+        out.over_limit = over_limit;
     }
     Ok(out)
 }
 
-/// The one pod to restart now because it has not applied a lowered limit, if any.
+/// The one pod to restart now because it has not applied a lowered limit, if any (a pod
+/// that applied it and still holds busy connections above it is waited for: restarting
+/// it would end its clients' sessions and add a replacement while it drains).
 ///
 /// At most one pod is restarted at a time and never while another pod drains: the
 /// Deployment replaces a deleted pod at once, so a restart briefly adds one pod, which the
@@ -257,7 +289,12 @@ pub fn pod_to_restart<'a>(
     observed
         .pods
         .iter()
-        .find(|p| p.scheduled && plan.unacknowledged.contains(&p.name) && expired(&p.name))
+        .find(|p| {
+            p.scheduled
+                && plan.unacknowledged.contains(&p.name)
+                && !plan.over_limit.contains(&p.name)
+                && expired(&p.name)
+        })
         .map(|p| p.name.as_str())
 }
 
@@ -278,6 +315,7 @@ mod tests {
             report: Some(PodReport {
                 config_hash: hash(limit),
                 connection_limit: limit,
+                held: limit,
             }),
         }
     }
@@ -370,14 +408,40 @@ mod tests {
         w.pods[0].report = Some(PodReport {
             config_hash: "old".into(),
             connection_limit: 17,
+            held: 3,
         });
         w.pods[1].report = Some(PodReport {
             config_hash: "old".into(),
             connection_limit: 5,
+            held: 5,
         });
         let p = plan(&w, 51, 4, hash).unwrap();
         assert_eq!(p.deployment_replicas, 2);
         assert_eq!(p.unacknowledged, vec!["p0".to_string()]);
+    }
+
+    #[test]
+    fn busy_connections_above_a_lowered_limit_hold_the_scale_up() {
+        let mut w = world(17, 2);
+        w.config_limit = Some(10);
+        w.acknowledged_hash = None;
+        // Both applied limit 10; p1's session-mode clients still hold 17.
+        w.pods[0] = pod("p0", 10);
+        w.pods[1] = pod("p1", 10);
+        w.pods[1].report.as_mut().unwrap().held = 17;
+        let p = plan(&w, 51, 4, hash).unwrap();
+        assert_eq!((p.deployment_replicas, p.phase), (2, Phase::LoweringLimit));
+        assert_eq!(p.unacknowledged, vec!["p1".to_string()]);
+        assert_eq!(p.over_limit, vec!["p1".to_string()]);
+        assert!(p.message().contains("still hold more"), "{}", p.message());
+        assert_eq!(
+            pod_to_restart(&w, &p, |_| true),
+            None,
+            "its sessions are waited for"
+        );
+        w.pods[1].report.as_mut().unwrap().held = 10;
+        let p = plan(&w, 51, 4, hash).unwrap();
+        assert_eq!((p.deployment_replicas, p.phase), (4, Phase::Idle));
     }
 
     // ---- the simulation behind the budget guarantee ----
@@ -386,6 +450,9 @@ mod tests {
     struct SimPod {
         id: usize,
         applied: i64,
+        /// Server connections it holds: up to `applied` as clients come; above it after
+        /// a lowered limit, until busy ones are released.
+        held: i64,
         terminating: bool,
     }
 
@@ -413,6 +480,7 @@ mod tests {
                         report: Some(PodReport {
                             config_hash: hash(p.applied),
                             connection_limit: p.applied,
+                            held: p.held,
                         }),
                     })
                     .collect(),
@@ -420,13 +488,15 @@ mod tests {
             }
         }
 
+        /// What the pods hold or may take: each at most its applied limit, or what it
+        /// already holds above it.
         fn holding(&self) -> i64 {
-            self.pods.iter().map(|p| p.applied).sum()
+            self.pods.iter().map(|p| p.applied.max(p.held)).sum()
         }
 
         /// One event chosen by `choice`; the invariant is checked by the caller.
         fn step(&mut self, choice: u8, target: i32) {
-            match choice % 7 {
+            match choice % 9 {
                 // The operator reconciles.
                 0 => {
                     if let Ok(p) = plan(&self.observed(), self.budget, target, hash) {
@@ -445,6 +515,7 @@ mod tests {
                             self.pods.push(SimPod {
                                 id: self.next_id,
                                 applied: limit,
+                                held: 0,
                                 terminating: false,
                             });
                             self.next_id += 1;
@@ -495,6 +566,25 @@ mod tests {
                         }
                     }
                 }
+                // Saturation: one pod's clients take every connection it may open.
+                7 => {
+                    let n = self.pods.len().max(1);
+                    if let Some(p) = self.pods.get_mut(usize::from(choice / 9) % n)
+                        && !p.terminating
+                    {
+                        p.held = p.held.max(p.applied);
+                    }
+                }
+                // A busy connection is released: closed if above the limit (in session
+                // mode, when its client leaves).
+                8 => {
+                    let n = self.pods.len().max(1);
+                    if let Some(p) = self.pods.get_mut(usize::from(choice / 9) % n)
+                        && p.held > 0
+                    {
+                        p.held -= 1;
+                    }
+                }
                 // Nothing happens (time passes).
                 _ => {}
             }
@@ -538,6 +628,8 @@ mod tests {
             let last = *targets.last().unwrap();
             if per_replica_limit(budget, i64::from(last)).is_ok() {
                 for _ in 0..400 {
+                    // Busy connections are released in the end.
+                    for p in &mut sim.pods { p.held = p.held.min(p.applied); }
                     for c in [0u8, 1, 2, 3] { sim.step(c, last); }
                 }
                 let p = plan(&sim.observed(), budget, last, hash).unwrap();
