@@ -40,7 +40,14 @@ use serde::{Deserialize, Serialize};
         name = "Budget",
         type_ = "integer",
         json_path = ".status.budget.available",
-        description = "server connections the pool may use in total"
+        description = "server connections the pool may use in total (its share of the database budget)"
+    ),
+    printcolumn(
+        name = "Group",
+        type_ = "string",
+        json_path = ".status.budget.group",
+        description = "pools of one budget group divide the database budget",
+        priority = 1
     ),
     printcolumn(
         name = "Age",
@@ -131,6 +138,16 @@ pub struct DatabaseSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = ("self >= 0", "database.reservedConnections must not be negative"))]
     pub reserved_connections: Option<i32>,
+    /// Pools that share one database budget (default: every pool naming the same host
+    /// and port). The budget is divided among the group's pools by `budgetWeight`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = ("size(self) > 0 && size(self) <= 253", "database.budgetGroup must be 1 to 253 characters"))]
+    pub budget_group: Option<String>,
+    /// This pool's weight in its budget group (default 1): its share of the database
+    /// budget is `budget × weight ÷ (sum of the group's weights)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = ("self >= 1 && self <= 1000", "database.budgetWeight must be between 1 and 1000"))]
+    pub budget_weight: Option<i32>,
 }
 
 fn default_db_port() -> i32 {
@@ -245,8 +262,22 @@ pub struct BudgetStatus {
     pub database_reserved: i64,
     /// `spec.database.reservedConnections` or its default.
     pub reserved: i64,
-    /// Server connections the pool may hold in total.
+    /// Server connections the pool may hold in total: its share of the database budget.
     pub available: i64,
+    /// The budget group (`spec.database.budgetGroup`, else `host:port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// ConnectionPools in the group, this one included.
+    #[serde(default)]
+    pub group_pools: i32,
+    /// The database budget the group divides (`available` is this pool's share).
+    #[serde(default)]
+    pub group_budget: i64,
+    /// Most server connections this pool's pods may hold now, counting pods that have not
+    /// yet applied a lowered limit and busy connections above it. The other pools of the
+    /// group count it against the budget until it falls.
+    #[serde(default)]
+    pub committed: i64,
     /// `connection_limit` of each replica at the target replica count.
     pub per_replica_limit: i64,
     /// Most server connections the pods can hold at once, rollouts included.
@@ -332,7 +363,14 @@ mod tests {
             .collect();
         assert_eq!(
             cols,
-            ["Replicas", "Ready", "Limit/Replica", "Budget", "Age"]
+            [
+                "Replicas",
+                "Ready",
+                "Limit/Replica",
+                "Budget",
+                "Group",
+                "Age"
+            ]
         );
         assert_eq!(
             crd.spec.names.short_names.as_deref(),

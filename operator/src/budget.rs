@@ -129,6 +129,50 @@ pub fn worst_case_total(limit: i64, replicas: i64) -> i64 {
     limit * (replicas + ROLLOUT_EXTRA_PODS)
 }
 
+/// The budget group of a pool: `spec.database.budgetGroup`, else the server's
+/// `host:port` (host case-insensitive), so pools naming one server share its budget.
+pub fn group_key(db: &crate::api::DatabaseSpec) -> String {
+    match &db.budget_group {
+        Some(g) => format!("group:{g}"),
+        None => format!("{}:{}", db.host.to_ascii_lowercase(), db.port),
+    }
+}
+
+/// Another pool of the group as the division sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// `spec.database.budgetWeight` (default 1).
+    pub weight: i64,
+    /// What its pods may hold now (`status.budget.committed`).
+    pub committed: i64,
+}
+
+/// A pool's part of its group's budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share {
+    /// Its steady share: `available × weight ÷ Σ weights`.
+    pub share: i64,
+    /// What it may plan with now: its share, less what the other pools still hold beyond
+    /// theirs (a pool that has not yet lowered to its share after another joined).
+    pub usable: i64,
+}
+
+/// Divides `available` (the database budget) among this pool (`weight`) and `others`.
+///
+/// # Guarantees
+/// The shares of all pools sum to at most `available`; and this pool's `usable` plus the
+/// others' `committed` is at most `available`, so planning within `usable` never takes
+/// connections another pool may still hold.
+pub fn share(available: i64, weight: i64, others: &[Member]) -> Share {
+    let total = weight + others.iter().map(|m| m.weight).sum::<i64>();
+    let share = available * weight / total.max(1);
+    let held_by_others: i64 = others.iter().map(|m| m.committed).sum();
+    Share {
+        share,
+        usable: share.min(available - held_by_others),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +242,59 @@ mod tests {
             if let (Ok(l_lo), Ok(l_hi)) = (per_replica_limit(available, lo), per_replica_limit(available, hi)) {
                 prop_assert!(l_hi <= l_lo);
             }
+        }
+    }
+
+    #[test]
+    fn a_group_divides_the_budget_by_weight() {
+        let m = |weight, committed| Member { weight, committed };
+        assert_eq!(
+            share(51, 1, &[]),
+            Share {
+                share: 51,
+                usable: 51
+            }
+        );
+        assert_eq!(
+            share(51, 1, &[m(1, 24)]),
+            Share {
+                share: 25,
+                usable: 25
+            }
+        );
+        assert_eq!(
+            share(51, 2, &[m(1, 17)]),
+            Share {
+                share: 34,
+                usable: 34
+            }
+        );
+        // The other pool still holds the whole budget: nothing until it has lowered.
+        assert_eq!(share(51, 1, &[m(1, 51)]).usable, 0);
+        assert_eq!(share(51, 1, &[m(1, 30)]).usable, 21);
+    }
+
+    proptest! {
+        /// Shares never sum above the budget, and what each pool may plan with leaves
+        /// what the others hold.
+        #[test]
+        fn shares_fit_the_budget(
+            available in 1i64..500,
+            pools in proptest::collection::vec((1i64..10, 0i64..200), 1..6),
+        ) {
+            let mut sum = 0;
+            for i in 0..pools.len() {
+                let others: Vec<Member> = pools.iter().enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, (w, c))| Member { weight: *w, committed: *c })
+                    .collect();
+                let s = share(available, pools[i].0, &others);
+                sum += s.share;
+                let held: i64 = others.iter().map(|m| m.committed).sum();
+                prop_assert!(s.usable + held <= available);
+                prop_assert!(s.usable <= s.share);
+            }
+            prop_assert!(sum <= available);
         }
     }
 }

@@ -93,6 +93,13 @@ pub struct Context {
     /// election), and the pool cache can lag behind its own writes: a reconcile triggered
     /// by a child's event would otherwise rebuild status from a stale copy and write again.
     written: Mutex<HashMap<String, ConnectionPoolStatus>>,
+    /// All ConnectionPools (the controller's own cache), to find a pool's budget group.
+    pools: std::sync::OnceLock<reflector::Store<ConnectionPool>>,
+    /// Reconciles of one budget group run one at a time: each plans with what the others
+    /// committed, and commits before the next plans.
+    group_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// What each pool's pods may hold (by UID), as last decided.
+    committed: Mutex<HashMap<String, Committed>>,
 }
 
 impl Context {
@@ -120,8 +127,102 @@ impl Context {
             limits: Mutex::default(),
             failures: Mutex::default(),
             written: Mutex::default(),
+            pools: std::sync::OnceLock::new(),
+            group_locks: Mutex::default(),
+            committed: Mutex::default(),
         }
     }
+
+    /// Gives the reconciler the controller's ConnectionPool cache (budget groups).
+    pub fn set_pool_store(&self, store: reflector::Store<ConnectionPool>) {
+        let _ = self.pools.set(store);
+    }
+
+    async fn lock_group(&self, group: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .group_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(group.to_string())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    fn commit(&self, pool: &ConnectionPool, group: &str, committed: i64) {
+        self.committed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                uid(pool),
+                Committed {
+                    group: group.to_string(),
+                    namespace: pool.namespace().unwrap_or_default(),
+                    name: pool.name_any(),
+                    connections: committed,
+                },
+            );
+    }
+
+    /// Whether pods of pool `name` in `namespace` remain (draining, perhaps).
+    fn has_pods(&self, namespace: &str, name: &str) -> bool {
+        self.caches.pods.state().iter().any(|p| {
+            p.namespace().as_deref() == Some(namespace)
+                && p.labels().get(desired::POOL_LABEL).map(String::as_str) == Some(name)
+        })
+    }
+
+    /// The other pools of `group`: their weights and what their pods may hold (as last
+    /// decided by this process, else as their status says). A deleted pool counts while
+    /// its pods remain.
+    fn group_members(&self, me: &ConnectionPool, group: &str) -> Vec<budget::Member> {
+        let mut committed = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        if let Some(store) = self.pools.get() {
+            for p in store.state() {
+                if uid(&p) == uid(me) || budget::group_key(&p.spec.database) != group {
+                    continue;
+                }
+                seen.insert(uid(&p));
+                let c = committed.get(&uid(&p)).map(|c| c.connections).or_else(|| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.budget.as_ref())
+                        .map(|b| b.committed.max(b.worst_case_total))
+                });
+                out.push(budget::Member {
+                    weight: i64::from(p.spec.database.budget_weight.unwrap_or(1)),
+                    committed: c.unwrap_or(0),
+                });
+            }
+        }
+        // Pools gone from the cache count while their pods drain with connections.
+        committed.retain(|u, c| {
+            c.group != group
+                || *u == uid(me)
+                || seen.contains(u)
+                || self.has_pods(&c.namespace, &c.name)
+        });
+        for (u, c) in committed.iter() {
+            if c.group == group && *u != uid(me) && !seen.contains(u) {
+                out.push(budget::Member {
+                    weight: 0,
+                    committed: c.connections,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// One pool's committed connections (see [`resize::committed`]).
+#[derive(Clone, Debug)]
+struct Committed {
+    group: String,
+    namespace: String,
+    name: String,
+    connections: i64,
 }
 
 fn uid(pool: &ConnectionPool) -> String {
@@ -272,6 +373,22 @@ impl<'a> Reconciler<'a> {
                 .blocked(Blocked::Degraded("InvalidSpec", e.to_string()))
                 .await;
         }
+        // This pool's share of its group's budget (pools on one database divide it);
+        // the group's reconciles run one at a time from here to the commit.
+        let group = budget::group_key(&spec.database);
+        let _group_turn = self.ctx.lock_group(&group).await;
+        let others = self.ctx.group_members(self.pool, &group);
+        let weight = i64::from(spec.database.budget_weight.unwrap_or(1));
+        let share = budget::share(budget.available, weight, &others);
+        let group_view = GroupView {
+            key: group.clone(),
+            pools: others.iter().filter(|m| m.weight > 0).count() as i32 + 1,
+            database_budget: budget.available,
+        };
+        let budget = Budget {
+            available: share.share,
+            ..budget
+        };
 
         // 3. Observe.
         let children = self.observe();
@@ -331,8 +448,24 @@ impl<'a> Reconciler<'a> {
         };
 
         // 4. Decide.
-        let plan = match resize::plan(&observed, budget.available, target_replicas, hash_for) {
+        let plan = match resize::plan(&observed, share.usable, target_replicas, hash_for) {
             Ok(p) => p,
+            Err(e)
+                if budget::per_replica_limit(share.share, i64::from(target_replicas)).is_ok() =>
+            {
+                // The share fits, but other pools of the group still hold part of it.
+                let held = resize::committed_as_is(&observed);
+                self.ctx.commit(self.pool, &group, held);
+                let message = format!(
+                    "Waiting for other pools of budget group {group} to release connections: \
+                     {} of this pool's share of {} are free ({e})",
+                    share.usable.max(0),
+                    share.share
+                );
+                return self
+                    .waiting_for_budget(&budget, &group_view, held, message)
+                    .await;
+            }
             Err(e) => {
                 return self
                     .blocked(Blocked::BudgetExceeded(e.to_string(), Some(budget)))
@@ -340,6 +473,9 @@ impl<'a> Reconciler<'a> {
             }
         };
         let config_hash = hash_for(plan.config_limit);
+        // Committed before anything is written: the group's next reconcile counts it.
+        let committed = resize::committed(&observed, &plan);
+        self.ctx.commit(self.pool, &group, committed);
 
         // 5. Act: children in a safe order. The ServiceAccount (pods cannot be admitted
         // without it) and the ConfigMap (their config) go before the Deployment, which goes
@@ -437,7 +573,8 @@ impl<'a> Reconciler<'a> {
             acknowledged_hash
         };
         let limit = steady_limit.unwrap_or(plan.target_limit);
-        let budget_status = budget_block(&budget, limit, target_replicas, applied);
+        let mut budget_status = budget_block(&budget, limit, target_replicas, applied);
+        group_view.fill(&mut budget_status, committed);
         self.ctx
             .metrics
             .set_budget(&self.ns, &self.name, budget.available, limit);
@@ -751,6 +888,65 @@ impl<'a> Reconciler<'a> {
     }
 }
 
+/// A pool's budget group as shown in its status.
+struct GroupView {
+    key: String,
+    pools: i32,
+    database_budget: i64,
+}
+
+impl GroupView {
+    fn fill(&self, b: &mut BudgetStatus, committed: i64) {
+        b.group = Some(self.key.clone());
+        b.group_pools = self.pools;
+        b.group_budget = self.database_budget;
+        b.committed = committed;
+    }
+}
+
+impl Reconciler<'_> {
+    /// The pool's share fits its replicas, but other pools of its group still hold part
+    /// of it: nothing is written (the pool keeps what it runs) until they release it.
+    async fn waiting_for_budget(
+        &self,
+        budget: &Budget,
+        group: &GroupView,
+        committed: i64,
+        message: String,
+    ) -> Result<Action> {
+        let prev = self.prev();
+        let applied = prev
+            .and_then(|s| s.budget.as_ref())
+            .and_then(|b| b.applied_config_hash.clone());
+        let limit = prev
+            .and_then(|s| s.budget.as_ref())
+            .map_or(0, |b| b.per_replica_limit);
+        let mut block = budget_block(budget, limit, self.pool.spec.replicas, applied);
+        group.fill(&mut block, committed);
+        let was = prev
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == status::PROGRESSING))
+            .is_some_and(|c| c.reason == "WaitingForBudget");
+        if !was {
+            self.event(EventType::Normal, "WaitingForBudget", message.clone())
+                .await;
+        }
+        let report = Report {
+            generation: self.pool.metadata.generation,
+            selector: desired::selector_string(self.pool),
+            desired_replicas: self.pool.spec.replicas,
+            replicas: prev.map_or(0, |s| s.replicas),
+            ready_replicas: prev.map_or(0, |s| s.ready_replicas),
+            budget: Some(block),
+            resize: prev.and_then(|s| s.resize.clone()),
+            progressing: Some(("WaitingForBudget".into(), message)),
+            degraded: None,
+            budget_exceeded: None,
+        };
+        self.patch_status(&report).await?;
+        Ok(Action::requeue(self.ctx.settings.poll_interval))
+    }
+}
+
 /// Fields that others might change on a child behind the spec-hash annotation's back and
 /// that matter for the budget; a difference forces a re-apply.
 trait Drift {
@@ -787,6 +983,10 @@ fn budget_block(b: &Budget, limit: i64, replicas: i32, applied: Option<String>) 
         worst_case_total: budget::worst_case_total(limit, i64::from(replicas)),
         source: b.limits.source,
         applied_config_hash: applied,
+        group: None,
+        group_pools: 1,
+        group_budget: b.available,
+        committed: 0,
     }
 }
 
@@ -890,6 +1090,7 @@ pub async fn run_controller(
     ));
     let controller = Controller::new(pools, all.clone());
     let store = controller.store();
+    ctx.set_pool_store(store.clone());
     let w = writers;
     controller
         .owns_stream(cached(

@@ -743,3 +743,57 @@ async fn a_restarted_operator_resumes_a_resize_from_what_it_observes() {
     h.reconcile().await;
     assert_eq!(h.deployment_replicas(), 4);
 }
+
+/// Issue 16: pools on one database divide its budget; a pool joining takes only what the
+/// others no longer hold, and gets its full share once they have lowered.
+#[tokio::test]
+async fn pools_on_one_database_divide_its_budget() {
+    let h = Harness::new(Settings::default());
+    let (store, mut writer) = reflector::store::<ConnectionPool>();
+    h.ctx.set_pool_store(store);
+    writer.apply_watcher_event(&watcher::Event::Apply((*h.pool()).clone()));
+    h.settled(2).await;
+    assert_eq!(h.config_limit(), 17, "alone: the whole budget of 51");
+
+    // A second pool on the same server, not reconciled yet.
+    let mut other: ConnectionPool = serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "ConnectionPool",
+        "metadata": {"name": "other", "namespace": NS, "uid": "other-uid"},
+        "spec": serde_json::to_value(&h.pool().spec).unwrap(),
+    }))
+    .unwrap();
+    other.spec.replicas = 2;
+    writer.apply_watcher_event(&watcher::Event::Apply(other.clone()));
+    h.reconcile().await;
+    let group = budget::group_key(&h.pool().spec.database);
+    assert_eq!(h.config_limit(), 8, "lowered to its share of 25");
+    let b = &h.status()["budget"];
+    assert_eq!(
+        (b["available"].as_i64(), b["groupPools"].as_i64()),
+        (Some(25), Some(2))
+    );
+    assert_eq!(b["groupBudget"], 51);
+    // Its pods still run 17 each (one more may come): the other pool must leave that.
+    assert_eq!(b["committed"], 17 + 17 + 8);
+    let others = h.ctx.group_members(&other, &group);
+    let s = budget::share(51, 1, &others);
+    assert_eq!((s.share, s.usable), (25, 51 - 42));
+
+    // Both pods applied 8: the other pool may use its whole share.
+    let hash = h.config_hash();
+    h.report(0, &hash, 8);
+    h.report(1, &hash, 8);
+    h.reconcile().await;
+    assert_eq!(h.status()["budget"]["committed"], 24);
+    let s = budget::share(51, 1, &h.ctx.group_members(&other, &group));
+    assert_eq!((s.share, s.usable), (25, 25));
+
+    // A pool in another group (explicit budgetGroup) does not count.
+    let mut elsewhere = other.clone();
+    elsewhere.metadata.name = Some("elsewhere".into());
+    elsewhere.metadata.uid = Some("elsewhere-uid".into());
+    elsewhere.spec.database.budget_group = Some("analytics".into());
+    writer.apply_watcher_event(&watcher::Event::Apply(elsewhere.clone()));
+    assert_eq!(h.ctx.group_members(&elsewhere, "group:analytics"), vec![]);
+    assert_eq!(h.ctx.group_members(&other, &group).len(), 1);
+}

@@ -298,6 +298,58 @@ pub fn pod_to_restart<'a>(
         .map(|p| p.name.as_str())
 }
 
+/// Most server connections the pool's pods may hold once `plan` is written: each existing
+/// pod what it reported (its applied limit, or more while busy connections above a lowered
+/// limit are still held; the higher of the old and new limit when it did not answer), and
+/// each pod that may still be created (the replicas plus the rollout pod) the planned
+/// limit.
+///
+/// # Guarantees
+/// At least [`crate::budget::worst_case_total`] of the planned limit and replicas; equal
+/// to it once the pool is settled.
+pub fn committed(observed: &Observed, plan: &Plan) -> i64 {
+    committed_with(observed, plan.config_limit, plan.deployment_replicas)
+}
+
+/// [`committed`] when nothing is written: the pods as they are, the ConfigMap's limit and
+/// the Deployment's replicas.
+pub fn committed_as_is(observed: &Observed) -> i64 {
+    committed_with(
+        observed,
+        observed.config_limit.unwrap_or(0),
+        observed.deployment_replicas.unwrap_or(0),
+    )
+}
+
+fn committed_with(observed: &Observed, config_limit: i64, deployment_replicas: i32) -> i64 {
+    let plan = Plan {
+        config_limit,
+        deployment_replicas,
+        phase: Phase::Idle,
+        unacknowledged: Vec::new(),
+        over_limit: Vec::new(),
+        awaiting_removal: Vec::new(),
+        target_limit: config_limit,
+    };
+    let unknown = observed.config_limit.unwrap_or(0).max(plan.config_limit);
+    let existing: i64 = observed
+        .pods
+        .iter()
+        .map(|p| match &p.report {
+            Some(r) => r.connection_limit.max(r.held),
+            None => unknown,
+        })
+        .sum();
+    let live = observed.pods.iter().filter(|p| !p.terminating).count() as i64;
+    let replicas = i64::from(
+        plan.deployment_replicas
+            .max(observed.deployment_replicas.unwrap_or(0)),
+    );
+    let slots = replicas + crate::budget::ROLLOUT_EXTRA_PODS;
+    let room = (slots - live).max(0) * plan.config_limit;
+    (existing + room).max(slots * plan.config_limit)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,6 +494,23 @@ mod tests {
         w.pods[1].report.as_mut().unwrap().held = 10;
         let p = plan(&w, 51, 4, hash).unwrap();
         assert_eq!((p.deployment_replicas, p.phase), (4, Phase::Idle));
+    }
+
+    #[test]
+    fn committed_counts_what_pods_may_still_hold() {
+        let w = world(17, 2);
+        let settled = plan(&w, 51, 2, hash).unwrap();
+        assert_eq!(committed(&w, &settled), 51, "settled: the worst case");
+        // Another pool joined: lowering to 8, pods still report 17 (one holds 20).
+        let mut w = world(17, 2);
+        w.pods[1].report.as_mut().unwrap().held = 20;
+        let p = plan(&w, 25, 2, hash).unwrap();
+        assert_eq!(p.config_limit, 8);
+        assert_eq!(committed(&w, &p), 17 + 20 + 8);
+        w.config_limit = Some(8);
+        w.pods = vec![pod("p0", 8), pod("p1", 8)];
+        let p = plan(&w, 25, 2, hash).unwrap();
+        assert_eq!(committed(&w, &p), 24);
     }
 
     // ---- the simulation behind the budget guarantee ----
