@@ -98,6 +98,12 @@ pub struct PoolerConfig {
     /// prepared statements (each client's at most `--max-message-size`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_client_memory: Option<usize>,
+    /// The process opens no server connection (and `/readyz` fails) until the operator
+    /// admits it (`POST /admit`, see [`crate::admission_token`]): a pod that appears
+    /// outside the operator's ordering (deleted or evicted pods' replacements) waits
+    /// until the pool's budget has room for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_admission: Option<bool>,
     /// Startup parameters clients may send that the pooler drops instead of refusing
     /// (as PgBouncer's `ignore_startup_parameters`), e.g. `["search_path"]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -248,6 +254,7 @@ mod tests {
             drain_timeout: Some("45s".parse().unwrap()),
             max_prepared_statements: None,
             max_client_memory: None,
+            require_admission: None,
             ignore_startup_parameters: Some(vec!["search_path".into()]),
             revision: Some("ab\"c\\d".into()),
             server: ServerSection {

@@ -45,6 +45,27 @@ pub fn config_hash(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// The token that admits one pooler process (see `require_admission` in
+/// [`PoolerConfig`]): lowercase hex HMAC-SHA-256, keyed with the server password both
+/// sides read from the credentials Secret, of `sluice-admit:` and the process's
+/// `admission_nonce` (random per process, on `/status`), so a token seen once admits
+/// nothing else.
+pub fn admission_token(server_password: &str, nonce: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<Sha256>::new_from_slice(server_password.as_bytes())
+        .expect("HMAC takes keys of any length");
+    mac.update(b"sluice-admit:");
+    mac.update(nonce.as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Admin path where the operator admits a pooler process (`POST`, body: the token).
+pub const ADMIT_PATH: &str = "/admit";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,5 +87,14 @@ mod tests {
             config_hash(b"test"),
             "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
         );
+    }
+
+    #[test]
+    fn admission_tokens_depend_on_the_password_and_the_nonce() {
+        let t = admission_token("pw", "n1");
+        assert_eq!(t.len(), 64);
+        assert_eq!(t, admission_token("pw", "n1"));
+        assert_ne!(t, admission_token("pw", "n2"));
+        assert_ne!(t, admission_token("other", "n1"));
     }
 }

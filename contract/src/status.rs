@@ -19,6 +19,12 @@ pub struct Status {
     pub clients: Clients,
     /// SIGTERM arrived: the pod is draining.
     pub draining: bool,
+    /// The process may open server connections: it was admitted, or needs no admission.
+    #[serde(default = "yes")]
+    pub admitted: bool,
+    /// Random per process; the operator's admission token is made from it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub admission_nonce: String,
     /// Per (database, user) pool.
     pub pools: Vec<PoolStatus>,
 }
@@ -54,13 +60,17 @@ pub struct PoolStatus {
     pub waiting: usize,
 }
 
+fn yes() -> bool {
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn round_trips_as_documented() {
-        let doc = r#"{"version":"0.1.0","config_hash":"9f86","connection_limit":18,"pool_mode":"transaction","server_connections":{"open":4,"in_use":2,"idle":2,"closing":0},"clients":{"active":120,"waiting":0},"draining":false,"pools":[{"database":"app","user":"app","server_open":4,"server_in_use":2,"clients":120,"waiting":0}]}"#;
+        let doc = r#"{"version":"0.1.0","config_hash":"9f86","connection_limit":18,"pool_mode":"transaction","server_connections":{"open":4,"in_use":2,"idle":2,"closing":0},"clients":{"active":120,"waiting":0},"draining":false,"admitted":true,"pools":[{"database":"app","user":"app","server_open":4,"server_in_use":2,"clients":120,"waiting":0}]}"#;
         let s: Status = serde_json::from_str(doc).unwrap();
         assert_eq!(s.connection_limit, 18);
         assert_eq!(s.pool_mode, PoolMode::Transaction);

@@ -290,6 +290,24 @@ impl Fixture {
         Ok(())
     }
 
+    /// Creates pool `name` from the sample with `spec` keys set (for example
+    /// `{"poolMode": "session"}`).
+    ///
+    /// # Errors
+    /// When the API server rejects it.
+    pub async fn create_pool_with(&self, name: &str, replicas: i32, spec: Value) -> Result<()> {
+        let mut pool = self.sample(replicas)?;
+        pool["metadata"]["name"] = json!(name);
+        if let Some(extra) = spec.as_object() {
+            for (k, v) in extra {
+                pool["spec"][k] = v.clone();
+            }
+        }
+        let obj: DynamicObject = serde_json::from_value(pool)?;
+        pool_api(&self.client, &self.ns).create(&PostParams::default(), &obj).await?;
+        Ok(())
+    }
+
     /// Creates the Secrets and the pool from the minimal sample, pointed at our
     /// PostgreSQL through the bridge address, with `replicas`.
     ///

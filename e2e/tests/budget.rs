@@ -15,7 +15,7 @@ mod budget {
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use budget::load::{Load, Sampler, Samples, Totals};
+use budget::load::{Load, Sampler, Samples, Shape, Totals};
 use budget::probe::{LimitProbe, LimitSample, worst};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod};
@@ -43,6 +43,10 @@ struct Measuring {
 }
 
 async fn measure(fx: &Fixture) -> Result<Measuring> {
+    measure_shaped(fx, CLIENTS, Shape::gentle(THINK)).await
+}
+
+async fn measure_shaped(fx: &Fixture, clients: usize, shape: Shape) -> Result<Measuring> {
     let sampler = Sampler::start(
         &fx.superuser_conn_str(),
         sluice_testkit::APP_USER.0,
@@ -52,7 +56,7 @@ async fn measure(fx: &Fixture) -> Result<Measuring> {
     .await?;
     let probe =
         LimitProbe::start(fx.client.clone(), fx.ns.clone(), fx.pool.clone(), fx.selector().await?);
-    let load = Load::start(fx.service_conn_str().await?, CLIENTS, THINK);
+    let load = Load::start_shaped(fx.service_conn_str().await?, clients, shape);
     // Let the load reach steady state before the change.
     tokio::time::sleep(Duration::from_secs(3)).await;
     ensure!(
@@ -91,7 +95,8 @@ fn report(name: &str, run: &Run, budget: i64, before: &Converged, after: &Conver
         "[{name}] max sampled server connections {} / budget {budget} ({} samples); \
          worst Σ pod limits {} over {} pods / budget {budget} ({} probes); \
          limit/replica {} -> {}; converged in {:.1}s; \
-         tx ok {} failed {} interrupted {} reconnects {} connect errors {}",
+         tx ok {} failed {} interrupted {} reconnects {} connect errors {}; \
+         pool timeouts {} refused by PostgreSQL {}",
         run.samples.max(),
         run.samples.count(),
         w.map(|w| w.sum).unwrap_or(0),
@@ -105,6 +110,8 @@ fn report(name: &str, run: &Run, budget: i64, before: &Converged, after: &Conver
         run.totals.interrupted,
         run.totals.reconnects,
         run.totals.connect_errors,
+        run.totals.pool_timeouts,
+        run.totals.refused_by_database,
     );
 }
 
@@ -127,7 +134,124 @@ fn assert_within_budget(name: &str, run: &Run, budget: i64) -> Result<()> {
         w.sum
     );
     ensure!(run.totals.ok > 0, "[{name}] no transaction succeeded");
+    ensure!(
+        run.totals.refused_by_database == 0,
+        "[{name}] PostgreSQL refused {} connections",
+        run.totals.refused_by_database
+    );
     Ok(())
+}
+
+/// Server connections the pool's pods hold now (`/status`), summed.
+async fn held_now(fx: &Fixture) -> Result<i64> {
+    let mut sum = 0;
+    for (_, ip) in fx.pooler_pods().await? {
+        sum += pooler_status(&ip).await?["server_connections"]["open"].as_i64().unwrap_or(0);
+    }
+    Ok(sum)
+}
+
+/// Issue 16: every pod at its limit with session-mode clients (three per budget
+/// connection, each transaction holding its connection 100–500 ms, three per session):
+/// scaling 2 → 5 waits until the pods hold no more than the lowered limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn saturated_session_mode_scale_up_2_to_5() -> Result<()> {
+    let name = "saturated session 2->5";
+    let mut fx = Fixture::start(MAX_CONNECTIONS).await?;
+    fx.wait_crd_established().await?;
+    fx.create_secrets().await?;
+    fx.pool = "app".into();
+    fx.create_pool_with("app", 2, json!({"poolMode": "session", "poolTimeout": "2s"})).await?;
+    let before = fx.wait_converged(2, CONVERGE).await?;
+    let clients = 3 * before.available as usize;
+    let m = measure_shaped(&fx, clients, Shape::saturating(Some(3))).await?;
+    let mut saturated = 0;
+    for _ in 0..20 {
+        saturated = saturated.max(held_now(&fx).await?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        saturated >= 2 * before.limit - 1,
+        "[{name}] pods not saturated: they held {saturated} of {}",
+        2 * before.limit
+    );
+    fx.scale(5)?;
+    let after = fx.wait_converged(5, CONVERGE).await?;
+    let run = m.finish().await?;
+    report(name, &run, after.available, &before, &after);
+    println!("[{name}] {clients} clients; pods held {saturated} before the change");
+    assert_within_budget(name, &run, after.available)?;
+    ensure!(run.totals.failed == 0, "[{name}] {} transactions failed", run.totals.failed);
+    fx.shutdown().await
+}
+
+/// Issue 16: two ConnectionPools on one database divide its budget, saturated
+/// (transaction mode, 120 clients each holding connections 100–500 ms), while the
+/// second is created and then both are scaled in opposite directions at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_saturated_pools_share_one_database_budget() -> Result<()> {
+    let name = "two pools, one database";
+    let (mut fx, first) = setup(2).await?;
+    let budget = first.available;
+    let sampler = Sampler::start(
+        &fx.superuser_conn_str(),
+        sluice_testkit::APP_USER.0,
+        &BRIDGE_IP.to_string(),
+        Duration::from_millis(50),
+    )
+    .await?;
+    let load_a = Load::start_shaped(fx.service_conn_str().await?, 120, Shape::saturating(None));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let a = fx.pool.clone();
+    fx.create_pool_with("second", 2, json!({})).await?;
+    fx.pool = "second".into();
+    let second = fx.wait_converged(2, CONVERGE).await?;
+    let load_b = Load::start_shaped(fx.service_conn_str().await?, 120, Shape::saturating(None));
+    fx.pool = a.clone();
+    let first_shared = fx.wait_converged(2, CONVERGE).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Opposite directions at once.
+    fx.scale(3)?;
+    fx.pool = "second".into();
+    fx.scale(1)?;
+    let second_after = fx.wait_converged(1, CONVERGE).await?;
+    fx.pool = a;
+    let first_after = fx.wait_converged(3, CONVERGE).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ta, tb) = (load_a.stop().await, load_b.stop().await);
+    let samples = sampler.stop().await?;
+    println!(
+        "[{name}] max sampled server connections {} / database budget {budget} ({} samples); \
+         shares {} + {} after the second joined, {} + {} after scaling 3 / 1; \
+         first pool: tx ok {} pool timeouts {} refused {}; second: tx ok {} pool timeouts {} refused {}",
+        samples.max(),
+        samples.count(),
+        first_shared.available,
+        second.available,
+        first_after.available,
+        second_after.available,
+        ta.ok,
+        ta.pool_timeouts,
+        ta.refused_by_database,
+        tb.ok,
+        tb.pool_timeouts,
+        tb.refused_by_database,
+    );
+    ensure!(samples.count() > 20, "[{name}] too few samples");
+    ensure!(
+        samples.max() <= budget,
+        "[{name}] PostgreSQL saw {} pooler connections, budget {budget}",
+        samples.max()
+    );
+    ensure!(first_shared.available + second.available <= budget);
+    ensure!(first_after.available + second_after.available <= budget);
+    ensure!(ta.ok > 0 && tb.ok > 0, "[{name}] both pools served transactions");
+    ensure!(
+        ta.refused_by_database + tb.refused_by_database == 0,
+        "[{name}] PostgreSQL refused connections"
+    );
+    ensure!(ta.failed + tb.failed == 0, "[{name}] transactions failed");
+    fx.shutdown().await
 }
 
 async fn scale(name: &str, from: i32, to: i32) -> Result<()> {

@@ -157,6 +157,7 @@ pub fn pooler_toml(pool: &ConnectionPool, limit: i64, revision: &str) -> Result<
         drain_timeout: Some(dur(&s.drain_timeout, DEFAULT_DRAIN)?),
         max_prepared_statements: None,
         max_client_memory: None,
+        require_admission: Some(true),
         ignore_startup_parameters: None,
         revision: Some(revision.to_string()),
         server: ServerSection {

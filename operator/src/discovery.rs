@@ -151,6 +151,8 @@ pub trait ProbePods: Send + Sync {
     /// `GET http://<ip>:9930/status`; `None` when the pod does not answer or the answer
     /// does not parse.
     fn status<'a>(&'a self, ip: &'a str) -> BoxFuture<'a, Option<PodReport>>;
+    /// `POST http://<ip>:9930/admit` with `token`; whether the pod accepted it.
+    fn admit<'a>(&'a self, ip: &'a str, token: &'a str) -> BoxFuture<'a, bool>;
 }
 
 /// [`ProbePods`] over plain HTTP/1.0 with a timeout and a bounded response.
@@ -183,14 +185,44 @@ impl ProbePods for HttpProbe {
                 .flatten()
         })
     }
+
+    fn admit<'a>(&'a self, ip: &'a str, token: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            tokio::time::timeout(self.timeout, http_admit(ip, self.port, token))
+                .await
+                .unwrap_or(false)
+        })
+    }
 }
 
-async fn http_status(ip: &str, port: u16) -> Option<PodReport> {
-    let host = if ip.contains(':') {
+fn host_of(ip: &str) -> String {
+    if ip.contains(':') {
         format!("[{ip}]")
     } else {
         ip.to_string()
+    }
+}
+
+async fn http_admit(ip: &str, port: u16, token: &str) -> bool {
+    let host = host_of(ip);
+    let Ok(mut stream) = tokio::net::TcpStream::connect(format!("{host}:{port}")).await else {
+        return false;
     };
+    let req = format!(
+        "POST {} HTTP/1.0\r\nHost: {host}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{token}",
+        sluice_contract::ADMIT_PATH,
+        token.len()
+    );
+    if stream.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = stream.take(4096).read_to_end(&mut buf).await;
+    buf.starts_with(b"HTTP/1.1 200") || buf.starts_with(b"HTTP/1.0 200")
+}
+
+async fn http_status(ip: &str, port: u16) -> Option<PodReport> {
+    let host = host_of(ip);
     let mut stream = tokio::net::TcpStream::connect(format!("{host}:{port}"))
         .await
         .ok()?;
@@ -223,6 +255,8 @@ pub fn parse_status_json(body: &[u8]) -> Option<PodReport> {
         config_hash: s.config_hash,
         connection_limit: i64::try_from(s.connection_limit).ok()?,
         held: i64::try_from(s.server_connections.open).ok()?,
+        admitted: s.admitted,
+        nonce: s.admission_nonce,
     })
 }
 
@@ -345,6 +379,8 @@ mod tests {
                 waiting: 0,
             },
             draining: false,
+            admitted: true,
+            admission_nonce: String::new(),
             pools: vec![],
         })
         .unwrap()
@@ -360,6 +396,8 @@ mod tests {
                 config_hash: "abc".into(),
                 connection_limit: 18,
                 held: 1,
+                admitted: true,
+                nonce: String::new(),
             })
         );
         assert_eq!(parse_status_response(b"HTTP/1.1 503 x\r\n\r\n{}"), None);

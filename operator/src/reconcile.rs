@@ -419,12 +419,15 @@ impl<'a> Reconciler<'a> {
                 .get(desired::CONFIG_HASH_ANNOTATION)
                 .cloned()
         });
-        let steady = steady_limit.is_some_and(|l| {
-            let h = hash_for(l);
-            live_hash.as_deref() == Some(h.as_str())
-                && acknowledged_hash.as_deref() == Some(h.as_str())
-                && deployment_replicas == Some(target_replicas)
-        });
+        // A pod that is not Ready may be waiting for admission: ask every pod then.
+        let all_ready = children.pods.iter().all(pod_ready);
+        let steady = all_ready
+            && steady_limit.is_some_and(|l| {
+                let h = hash_for(l);
+                live_hash.as_deref() == Some(h.as_str())
+                    && acknowledged_hash.as_deref() == Some(h.as_str())
+                    && deployment_replicas == Some(target_replicas)
+            });
         let reports = if steady {
             HashMap::new()
         } else {
@@ -558,6 +561,27 @@ impl<'a> Reconciler<'a> {
             self.delete_pod(name).await?;
         }
 
+        // 6b. Pods waiting for admission get it while the budget has room for them.
+        let to_admit = resize::admissions(&observed, &plan, share.usable);
+        if !to_admit.is_empty() {
+            let password = secret_field(&creds, "password").unwrap_or_default();
+            for name in to_admit {
+                let (Some(ip), Some(report)) = (
+                    children
+                        .pods
+                        .iter()
+                        .find(|p| p.name_any() == name)
+                        .and_then(|p| p.status.as_ref()?.pod_ip.clone()),
+                    reports.get(name),
+                ) else {
+                    continue;
+                };
+                let token = sluice_contract::admission_token(&password, &report.nonce);
+                let ok = self.ctx.probe.admit(&ip, &token).await;
+                tracing::info!(pool = %key(self.pool), pod = name, ok, "admitting pooler pod");
+            }
+        }
+
         // 7. Status.
         let all_report = !children.pods.is_empty()
             && children.pods.iter().all(|p| {
@@ -672,20 +696,11 @@ impl<'a> Reconciler<'a> {
             return Ok(c.limits);
         }
         let field = |k: &str| -> Result<String> {
-            creds
-                .data
-                .as_ref()
-                .and_then(|d| d.get(k))
-                .map(|v| {
-                    String::from_utf8_lossy(&v.0)
-                        .trim_end_matches('\n')
-                        .to_string()
-                })
-                .ok_or_else(|| Error::MissingSecretKey {
-                    namespace: self.ns.clone(),
-                    name: creds.name_any(),
-                    key: k.into(),
-                })
+            secret_field(creds, k).ok_or_else(|| Error::MissingSecretKey {
+                namespace: self.ns.clone(),
+                name: creds.name_any(),
+                key: k.into(),
+            })
         };
         let target = Target {
             host: db.host.clone(),
@@ -990,20 +1005,29 @@ fn budget_block(b: &Budget, limit: i64, replicas: i32, applied: Option<String>) 
     }
 }
 
+/// The pod's `Ready` condition is True.
+fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A key of a Secret's data, as text (trailing newline dropped).
+fn secret_field(secret: &Secret, k: &str) -> Option<String> {
+    secret.data.as_ref().and_then(|d| d.get(k)).map(|v| {
+        String::from_utf8_lossy(&v.0)
+            .trim_end_matches('\n')
+            .to_string()
+    })
+}
+
 fn pod_counts(pods: &[Pod]) -> (i32, i32) {
     let live: Vec<&Pod> = pods
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .collect();
-    let ready = live
-        .iter()
-        .filter(|p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .count();
+    let ready = live.iter().filter(|p| pod_ready(p)).count();
     (live.len() as i32, ready as i32)
 }
 

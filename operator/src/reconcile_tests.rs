@@ -135,12 +135,25 @@ async fn serve(
 #[derive(Default)]
 struct FakeProbe {
     reports: Mutex<HashMap<String, PodReport>>,
+    /// (ip, token) of each admission sent.
+    admitted: Mutex<Vec<(String, String)>>,
 }
 
 impl ProbePods for FakeProbe {
     fn status<'a>(&'a self, ip: &'a str) -> BoxFuture<'a, Option<PodReport>> {
         let r = self.reports.lock().unwrap().get(ip).cloned();
         Box::pin(async move { r })
+    }
+
+    fn admit<'a>(&'a self, ip: &'a str, token: &'a str) -> BoxFuture<'a, bool> {
+        self.admitted
+            .lock()
+            .unwrap()
+            .push((ip.to_string(), token.to_string()));
+        if let Some(r) = self.reports.lock().unwrap().get_mut(ip) {
+            r.admitted = true;
+        }
+        Box::pin(async move { true })
     }
 }
 
@@ -333,6 +346,8 @@ impl Harness {
                 config_hash: hash.into(),
                 connection_limit: limit,
                 held: 0,
+                admitted: true,
+                nonce: String::new(),
             },
         );
     }

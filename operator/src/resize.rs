@@ -37,6 +37,10 @@ pub struct PodReport {
     pub connection_limit: i64,
     /// `server_connections.open`: what the pod holds now (open, opening and closing).
     pub held: i64,
+    /// `admitted`: the process may open server connections.
+    pub admitted: bool,
+    /// `admission_nonce`: what its admission token is made from.
+    pub nonce: String,
 }
 
 /// One pooler pod as the planner sees it.
@@ -350,6 +354,43 @@ fn committed_with(observed: &Observed, config_limit: i64, deployment_replicas: i
     (existing + room).max(slots * plan.config_limit)
 }
 
+/// The pods to admit now (see `require_admission` in `sluice_contract::PoolerConfig`):
+/// pods whose process waits for admission, in name order, as long as what every pod
+/// that may hold server connections can hold — admitted pods, pods that did not answer,
+/// and terminating pods, which drain with their connections — plus theirs stays within
+/// `available`. A pod that appears outside the operator's ordering (the replacement of a
+/// deleted or evicted pod) so waits until the pod it replaces is gone.
+///
+/// # Guarantees
+/// What the admitted and the still-holding pods may hold never exceeds `available`
+/// through an admission, whatever the number of pods the Deployment created.
+pub fn admissions<'a>(observed: &'a Observed, plan: &Plan, available: i64) -> Vec<&'a str> {
+    let unknown = observed.config_limit.unwrap_or(0).max(plan.config_limit);
+    let waiting = |p: &PodView| !p.terminating && p.report.as_ref().is_some_and(|r| !r.admitted);
+    let mut holding: i64 = observed
+        .pods
+        .iter()
+        .filter(|p| !waiting(p))
+        .map(|p| match &p.report {
+            Some(r) if !r.admitted => r.held,
+            Some(r) => r.connection_limit.max(r.held),
+            None => unknown,
+        })
+        .sum();
+    let mut candidates: Vec<&PodView> = observed.pods.iter().filter(|p| waiting(p)).collect();
+    candidates.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut out = Vec::new();
+    for p in candidates {
+        let r = p.report.as_ref().expect("waiting pods reported");
+        let need = r.connection_limit.max(plan.config_limit).max(r.held);
+        if holding + need <= available {
+            holding += need;
+            out.push(p.name.as_str());
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,6 +409,8 @@ mod tests {
                 config_hash: hash(limit),
                 connection_limit: limit,
                 held: limit,
+                admitted: true,
+                nonce: String::new(),
             }),
         }
     }
@@ -461,11 +504,15 @@ mod tests {
             config_hash: "old".into(),
             connection_limit: 17,
             held: 3,
+            admitted: true,
+            nonce: String::new(),
         });
         w.pods[1].report = Some(PodReport {
             config_hash: "old".into(),
             connection_limit: 5,
             held: 5,
+            admitted: true,
+            nonce: String::new(),
         });
         let p = plan(&w, 51, 4, hash).unwrap();
         assert_eq!(p.deployment_replicas, 2);
@@ -523,6 +570,8 @@ mod tests {
         /// a lowered limit, until busy ones are released.
         held: i64,
         terminating: bool,
+        /// Its process may open server connections.
+        admitted: bool,
     }
 
     #[derive(Debug)]
@@ -550,6 +599,8 @@ mod tests {
                             config_hash: hash(p.applied),
                             connection_limit: p.applied,
                             held: p.held,
+                            admitted: p.admitted,
+                            nonce: String::new(),
                         }),
                     })
                     .collect(),
@@ -560,12 +611,21 @@ mod tests {
         /// What the pods hold or may take: each at most its applied limit, or what it
         /// already holds above it.
         fn holding(&self) -> i64 {
-            self.pods.iter().map(|p| p.applied.max(p.held)).sum()
+            self.pods
+                .iter()
+                .map(|p| {
+                    if p.admitted {
+                        p.applied.max(p.held)
+                    } else {
+                        p.held
+                    }
+                })
+                .sum()
         }
 
         /// One event chosen by `choice`; the invariant is checked by the caller.
         fn step(&mut self, choice: u8, target: i32) {
-            match choice % 9 {
+            match choice % 12 {
                 // The operator reconciles.
                 0 => {
                     if let Ok(p) = plan(&self.observed(), self.budget, target, hash) {
@@ -586,6 +646,7 @@ mod tests {
                                 applied: limit,
                                 held: 0,
                                 terminating: false,
+                                admitted: false,
                             });
                             self.next_id += 1;
                         }
@@ -638,8 +699,9 @@ mod tests {
                 // Saturation: one pod's clients take every connection it may open.
                 7 => {
                     let n = self.pods.len().max(1);
-                    if let Some(p) = self.pods.get_mut(usize::from(choice / 9) % n)
+                    if let Some(p) = self.pods.get_mut(usize::from(choice / 12) % n)
                         && !p.terminating
+                        && p.admitted
                     {
                         p.held = p.held.max(p.applied);
                     }
@@ -648,10 +710,45 @@ mod tests {
                 // mode, when its client leaves).
                 8 => {
                     let n = self.pods.len().max(1);
-                    if let Some(p) = self.pods.get_mut(usize::from(choice / 9) % n)
+                    if let Some(p) = self.pods.get_mut(usize::from(choice / 12) % n)
                         && p.held > 0
                     {
                         p.held -= 1;
+                    }
+                }
+                // The operator admits the pods waiting for it.
+                9 => {
+                    let obs = self.observed();
+                    if let Ok(p) = plan(&obs, self.budget, target, hash) {
+                        let names: Vec<String> = admissions(&obs, &p, self.budget)
+                            .into_iter()
+                            .map(str::to_string)
+                            .collect();
+                        for pod in &mut self.pods {
+                            if names.contains(&format!("p{}", pod.id)) {
+                                pod.admitted = true;
+                            }
+                        }
+                    }
+                }
+                // Every pod deleted at once (`kubectl delete pods --all`): they drain
+                // with their connections while the ReplicaSet replaces them.
+                10 => {
+                    for p in &mut self.pods {
+                        p.terminating = true;
+                    }
+                }
+                // An eviction (`kubectl drain`): the PodDisruptionBudget allows one
+                // while every pod is available (Ready, so admitted).
+                11 => {
+                    let want = self.replicas.unwrap_or(0) as usize;
+                    let live: Vec<usize> = (0..self.pods.len())
+                        .filter(|&i| !self.pods[i].terminating)
+                        .collect();
+                    if live.len() >= want && want > 0 && live.iter().all(|&i| self.pods[i].admitted)
+                    {
+                        let i = live[usize::from(choice / 12) % live.len()];
+                        self.pods[i].terminating = true;
                     }
                 }
                 // Nothing happens (time passes).
@@ -681,7 +778,7 @@ mod tests {
             }
             // Converge on the start size.
             for _ in 0..200 {
-                for c in [0u8, 1, 2, 3] { sim.step(c, start); }
+                for c in [0u8, 1, 2, 3, 9] { sim.step(c, start); }
             }
             prop_assert!(sim.holding() <= budget);
             let chunk = events.len() / targets.len() + 1;
@@ -699,7 +796,7 @@ mod tests {
                 for _ in 0..400 {
                     // Busy connections are released in the end.
                     for p in &mut sim.pods { p.held = p.held.min(p.applied); }
-                    for c in [0u8, 1, 2, 3] { sim.step(c, last); }
+                    for c in [0u8, 1, 2, 3, 9] { sim.step(c, last); }
                 }
                 let p = plan(&sim.observed(), budget, last, hash).unwrap();
                 prop_assert!(p.settled(), "not settled: {:?} {:?}", p, sim);
@@ -719,7 +816,7 @@ mod tests {
             }
             let mut sim = Sim { budget, cm_limit: None, replicas: None, pods: vec![], next_id: 0 };
             for _ in 0..100 {
-                for c in [0u8, 1, 2, 3] { sim.step(c, replicas); }
+                for c in [0u8, 1, 2, 3, 9] { sim.step(c, replicas); }
             }
             sim.budget = budget + extra;
             for c in events {

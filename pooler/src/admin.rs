@@ -1,4 +1,5 @@
-//! Admin HTTP API (see `docs/interfaces.md`): `/healthz`, `/readyz`, `/status`, `/metrics`.
+//! Admin HTTP API (see `docs/interfaces.md`): `/healthz`, `/readyz`, `/status`, `/metrics`,
+//! and `POST /admit` (the operator admits a process that requires it).
 
 use std::sync::Arc;
 
@@ -31,6 +32,8 @@ pub fn status(shared: &Shared) -> Status {
             waiting: snap.waiting,
         },
         draining: shared.is_draining(),
+        admitted: shared.is_admitted(),
+        admission_nonce: shared.admission_nonce.clone(),
         pools: snap
             .pools
             .iter()
@@ -56,14 +59,26 @@ pub fn router(shared: Arc<Shared>) -> Router {
             get(|State(s): State<Arc<Shared>>| async move { Json(status(&s)) }),
         )
         .route("/metrics", get(metrics))
+        .route(sluice_contract::ADMIT_PATH, axum::routing::post(admit))
         .with_state(shared)
 }
 
 async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     if s.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if !s.is_admitted() {
+        (StatusCode::SERVICE_UNAVAILABLE, "not admitted")
     } else {
         (StatusCode::OK, "ready")
+    }
+}
+
+/// `POST /admit` with the admission token as the body.
+async fn admit(State(s): State<Arc<Shared>>, body: String) -> impl IntoResponse {
+    if s.admit(body.trim()) {
+        (StatusCode::OK, "admitted")
+    } else {
+        (StatusCode::FORBIDDEN, "wrong admission token")
     }
 }
 

@@ -50,6 +50,8 @@ pub struct Config {
     pub max_prepared_statements: usize,
     /// See [`crate::memory`].
     pub max_client_memory: usize,
+    /// No server connection until the operator admits the process (`POST /admit`).
+    pub require_admission: bool,
     /// Startup parameters dropped instead of refused.
     pub ignore_startup_parameters: Vec<String>,
     pub server: ServerConfig,
@@ -168,6 +170,7 @@ impl Config {
             drain_timeout: raw.drain_timeout(),
             max_prepared_statements: raw.max_prepared_statements(),
             max_client_memory: raw.max_client_memory(),
+            require_admission: raw.require_admission.unwrap_or(false),
             ignore_startup_parameters: raw.ignore_startup_parameters.clone().unwrap_or_default(),
             listen_addr: raw.listen_addr,
             admin_addr: raw.admin_addr,

@@ -35,14 +35,22 @@ pub struct Shared {
     schema_epoch: AtomicU64,
     /// Bound on what clients make the pooler hold (`max_client_memory`).
     pub memory: MemoryBudget,
+    /// The process may open server connections (admitted, or no admission required).
+    admitted: AtomicBool,
+    /// Random per process: admission tokens are made from it.
+    pub admission_nonce: String,
 }
 
 impl Shared {
     pub fn new(config: Config, max_message: usize) -> Self {
         let (drain_tx, _) = watch::channel(false);
         let memory = MemoryBudget::new(config.max_client_memory);
+        let admitted = !config.require_admission;
         Self {
-            pools: Pools::new(config.connection_limit),
+            // Until admitted, the process may open no server connection.
+            pools: Pools::new(if admitted { config.connection_limit } else { 0 }),
+            admitted: AtomicBool::new(admitted),
+            admission_nonce: format!("{:032x}", rand::random::<u128>()),
             mode: config.pool_mode,
             config: RwLock::new(Arc::new(config)),
             metrics: Metrics::new(),
@@ -93,10 +101,39 @@ impl Shared {
         let limit = new.connection_limit;
         let hash = new.hash.clone();
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
-        if limit != old.connection_limit {
+        if limit != old.connection_limit && self.is_admitted() {
             close_all(self.pools.limiter().set_limit(limit));
         }
         tracing::info!(config_hash = %hash, connection_limit = limit, "config applied");
+    }
+
+    pub fn is_admitted(&self) -> bool {
+        self.admitted.load(Ordering::SeqCst)
+    }
+
+    /// Admits the process when `token` is [`sluice_contract::admission_token`] of the
+    /// server password and this process's nonce: its `connection_limit` applies from
+    /// now on. Returns whether the token was right (admitting twice is harmless).
+    pub fn admit(&self, token: &str) -> bool {
+        let cfg = self.config();
+        let want = sluice_contract::admission_token(
+            cfg.server.password.as_deref().unwrap_or(""),
+            &self.admission_nonce,
+        );
+        let right = want.len() == token.len()
+            && want
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if right && !self.admitted.swap(true, Ordering::SeqCst) {
+            close_all(self.pools.limiter().set_limit(cfg.connection_limit));
+            tracing::info!(
+                connection_limit = cfg.connection_limit,
+                "admitted by the operator"
+            );
+        }
+        right
     }
 
     pub fn is_draining(&self) -> bool {

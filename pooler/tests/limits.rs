@@ -1065,3 +1065,55 @@ async fn unknown_databases_leave_no_pools_or_series() -> Result<()> {
     p.shutdown().await?;
     Ok(())
 }
+
+/// Issue 16: a pooler that requires admission opens no server connection, and is not
+/// ready, until the operator admits it with the token made from its nonce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_process_that_requires_admission_waits_for_it() -> Result<()> {
+    let pg = postgres(20).await?;
+    let su = sluice_testkit::connect(&pg.superuser_conn_str()).await?;
+    let mut p = start(
+        &pg,
+        "connection_limit = 3\npool_timeout = \"500ms\"\nrequire_admission = true",
+    )
+    .await?;
+    assert_eq!(
+        p.admin_get("/readyz").await?,
+        (503, "not admitted".to_string())
+    );
+    let status = p.status().await?;
+    assert_eq!(status["admitted"], false);
+    let nonce = status["admission_nonce"]
+        .as_str()
+        .context("nonce")?
+        .to_string();
+    // Clients wait, and get the pooler's pool_timeout; PostgreSQL sees nothing.
+    let code = match sluice_testkit::connect(&p.app_conn_str()).await {
+        Err(e) => e
+            .downcast_ref::<tokio_postgres::Error>()
+            .and_then(|e| e.code().cloned()),
+        Ok(c) => c
+            .simple_query("select 1")
+            .await
+            .err()
+            .and_then(|e| e.code().cloned()),
+    };
+    assert_eq!(code, Some(SqlState::TOO_MANY_CONNECTIONS));
+    assert_eq!(backends(&su).await?, 0);
+    // A wrong token (another nonce's) is refused.
+    let wrong = sluice_contract::admission_token(APP_USER.1, "another");
+    assert_eq!(http(p.admin, "POST", "/admit", &wrong).await?.0, 403);
+    assert_eq!(p.admin_get("/readyz").await?.0, 503);
+    let token = sluice_contract::admission_token(APP_USER.1, &nonce);
+    assert_eq!(
+        http(p.admin, "POST", "/admit", &token).await?,
+        (200, "admitted".to_string())
+    );
+    assert_eq!(p.admin_get("/readyz").await?.0, 200);
+    assert_eq!(p.status().await?["admitted"], true);
+    let c = p.connect().await?;
+    let v: i32 = c.query_one("select 5", &[]).await?.get(0);
+    assert_eq!(v, 5);
+    p.shutdown().await?;
+    Ok(())
+}

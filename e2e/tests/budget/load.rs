@@ -23,6 +23,12 @@ pub struct Counters {
     /// Transactions whose connection closed under them without an error from
     /// the server (a SIGKILLed pod, or a drain racing the next query): retried.
     pub interrupted: AtomicU64,
+    /// The pooler's own `53300` (no server connection within `pool_timeout`), at
+    /// login (session mode) or in a transaction: expected at saturation.
+    pub pool_timeouts: AtomicU64,
+    /// PostgreSQL's own refusal (`53300 too many clients`, which the pooler reports as
+    /// `08006`): the budget was exceeded at the database.
+    pub refused_by_database: AtomicU64,
 }
 
 /// What a finished run counted.
@@ -33,6 +39,38 @@ pub struct Totals {
     pub reconnects: u64,
     pub connect_errors: u64,
     pub interrupted: u64,
+    pub pool_timeouts: u64,
+    pub refused_by_database: u64,
+}
+
+/// What each client does.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Pause between transactions.
+    pub think: Duration,
+    /// Each transaction holds its server connection this long (`pg_sleep`), spread
+    /// evenly over the range by client; zero: a short transaction.
+    pub hold: (Duration, Duration),
+    /// Transactions per connection before the client disconnects and reconnects
+    /// (session-mode turnover); `None`: stay connected.
+    pub per_connection: Option<u64>,
+}
+
+impl Shape {
+    /// Short transactions with `think` between them, one connection per client.
+    pub fn gentle(think: Duration) -> Self {
+        Self { think, hold: (Duration::ZERO, Duration::ZERO), per_connection: None }
+    }
+
+    /// Every transaction holds its connection 100–500 ms, no pause: more clients
+    /// than server connections keep every pod at its limit.
+    pub fn saturating(per_connection: Option<u64>) -> Self {
+        Self {
+            think: Duration::ZERO,
+            hold: (Duration::from_millis(100), Duration::from_millis(500)),
+            per_connection,
+        }
+    }
 }
 
 /// Clients looping `BEGIN; SELECT ...; COMMIT` through the pooler.
@@ -49,15 +87,17 @@ pub struct Load {
 }
 
 impl Load {
-    /// Starts `clients` clients against `conn_str`, each pausing `think` between
-    /// transactions.
-    pub fn start(conn_str: String, clients: usize, think: Duration) -> Self {
+    /// Starts `clients` clients against `conn_str`, each doing `shape`.
+    pub fn start_shaped(conn_str: String, clients: usize, shape: Shape) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let mut tasks = JoinSet::new();
         for id in 0..clients {
             let (stop, counters, conn_str) = (stop.clone(), counters.clone(), conn_str.clone());
-            tasks.spawn(async move { client_loop(id, &conn_str, think, &stop, &counters).await });
+            let (lo, hi) = shape.hold;
+            let hold = lo + (hi.saturating_sub(lo)).mul_f64(id as f64 / clients.max(1) as f64);
+            let shape = Shape { hold: (hold, hold), ..shape };
+            tasks.spawn(async move { client_loop(id, &conn_str, shape, &stop, &counters).await });
         }
         Self { stop, counters, tasks }
     }
@@ -71,6 +111,8 @@ impl Load {
             reconnects: c.reconnects.load(Ordering::Relaxed),
             connect_errors: c.connect_errors.load(Ordering::Relaxed),
             interrupted: c.interrupted.load(Ordering::Relaxed),
+            pool_timeouts: c.pool_timeouts.load(Ordering::Relaxed),
+            refused_by_database: c.refused_by_database.load(Ordering::Relaxed),
         }
     }
 
@@ -82,8 +124,31 @@ impl Load {
     }
 }
 
-async fn client_loop(id: usize, conn_str: &str, think: Duration, stop: &AtomicBool, c: &Counters) {
+/// Counts an error as the pooler's pool timeout or the database's refusal; whether it
+/// was one of them.
+fn classify(e: &tokio_postgres::Error, c: &Counters) -> bool {
+    let Some(db) = e.as_db_error() else { return false };
+    match db.code().code() {
+        "53300" if db.message().contains("pool_timeout") => {
+            c.pool_timeouts.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        "53300" | "08006" => {
+            c.refused_by_database.fetch_add(1, Ordering::Relaxed);
+            eprintln!("refused: {} {}", db.code().code(), db.message());
+            true
+        }
+        _ => false,
+    }
+}
+
+async fn client_loop(id: usize, conn_str: &str, shape: Shape, stop: &AtomicBool, c: &Counters) {
     let mut first = true;
+    let sql = if shape.hold.0.is_zero() {
+        format!("BEGIN; SELECT {id}, pg_backend_pid(); COMMIT")
+    } else {
+        format!("BEGIN; SELECT {id}, pg_sleep({}); COMMIT", shape.hold.0.as_secs_f64())
+    };
     while !stop.load(Ordering::Relaxed) {
         let client = match tokio_postgres::connect(conn_str, tokio_postgres::NoTls).await {
             Ok((client, conn)) => {
@@ -92,8 +157,10 @@ async fn client_loop(id: usize, conn_str: &str, think: Duration, stop: &AtomicBo
                 });
                 client
             }
-            Err(_) => {
-                c.connect_errors.fetch_add(1, Ordering::Relaxed);
+            Err(e) => {
+                if !classify(&e, c) {
+                    c.connect_errors.fetch_add(1, Ordering::Relaxed);
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -102,16 +169,18 @@ async fn client_loop(id: usize, conn_str: &str, think: Duration, stop: &AtomicBo
             c.reconnects.fetch_add(1, Ordering::Relaxed);
         }
         first = false;
+        let mut done = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            if client.is_closed() {
+            if client.is_closed() || shape.per_connection.is_some_and(|n| done >= n) {
                 break;
             }
-            let sql = format!("BEGIN; SELECT {id}, pg_backend_pid(); COMMIT");
+            done += 1;
             match client.batch_execute(&sql).await {
                 Ok(()) => {
                     c.ok.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) if e.code().map(|s| s.code()) == Some("57P01") => break,
+                Err(e) if classify(&e, c) => {}
                 Err(e) if e.as_db_error().is_none() => {
                     c.interrupted.fetch_add(1, Ordering::Relaxed);
                     break;
@@ -128,8 +197,8 @@ async fn client_loop(id: usize, conn_str: &str, think: Duration, stop: &AtomicBo
                     }
                 }
             }
-            if !think.is_zero() {
-                tokio::time::sleep(think).await;
+            if !shape.think.is_zero() {
+                tokio::time::sleep(shape.think).await;
             }
         }
     }

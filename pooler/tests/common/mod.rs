@@ -116,10 +116,21 @@ impl Pooler {
 
 /// Minimal HTTP/1.0 GET.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    http(addr, "GET", path, "").await
+}
+
+/// One HTTP/1.0 request; the status code and body of the answer.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await?;
+    s.write_all(
+        format!(
+            "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await?;
     let mut out = String::new();
     s.read_to_string(&mut out).await?;
     let code: u16 = out
