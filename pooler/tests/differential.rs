@@ -23,7 +23,16 @@ use tokio::io::AsyncWriteExt;
 /// Clients per round; more than the transaction pool's connections, so they share.
 const CLIENTS: usize = 6;
 /// Seeds that once diverged (kept as regression cases), then a fixed range.
-const REGRESSION_SEEDS: &[u64] = &[1012, 1057, 1106, 1185, 1439, 1618, 8831651239876319360];
+const REGRESSION_SEEDS: &[u64] = &[
+    1012,
+    1057,
+    1106,
+    1185,
+    1439,
+    1618,
+    8831651239876319360,
+    18007446698473023554,
+];
 const END_MARKER: &[u8] = b"sluice-end";
 
 type Messages = Vec<(u8, Vec<u8>)>;

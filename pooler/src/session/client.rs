@@ -132,21 +132,34 @@ impl Session<'_> {
                 }
                 let st = self.stmts.register(&p);
                 self.bound_statements()?;
-                let client: Arc<str> = p.name.into();
                 let epoch = self.shared.schema_epoch();
                 let sc = self.ensure_server().await?;
                 if !sc.prepared.touch(&st.server_name, epoch) {
-                    self.prepare_on_server(&st, Some(client));
-                } else if self.tracker.status == TxStatus::Failed {
-                    // PostgreSQL refuses a Parse in a failed transaction: let it say so.
-                    self.to_server.extend_from_slice(&st.parse);
+                    self.prepare_on_server(&st, Some(p.name.into()));
+                } else if self.tracker.status == TxStatus::Failed || !self.tracker.answered() {
+                    // The statement is there, but whether the transaction will have
+                    // failed when this Parse runs is not known (or it has): a Parse of a
+                    // throwaway copy gets PostgreSQL's own answer (ParseComplete, 25P02,
+                    // or nothing after an earlier error), then goes.
+                    let probe = Parse {
+                        name: format!("{}_probe", st.server_name),
+                        query: p.query,
+                        param_types: p.param_types,
+                    };
+                    self.to_server.extend_from_slice(&probe.encode());
                     self.tracker.push(Pending::Parse {
                         name: None,
-                        client: Some(client),
+                        client: Some(p.name.into()),
                         swallow: false,
                     });
+                    let close = Close {
+                        target: Target::Statement,
+                        name: probe.name,
+                    };
+                    self.to_server.extend_from_slice(&close.encode());
+                    self.tracker.push(Pending::Close { swallow: true });
                 } else {
-                    self.tracker.push(Pending::SynthParse(client));
+                    self.tracker.push(Pending::SynthParse(p.name.into()));
                 }
             }
             b'B' if rewrite => {
