@@ -575,3 +575,70 @@ async fn gitops_apply_shows_no_drift() -> Result<()> {
     }
     fx.shutdown().await
 }
+
+/// Issue 16: every pod deleted at once (`kubectl delete pods`), saturated: the
+/// ReplicaSet replaces them at once while they drain with their connections; the
+/// replacements are admitted only as the budget has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn saturated_every_pod_deleted_at_once() -> Result<()> {
+    let name = "saturated, every pod deleted";
+    let (fx, before) = setup(2).await?;
+    let old: Vec<String> = fx.pooler_pods().await?.into_iter().map(|p| p.0).collect();
+    let m = measure_shaped(&fx, 3 * before.available as usize, Shape::saturating(None)).await?;
+    fx.kubectl(&["delete", "pods", "-l", &fx.selector().await?, "--wait=false"])?;
+    let deadline = Instant::now() + CONVERGE;
+    let after = loop {
+        let c = fx.wait_converged(2, CONVERGE).await?;
+        let now: Vec<String> = fx.pooler_pods().await?.into_iter().map(|p| p.0).collect();
+        if now.iter().all(|p| !old.contains(p)) {
+            break c;
+        }
+        ensure!(Instant::now() < deadline, "[{name}] old pods still there: {now:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let run = m.finish().await?;
+    report(name, &run, after.available, &before, &after);
+    assert_within_budget(name, &run, after.available)?;
+    fx.shutdown().await
+}
+
+/// Issue 16: pods evicted one after another through the Eviction API, as `kubectl
+/// drain` and cluster upgrades do, saturated. The PodDisruptionBudget allows the next
+/// eviction once the replacement is Ready, possibly while the evicted pod still drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn saturated_pods_evicted_one_after_another() -> Result<()> {
+    let name = "saturated, evictions";
+    let (fx, before) = setup(2).await?;
+    let old: Vec<String> = fx.pooler_pods().await?.into_iter().map(|p| p.0).collect();
+    let m = measure_shaped(&fx, 3 * before.available as usize, Shape::saturating(None)).await?;
+    let pods: Api<Pod> = Api::namespaced(fx.client.clone(), &fx.ns);
+    let deadline = Instant::now() + CONVERGE;
+    let mut evicted = 0;
+    for pod in &old {
+        // The PDB refuses (429) until the previous replacement is available.
+        loop {
+            match pods.evict(pod, &Default::default()).await {
+                Ok(_) => break,
+                Err(kube::Error::Api(e)) if e.code == 429 => {}
+                Err(e) => return Err(e.into()),
+            }
+            ensure!(Instant::now() < deadline, "[{name}] eviction of {pod} refused too long");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        evicted += 1;
+    }
+    let after = loop {
+        let c = fx.wait_converged(2, CONVERGE).await?;
+        let now: Vec<String> = fx.pooler_pods().await?.into_iter().map(|p| p.0).collect();
+        if now.iter().all(|p| !old.contains(p)) {
+            break c;
+        }
+        ensure!(Instant::now() < deadline, "[{name}] old pods still there: {now:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let run = m.finish().await?;
+    report(name, &run, after.available, &before, &after);
+    println!("[{name}] {evicted} pods evicted");
+    assert_within_budget(name, &run, after.available)?;
+    fx.shutdown().await
+}

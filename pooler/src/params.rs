@@ -107,10 +107,22 @@ impl Params {
 /// (`client_encoding` `utf-8`, `unicode`: `UTF8`); other values as given.
 pub fn canonical(name: &str, value: &str) -> String {
     if name == "client_encoding" {
-        let v = value.to_ascii_uppercase();
-        return match v.as_str() {
-            "UTF-8" | "UTF_8" | "UNICODE" => "UTF8".into(),
-            _ => v,
+        // As PostgreSQL reads encoding names: only letters and digits count, in any case
+        // (asyncpg sends `'utf-8'`, quotes included).
+        let clean: String = value
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        return match clean.as_str() {
+            "utf8" | "unicode" => "UTF8".into(),
+            "sqlascii" => "SQL_ASCII".into(),
+            "latin1" | "iso88591" => "LATIN1".into(),
+            "latin9" | "iso885915" => "LATIN9".into(),
+            "win1252" | "windows1252" => "WIN1252".into(),
+            "eucjp" => "EUC_JP".into(),
+            "sjis" | "shiftjis" => "SJIS".into(),
+            _ => value.trim_matches('\'').to_ascii_uppercase(),
         };
     }
     value.to_string()
@@ -273,6 +285,8 @@ mod tests {
         );
         assert_eq!(parse_status_body(b"TimeZone"), None);
         assert_eq!(canonical("client_encoding", "utf-8"), "UTF8");
+        assert_eq!(canonical("client_encoding", "'utf-8'"), "UTF8");
+        assert_eq!(canonical("client_encoding", "sql_ascii"), "SQL_ASCII");
         assert_eq!(canonical("application_name", "utf-8"), "utf-8");
     }
 

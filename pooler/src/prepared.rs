@@ -64,9 +64,13 @@ pub struct ClientStatements {
 const FORGOTTEN: usize = 16;
 
 impl ClientStatements {
-    /// Registers `parse` (a named Parse) and returns its statement.
-    pub fn register(&mut self, parse: &Parse) -> Arc<Statement> {
-        let server_name = server_name(&parse.query, &parse.param_types);
+    /// Registers `parse` (a named Parse) and returns its statement, named for schema
+    /// epoch `epoch` (see `Shared::schema_epoch`).
+    pub fn register(&mut self, parse: &Parse, epoch: u64) -> Arc<Statement> {
+        let mut server_name = server_name(&parse.query, &parse.param_types);
+        if epoch > 0 {
+            server_name = format!("{server_name}_e{epoch}").into();
+        }
         let p = Parse {
             name: server_name.to_string(),
             ..parse.clone()

@@ -31,7 +31,8 @@ pub struct Shared {
     /// Fixed at startup (changing it needs a restart).
     pub mode: PoolMode,
     /// Bumped when a schema change may have changed a shared statement's result type:
-    /// statements prepared on server connections before it are prepared again.
+    /// client Parses after it get server statements of their own epoch (fresh plans),
+    /// while statements prepared before keep theirs.
     schema_epoch: AtomicU64,
     /// Bound on what clients make the pooler hold (`max_client_memory`).
     pub memory: MemoryBudget,
@@ -69,8 +70,8 @@ impl Shared {
         self.schema_epoch.load(Ordering::Relaxed)
     }
 
-    /// A server reported DDL (or a statement whose result type changed under it):
-    /// statements already prepared on server connections are not trusted by new Parses.
+    /// A server reported DDL (or a statement whose result type changed under it): new
+    /// Parses do not share statements prepared before.
     pub fn schema_changed(&self) {
         self.schema_epoch.fetch_add(1, Ordering::Relaxed);
     }

@@ -177,6 +177,18 @@ impl Tracker {
             && !self.client_copy
     }
 
+    /// Nothing sent is owed an answer any more (extended messages not followed by a Sync
+    /// may remain: PostgreSQL answers them only at a Sync or Flush), or the client is in
+    /// a COPY FROM STDIN it did not end (the server answers nothing until it does).
+    pub fn owes_nothing(&self) -> bool {
+        self.resync.is_none() && (self.queue.is_empty() || self.client_copy)
+    }
+
+    /// Extended-protocol messages were sent since the last Sync.
+    pub fn unsynced(&self) -> bool {
+        self.unsynced
+    }
+
     /// Desynchronised, idle and [`Tracker::answered`]: a barrier may be sent now.
     pub fn ready_for_resync(&self) -> bool {
         self.desync && self.answered() && self.status == TxStatus::Idle

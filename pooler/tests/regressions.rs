@@ -329,3 +329,32 @@ async fn schema_changes_do_not_break_statements_prepared_after_them() -> Result<
     p.shutdown().await?;
     Ok(())
 }
+
+/// Terminate after extended messages with no Sync (asyncpg's `prepare()` sends Parse,
+/// Describe, Flush): PostgreSQL answers them and ends the session; the pooler must end
+/// it too (it waited for a ReadyForQuery that never comes). Both modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn terminate_after_unsynced_messages_ends_the_session() -> Result<()> {
+    let pg = postgres(20).await?;
+    for mode in ["transaction", "session"] {
+        let mut p = start(
+            &pg,
+            &format!("connection_limit = 2\npool_mode = \"{mode}\""),
+        )
+        .await?;
+        let mut s = raw(&p).await?;
+        let mut w = parse("s1", "select 1");
+        w.extend_from_slice(&describe(b'S', "s1"));
+        w.extend_from_slice(&flush());
+        s.write_all(&w).await?;
+        let (got, done) = read_until(&mut s, Duration::from_secs(5), |t, _| t == b'T').await;
+        ensure!(done, "{mode}: no description: {got:?}");
+        s.write_all(&terminate()).await?;
+        assert!(expect_closed(&mut s).await, "{mode}: the session ends");
+        let c = p.connect().await?;
+        let v: i32 = c.query_one("select 3", &[]).await?.get(0);
+        assert_eq!(v, 3, "{mode}: the pool serves the next client");
+        p.shutdown().await?;
+    }
+    Ok(())
+}

@@ -61,7 +61,14 @@ async fn sample(client: &Client, ns: &str, pool: &str, selector: &str) -> Result
     let pods = pod_api.list(&lp).await?;
     let reports = futures::future::join_all(pods.items.iter().map(|p| async move {
         let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone())?;
-        pooler_status(&ip).await.ok().and_then(|s| s["connection_limit"].as_i64())
+        // A process waiting for admission may hold nothing: it counts what it holds.
+        pooler_status(&ip).await.ok().and_then(|s| {
+            if s["admitted"] == false {
+                s["server_connections"]["open"].as_i64()
+            } else {
+                s["connection_limit"].as_i64()
+            }
+        })
     }))
     .await;
     let after = configmap_limit(client, ns, pool).await?;

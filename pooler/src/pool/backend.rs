@@ -30,35 +30,30 @@ pub const SERVER_BUF: usize = 64 * 1024;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Names of statements prepared on one server connection, least recently used first out,
-/// each with the schema epoch (see `Shared::schema_epoch`) it was prepared in.
+/// Names of statements prepared on one server connection, least recently used first out.
 #[derive(Debug, Default)]
 pub struct PreparedLru {
-    /// Name to (last use, schema epoch when prepared).
-    map: HashMap<Arc<str>, (u64, u64)>,
+    map: HashMap<Arc<str>, u64>,
     tick: u64,
 }
 
 impl PreparedLru {
-    /// Whether `name` is prepared and not older than schema epoch `epoch`; marks it used.
-    /// A statement prepared before a schema change may have a stale result type: it is
-    /// prepared again (Close, then Parse), as a new client's own Parse would be.
-    pub fn touch(&mut self, name: &Arc<str>, epoch: u64) -> bool {
+    /// Whether `name` is prepared; marks it used.
+    pub fn touch(&mut self, name: &Arc<str>) -> bool {
         self.tick += 1;
         match self.map.get_mut(name) {
-            Some((t, e)) if *e >= epoch => {
+            Some(t) => {
                 *t = self.tick;
                 true
             }
-            _ => false,
+            None => false,
         }
     }
 
-    /// Records `name`, prepared in schema epoch `epoch`; returns the least recently used
-    /// name to close when over `cap`.
-    pub fn insert(&mut self, name: Arc<str>, cap: usize, epoch: u64) -> Option<Arc<str>> {
+    /// Records `name`; returns the least recently used name to close when over `cap`.
+    pub fn insert(&mut self, name: Arc<str>, cap: usize) -> Option<Arc<str>> {
         self.tick += 1;
-        self.map.insert(name.clone(), (self.tick, epoch));
+        self.map.insert(name.clone(), self.tick);
         if self.map.len() <= cap {
             return None;
         }
@@ -66,7 +61,7 @@ impl PreparedLru {
             .map
             .iter()
             .filter(|(n, _)| **n != name)
-            .min_by_key(|(_, (t, _))| *t)?
+            .min_by_key(|(_, t)| **t)?
             .0
             .clone();
         self.map.remove(&victim);
@@ -327,23 +322,11 @@ mod tests {
     fn lru_evicts_least_recent() {
         let mut l = PreparedLru::default();
         let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) = ("a".into(), "b".into(), "c".into());
-        assert_eq!(l.insert(a.clone(), 2, 0), None);
-        assert_eq!(l.insert(b.clone(), 2, 0), None);
-        assert!(l.touch(&a, 0));
-        assert_eq!(l.insert(c.clone(), 2, 0), Some(b.clone()));
-        assert!(!l.touch(&b, 0));
+        assert_eq!(l.insert(a.clone(), 2), None);
+        assert_eq!(l.insert(b.clone(), 2), None);
+        assert!(l.touch(&a));
+        assert_eq!(l.insert(c.clone(), 2), Some(b.clone()));
+        assert!(!l.touch(&b));
         assert_eq!(l.len(), 2);
-    }
-
-    #[test]
-    fn statements_older_than_a_schema_change_are_prepared_again() {
-        let mut l = PreparedLru::default();
-        let a: Arc<str> = "a".into();
-        l.insert(a.clone(), 2, 3);
-        assert!(l.touch(&a, 3));
-        assert!(!l.touch(&a, 4), "stale after the epoch moved");
-        assert_eq!(l.insert(a.clone(), 2, 4), None, "prepared again in place");
-        assert!(l.touch(&a, 4));
-        assert_eq!(l.len(), 1);
     }
 }

@@ -15,13 +15,12 @@ impl Session<'_> {
     /// `client` is the client's name when the client itself sent the Parse.
     fn prepare_on_server(&mut self, st: &Statement, client: Option<Arc<str>>) {
         let swallow = client.is_none();
-        let epoch = self.shared.schema_epoch();
         let sc = self.server.as_mut().expect("server held");
-        if sc.prepared.touch(&st.server_name, epoch) {
+        if sc.prepared.touch(&st.server_name) {
             return;
         }
         let cap = self.shared.config().max_prepared_statements;
-        if let Some(victim) = sc.prepared.insert(st.server_name.clone(), cap, epoch) {
+        if let Some(victim) = sc.prepared.insert(st.server_name.clone(), cap) {
             let c = Close {
                 target: Target::Statement,
                 name: victim.to_string(),
@@ -130,11 +129,13 @@ impl Session<'_> {
                     });
                     return Ok(());
                 }
-                let st = self.stmts.register(&p);
+                // Named for the schema epoch: after a schema change a new Parse gets a
+                // fresh server statement, and clients that prepared before keep theirs
+                // (and PostgreSQL's answer for it).
+                let st = self.stmts.register(&p, self.shared.schema_epoch());
                 self.bound_statements()?;
-                let epoch = self.shared.schema_epoch();
                 let sc = self.ensure_server().await?;
-                if !sc.prepared.touch(&st.server_name, epoch) {
+                if !sc.prepared.touch(&st.server_name) {
                     self.prepare_on_server(&st, Some(p.name.into()));
                 } else if self.tracker.status == TxStatus::Failed || !self.tracker.answered() {
                     // The statement is there, but whether the transaction will have

@@ -42,6 +42,9 @@ const IDLE_BUF: usize = 1024;
 /// for a resynchronisation barrier to come back.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A Flush message.
+const FLUSH: [u8; 5] = [b'H', 0, 0, 0, 4];
+
 /// Serves one client connection to its end.
 pub async fn serve_client(mut stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
@@ -253,6 +256,13 @@ impl Session<'_> {
                 if f.tag == b'X' {
                     self.closing = true;
                     self.cbuf.clear();
+                    if self.server.is_some() && self.tracker.unsynced() {
+                        // Extended messages with no Sync after them: PostgreSQL runs
+                        // them and ends the session without committing. A Flush (which
+                        // commits nothing) brings their answers; the connection, not at
+                        // a Sync, is then closed, which rolls them back as on PostgreSQL.
+                        self.to_server.extend_from_slice(&FLUSH);
+                    }
                     break;
                 }
                 self.on_client_message(f).await?;
@@ -264,7 +274,7 @@ impl Session<'_> {
             self.flush_synth().await?;
             self.maybe_release();
             self.maybe_resync().await?;
-            if self.closing && (self.server.is_none() || self.tracker.answered()) {
+            if self.closing && (self.server.is_none() || self.tracker.owes_nothing()) {
                 // Everything sent before Terminate has been answered.
                 return Ok(());
             }

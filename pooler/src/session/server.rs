@@ -102,9 +102,8 @@ impl Session<'_> {
                             // Statements whose Parse was sent after it still come.
                             sc.prepared.clear();
                             let cap = self.shared.config().max_prepared_statements;
-                            let epoch = self.shared.schema_epoch();
                             for name in self.tracker.pending_parses() {
-                                sc.prepared.insert(name.clone(), cap, epoch);
+                                sc.prepared.insert(name.clone(), cap);
                             }
                             self.stmts.deallocated_all();
                         }
