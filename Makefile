@@ -9,7 +9,7 @@ export SLUICE_BIN_DIR ?= $(SLUICE_CACHE)/bin
 export PATH := $(SLUICE_BIN_DIR):$(PATH)
 CARGO ?= cargo
 
-.PHONY: help build tools lint fmt unit e2e test fuzz crds bench bench-build bench-pooler bench-operator demo images clean-cache
+.PHONY: help build tools lint fmt unit e2e compat test fuzz crds bench bench-build bench-pooler bench-operator demo images clean-cache
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -33,7 +33,11 @@ unit: tools ## Unit and integration tests (real PostgreSQL; the operator and tes
 e2e: tools build ## End-to-end tests against the real control plane and node agent (prints their figures)
 	$(CARGO) test -p sluice-e2e -- --test-threads=1 --nocapture
 
-test: lint unit e2e ## Everything CI runs: lint, unit, integration, e2e
+compat: ## asyncpg's own test suite (pinned, fetched from PyPI) directly and through the pooler in both modes (~5 min)
+	bash compat/asyncpg/setup.sh
+	$(CARGO) test -p sluice-pooler --test compat -- --ignored --nocapture
+
+test: lint unit e2e compat ## Everything CI runs: lint, unit, integration, e2e, driver compatibility
 
 fuzz: ## Differential fuzzing of the pooler against PostgreSQL for SLUICE_FUZZ_SECS (default 3600) seconds
 	SLUICE_FUZZ_SECS=$${SLUICE_FUZZ_SECS:-3600} $(CARGO) test -p sluice-pooler --test differential differential_fuzz -- --ignored --nocapture

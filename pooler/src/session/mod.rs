@@ -137,6 +137,8 @@ struct Session<'a> {
     closing: bool,
     /// A resynchronisation barrier is in flight until then (see [`Tracker`]).
     resync_deadline: Option<tokio::time::Instant>,
+    /// After Terminate: how long the server's last answers are waited for.
+    close_deadline: Option<tokio::time::Instant>,
     /// The server sent a FATAL (or PANIC) ErrorResponse: it is about to close.
     server_fatal: bool,
     queries: Counter,
@@ -177,6 +179,7 @@ async fn run_session(
         draining: false,
         closing: false,
         resync_deadline: None,
+        close_deadline: None,
         server_fatal: false,
     };
     if let Some(c) = login.server {
@@ -256,6 +259,9 @@ impl Session<'_> {
                 if f.tag == b'X' {
                     self.closing = true;
                     self.cbuf.clear();
+                    // What the server still owes comes within this, or never (messages
+                    // it skips after an error, with no Sync to end the skipping).
+                    self.close_deadline = Some(tokio::time::Instant::now() + RESET_TIMEOUT);
                     if self.server.is_some() && self.tracker.unsynced() {
                         // Extended messages with no Sync after them: PostgreSQL runs
                         // them and ends the session without committing. A Flush (which
@@ -298,7 +304,7 @@ impl Session<'_> {
                 let server = &mut self.server;
                 let draining = self.draining;
                 let listen = !self.closing && self.resync_deadline.is_none() && self.held.is_none();
-                let deadline = self.resync_deadline;
+                let deadline = self.resync_deadline.or(self.close_deadline);
                 tokio::select! {
                     r = read_client(client, cbuf), if listen => Event::Client(r),
                     _ = async {
@@ -336,6 +342,11 @@ impl Session<'_> {
                     self.on_server_data().await?;
                 }
                 Event::Drain => self.draining = true,
+                Event::ResyncTimeout if self.resync_deadline.is_none() => {
+                    // After Terminate: the rest will not come; the connection, not
+                    // settled, is closed (see `finish`).
+                    return Ok(());
+                }
                 Event::ResyncTimeout => {
                     return Err(self.server_lost("resynchronisation barrier timed out".into()));
                 }
