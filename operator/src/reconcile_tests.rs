@@ -565,6 +565,8 @@ async fn budget_exceeded_keeps_the_last_good_config() {
     assert_eq!(h.api.get(CM_PATH).unwrap(), cm_before);
     assert_eq!(h.condition("BudgetExceeded")["status"], "True");
     assert_eq!(h.condition("Ready")["status"], "False");
+    // Its pods keep 17 each: other pools of its database still count that.
+    assert_eq!(h.status()["budget"]["committed"], 51);
     // A second reconcile of the same infeasible pool writes nothing.
     h.reconcile().await;
     assert_eq!(writes(&h.api.take_log()), Vec::<String>::new());

@@ -344,13 +344,15 @@ fn committed_with(observed: &Observed, config_limit: i64, deployment_replicas: i
             None => unknown,
         })
         .sum();
-    let live = observed.pods.iter().filter(|p| !p.terminating).count() as i64;
+    // Pods that may exist at once: the replicas and the rollout pod, a terminating pod
+    // taking the rollout pod's place (so a rollout is not counted twice).
+    let pods = observed.pods.len() as i64;
     let replicas = i64::from(
         plan.deployment_replicas
             .max(observed.deployment_replicas.unwrap_or(0)),
     );
     let slots = replicas + crate::budget::ROLLOUT_EXTRA_PODS;
-    let room = (slots - live).max(0) * plan.config_limit;
+    let room = (slots - pods).max(0) * plan.config_limit;
     (existing + room).max(slots * plan.config_limit)
 }
 
@@ -558,6 +560,13 @@ mod tests {
         w.pods = vec![pod("p0", 8), pod("p1", 8)];
         let p = plan(&w, 25, 2, hash).unwrap();
         assert_eq!(committed(&w, &p), 24);
+        // A rollout: one pod drains, its replacement waits for admission.
+        w.pods[1].terminating = true;
+        let mut new = pod("p2", 8);
+        new.report.as_mut().unwrap().admitted = false;
+        new.report.as_mut().unwrap().held = 0;
+        w.pods.push(new);
+        assert_eq!(committed(&w, &p), 24, "the rollout pod is the + 1");
     }
 
     // ---- the simulation behind the budget guarantee ----

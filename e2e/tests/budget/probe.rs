@@ -59,8 +59,29 @@ async fn sample(client: &Client, ns: &str, pool: &str, selector: &str) -> Result
     let pod_api = Api::<Pod>::namespaced(client.clone(), ns);
     let lp = ListParams::default().labels(selector);
     let pods = pod_api.list(&lp).await?;
+    // A deleted pod's address may already be a new pod's (the node reuses addresses):
+    // its answer is the new pod's, and the deleted pod's process is gone.
+    let live_ips: HashSet<String> = pods
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.status.as_ref().and_then(|s| s.pod_ip.clone()))
+        .collect();
+    let reused = |p: &Pod| {
+        p.metadata.deletion_timestamp.is_some()
+            && p.status
+                .as_ref()
+                .and_then(|s| s.pod_ip.as_ref())
+                .is_some_and(|ip| live_ips.contains(ip))
+    };
     let reports = futures::future::join_all(pods.items.iter().map(|p| async move {
-        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone())?;
+        if reused(p) {
+            return Some(0);
+        }
+        // No address yet: no process, and once started it waits for admission.
+        let Some(ip) = p.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
+            return Some(0);
+        };
         // A process waiting for admission may hold nothing: it counts what it holds.
         pooler_status(&ip).await.ok().and_then(|s| {
             if s["admitted"] == false {
