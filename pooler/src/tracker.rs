@@ -270,6 +270,15 @@ impl Tracker {
         }
     }
 
+    /// Whether a Parse of a throwaway copy of client statement `client` (sent when the
+    /// transaction's state was not known, see the session) is not answered yet: whether
+    /// the client's statement exists, and so what a Bind of it gets, is not known yet.
+    pub fn client_probe_pending(&self, client: &str) -> bool {
+        self.queue.iter().any(
+            |p| matches!(p, Pending::Parse { name: None, client: Some(c), .. } if &**c == client),
+        )
+    }
+
     /// Server statements whose Parse is sent and not yet answered, oldest first.
     pub fn pending_parses(&self) -> impl Iterator<Item = &Arc<str>> {
         self.queue.iter().filter_map(|p| match p {

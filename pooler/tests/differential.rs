@@ -32,6 +32,7 @@ const REGRESSION_SEEDS: &[u64] = &[
     1618,
     8831651239876319360,
     18007446698473023554,
+    1809869093484177830,
 ];
 const END_MARKER: &[u8] = b"sluice-end";
 

@@ -78,18 +78,24 @@ async fn sample(client: &Client, ns: &str, pool: &str, selector: &str) -> Result
         if reused(p) {
             return Some(0);
         }
-        // No address yet: no process, and once started it waits for admission.
+        // No address yet, or a pod that was never Ready and does not answer: no process
+        // yet, and once started it waits for admission (which makes it Ready).
         let Some(ip) = p.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
             return Some(0);
         };
+        let ready = p
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let may_hold = ready || p.metadata.deletion_timestamp.is_some();
         // A process waiting for admission may hold nothing: it counts what it holds.
-        pooler_status(&ip).await.ok().and_then(|s| {
-            if s["admitted"] == false {
-                s["server_connections"]["open"].as_i64()
-            } else {
-                s["connection_limit"].as_i64()
-            }
-        })
+        match pooler_status(&ip).await {
+            Ok(s) if s["admitted"] == false => s["server_connections"]["open"].as_i64(),
+            Ok(s) => s["connection_limit"].as_i64(),
+            Err(_) if !may_hold => Some(0),
+            Err(_) => None,
+        }
     }))
     .await;
     let after = configmap_limit(client, ns, pool).await?;

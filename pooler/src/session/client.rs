@@ -64,6 +64,13 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Holds `f` until earlier answers decide how to rewrite it; a Flush makes the server
+    /// send them (a Parse not followed by a Sync or Flush is otherwise not answered).
+    fn hold(&mut self, f: Frame) {
+        self.to_server.extend_from_slice(&super::FLUSH);
+        self.held = Some(f);
+    }
+
     async fn forward(&mut self, f: &Frame) -> Result<()> {
         self.ensure_server().await?;
         self.to_server.extend_from_slice(&f.raw);
@@ -84,7 +91,7 @@ impl Session<'_> {
                         Some(SpecialQuery::Deallocate(name))
                             if self.tracker.client_parse_pending(&name) =>
                         {
-                            self.held = Some(f);
+                            self.hold(f);
                             return Ok(());
                         }
                         // The server does not know the client's name: it runs a
@@ -165,6 +172,12 @@ impl Session<'_> {
             }
             b'B' if rewrite => {
                 let (name, range) = Bind::peek_statement(&f.raw)?;
+                if !name.is_empty() && self.tracker.client_probe_pending(name) {
+                    // If that Parse fails, PostgreSQL answers this Bind "does not exist"
+                    // (the shared statement would answer otherwise): decided once known.
+                    self.hold(f);
+                    return Ok(());
+                }
                 let st = (!name.is_empty()).then(|| self.stmts.get(name)).flatten();
                 self.ensure_server().await?;
                 let client = match st {
