@@ -282,6 +282,26 @@ async fn scale(name: &str, from: i32, to: i32) -> Result<()> {
     fx.shutdown().await
 }
 
+/// Waits until the pool has converged on `replicas` pods, none of them in `old`, by
+/// `deadline`.
+async fn wait_replaced(
+    fx: &Fixture,
+    replicas: i64,
+    old: &[String],
+    deadline: Instant,
+    name: &str,
+) -> Result<Converged> {
+    loop {
+        let c = fx.wait_converged(replicas, CONVERGE).await?;
+        let now: Vec<String> = fx.pooler_pods().await?.into_iter().map(|p| p.0).collect();
+        if now.iter().all(|p| !old.contains(p)) {
+            return Ok(c);
+        }
+        ensure!(Instant::now() < deadline, "[{name}] pods were not replaced: {old:?} -> {now:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scale_up_2_to_5_under_load() -> Result<()> {
     scale("scale-up 2->5", 2, 5).await
@@ -302,16 +322,7 @@ async fn rollout_of_a_restart_requiring_change() -> Result<()> {
         json!({"spec": {"podTemplate": {"annotations": {"e2e.sluice.dev/rollout": "1"}}}}),
     )
     .await?;
-    let deadline = Instant::now() + CONVERGE;
-    let after = loop {
-        let c = fx.wait_converged(2, CONVERGE).await?;
-        let now: Vec<String> = fx.pooler_pods().await?.into_iter().map(|p| p.0).collect();
-        if now.iter().all(|p| !old.contains(p)) {
-            break c;
-        }
-        ensure!(Instant::now() < deadline, "pods were not replaced: {old:?} -> {now:?}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let after = wait_replaced(&fx, 2, &old, Instant::now() + CONVERGE, name).await?;
     let run = m.finish().await?;
     report(name, &run, after.available, &before, &after);
     assert_within_budget(name, &run, after.available)?;
@@ -586,16 +597,7 @@ async fn saturated_every_pod_deleted_at_once() -> Result<()> {
     let old: Vec<String> = fx.pooler_pods().await?.into_iter().map(|p| p.0).collect();
     let m = measure_shaped(&fx, 3 * before.available as usize, Shape::saturating(None)).await?;
     fx.kubectl(&["delete", "pods", "-l", &fx.selector().await?, "--wait=false"])?;
-    let deadline = Instant::now() + CONVERGE;
-    let after = loop {
-        let c = fx.wait_converged(2, CONVERGE).await?;
-        let now: Vec<String> = fx.pooler_pods().await?.into_iter().map(|p| p.0).collect();
-        if now.iter().all(|p| !old.contains(p)) {
-            break c;
-        }
-        ensure!(Instant::now() < deadline, "[{name}] old pods still there: {now:?}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let after = wait_replaced(&fx, 2, &old, Instant::now() + CONVERGE, name).await?;
     let run = m.finish().await?;
     report(name, &run, after.available, &before, &after);
     assert_within_budget(name, &run, after.available)?;
@@ -627,15 +629,7 @@ async fn saturated_pods_evicted_one_after_another() -> Result<()> {
         }
         evicted += 1;
     }
-    let after = loop {
-        let c = fx.wait_converged(2, CONVERGE).await?;
-        let now: Vec<String> = fx.pooler_pods().await?.into_iter().map(|p| p.0).collect();
-        if now.iter().all(|p| !old.contains(p)) {
-            break c;
-        }
-        ensure!(Instant::now() < deadline, "[{name}] old pods still there: {now:?}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let after = wait_replaced(&fx, 2, &old, deadline, name).await?;
     let run = m.finish().await?;
     report(name, &run, after.available, &before, &after);
     println!("[{name}] {evicted} pods evicted");

@@ -326,16 +326,7 @@ pub fn committed_as_is(observed: &Observed) -> i64 {
 }
 
 fn committed_with(observed: &Observed, config_limit: i64, deployment_replicas: i32) -> i64 {
-    let plan = Plan {
-        config_limit,
-        deployment_replicas,
-        phase: Phase::Idle,
-        unacknowledged: Vec::new(),
-        over_limit: Vec::new(),
-        awaiting_removal: Vec::new(),
-        target_limit: config_limit,
-    };
-    let unknown = observed.config_limit.unwrap_or(0).max(plan.config_limit);
+    let unknown = observed.config_limit.unwrap_or(0).max(config_limit);
     let existing: i64 = observed
         .pods
         .iter()
@@ -347,13 +338,10 @@ fn committed_with(observed: &Observed, config_limit: i64, deployment_replicas: i
     // Pods that may exist at once: the replicas and the rollout pod, a terminating pod
     // taking the rollout pod's place (so a rollout is not counted twice).
     let pods = observed.pods.len() as i64;
-    let replicas = i64::from(
-        plan.deployment_replicas
-            .max(observed.deployment_replicas.unwrap_or(0)),
-    );
+    let replicas = i64::from(deployment_replicas.max(observed.deployment_replicas.unwrap_or(0)));
     let slots = replicas + crate::budget::ROLLOUT_EXTRA_PODS;
-    let room = (slots - pods).max(0) * plan.config_limit;
-    (existing + room).max(slots * plan.config_limit)
+    let room = (slots - pods).max(0) * config_limit;
+    (existing + room).max(slots * config_limit)
 }
 
 /// The pods to admit now (see `require_admission` in `sluice_contract::PoolerConfig`):
