@@ -26,8 +26,6 @@ use sluice_e2e::fixture::{Converged, Fixture, pool_api, pooler_status};
 
 const MAX_CONNECTIONS: u32 = 60;
 const CONVERGE: Duration = Duration::from_secs(180);
-const CLIENTS: usize = 40;
-const THINK: Duration = Duration::from_millis(2);
 
 /// Everything measured while a change happened.
 struct Run {
@@ -42,8 +40,10 @@ struct Measuring {
     load: Load,
 }
 
-async fn measure(fx: &Fixture) -> Result<Measuring> {
-    measure_shaped(fx, CLIENTS, Shape::gentle(THINK)).await
+/// The saturating load of issue 16 for a pool converged at `c`: three clients per
+/// budget connection, each transaction holding its server connection 100–500 ms.
+async fn measure(fx: &Fixture, c: &Converged) -> Result<Measuring> {
+    measure_shaped(fx, 3 * c.available as usize, Shape::saturating(None)).await
 }
 
 async fn measure_shaped(fx: &Fixture, clients: usize, shape: Shape) -> Result<Measuring> {
@@ -156,33 +156,7 @@ async fn held_now(fx: &Fixture) -> Result<i64> {
 /// scaling 2 → 5 waits until the pods hold no more than the lowered limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn saturated_session_mode_scale_up_2_to_5() -> Result<()> {
-    let name = "saturated session 2->5";
-    let mut fx = Fixture::start(MAX_CONNECTIONS).await?;
-    fx.wait_crd_established().await?;
-    fx.create_secrets().await?;
-    fx.pool = "app".into();
-    fx.create_pool_with("app", 2, json!({"poolMode": "session", "poolTimeout": "2s"})).await?;
-    let before = fx.wait_converged(2, CONVERGE).await?;
-    let clients = 3 * before.available as usize;
-    let m = measure_shaped(&fx, clients, Shape::saturating(Some(3))).await?;
-    let mut saturated = 0;
-    for _ in 0..20 {
-        saturated = saturated.max(held_now(&fx).await?);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    ensure!(
-        saturated >= 2 * before.limit - 1,
-        "[{name}] pods not saturated: they held {saturated} of {}",
-        2 * before.limit
-    );
-    fx.scale(5)?;
-    let after = fx.wait_converged(5, CONVERGE).await?;
-    let run = m.finish().await?;
-    report(name, &run, after.available, &before, &after);
-    println!("[{name}] {clients} clients; pods held {saturated} before the change");
-    assert_within_budget(name, &run, after.available)?;
-    ensure!(run.totals.failed == 0, "[{name}] {} transactions failed", run.totals.failed);
-    fx.shutdown().await
+    scale("saturated session 2->5", 2, 5, true).await
 }
 
 /// Issue 16: two ConnectionPools on one database divide its budget, saturated
@@ -254,13 +228,35 @@ async fn two_saturated_pools_share_one_database_budget() -> Result<()> {
     fx.shutdown().await
 }
 
-async fn scale(name: &str, from: i32, to: i32) -> Result<()> {
-    let (fx, before) = setup(from).await?;
-    let m = measure(&fx).await?;
+/// Scales a saturated pool `from` → `to` replicas; `session`: a session-mode pool whose
+/// clients reconnect every three transactions.
+async fn scale(name: &str, from: i32, to: i32, session: bool) -> Result<()> {
+    let (fx, before) = if session {
+        let mut fx = Fixture::start(MAX_CONNECTIONS).await?;
+        fx.wait_crd_established().await?;
+        fx.create_secrets().await?;
+        fx.pool = "app".into();
+        fx.create_pool_with("app", from, json!({"poolMode": "session", "poolTimeout": "2s"}))
+            .await?;
+        let before = fx.wait_converged(from.into(), CONVERGE).await?;
+        (fx, before)
+    } else {
+        setup(from).await?
+    };
+    let clients = 3 * before.available as usize;
+    let m = measure_shaped(&fx, clients, Shape::saturating(session.then_some(3))).await?;
+    let mut saturated = 0;
+    for _ in 0..20 {
+        saturated = saturated.max(held_now(&fx).await?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let full = i64::from(from) * before.limit;
+    ensure!(saturated >= full - 1, "[{name}] pods not saturated: they held {saturated} of {full}");
     fx.scale(to)?;
     let after = fx.wait_converged(to.into(), CONVERGE).await?;
     let run = m.finish().await?;
     report(name, &run, after.available, &before, &after);
+    println!("[{name}] {clients} clients; pods held {saturated} of {full} before the change");
     assert_within_budget(name, &run, after.available)?;
     ensure!(run.totals.failed == 0, "[{name}] {} transactions failed", run.totals.failed);
     if to > from {
@@ -303,21 +299,28 @@ async fn wait_replaced(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn scale_up_2_to_5_under_load() -> Result<()> {
-    scale("scale-up 2->5", 2, 5).await
+async fn saturated_scale_up_2_to_5() -> Result<()> {
+    scale("saturated 2->5", 2, 5, false).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn scale_down_5_to_2_under_load() -> Result<()> {
-    scale("scale-down 5->2", 5, 2).await
+async fn saturated_scale_down_5_to_2() -> Result<()> {
+    scale("saturated 5->2", 5, 2, false).await
+}
+
+/// Session mode: the removed pods' clients hold their server connections until they
+/// disconnect; the survivors' limit rises only once those are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn saturated_session_mode_scale_down_5_to_2() -> Result<()> {
+    scale("saturated session 5->2", 5, 2, true).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn rollout_of_a_restart_requiring_change() -> Result<()> {
+async fn saturated_rollout_of_a_restart_requiring_change() -> Result<()> {
     let name = "rollout";
     let (fx, before) = setup(2).await?;
     let old: Vec<String> = fx.pooler_pods().await?.into_iter().map(|p| p.0).collect();
-    let m = measure(&fx).await?;
+    let m = measure(&fx, &before).await?;
     fx.patch_pool(
         json!({"spec": {"podTemplate": {"annotations": {"e2e.sluice.dev/rollout": "1"}}}}),
     )
@@ -331,10 +334,10 @@ async fn rollout_of_a_restart_requiring_change() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn budget_follows_max_connections() -> Result<()> {
+async fn saturated_budget_follows_max_connections() -> Result<()> {
     let name = "budget-change";
     let (mut fx, before) = setup(2).await?;
-    let m = measure(&fx).await?;
+    let m = measure(&fx, &before).await?;
     let mut last_refresh = Instant::now();
     for target in [90u32, MAX_CONNECTIONS] {
         let changed = Instant::now();
@@ -401,10 +404,10 @@ async fn budget_follows_max_connections() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn pod_killed_restarts_and_budget_holds() -> Result<()> {
+async fn saturated_pod_killed_restarts_and_budget_holds() -> Result<()> {
     let name = "pod-killed";
     let (fx, before) = setup(2).await?;
-    let m = measure(&fx).await?;
+    let m = measure(&fx, &before).await?;
     let (victim, ip) = fx.pooler_pods().await?.into_iter().next().context("a pod")?;
     let pid = pooler_pid_with_ip(&ip)?;
     std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
@@ -451,10 +454,10 @@ fn pooler_pid_with_ip(ip: &str) -> Result<u32> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn operator_killed_mid_resize_resumes() -> Result<()> {
+async fn saturated_operator_killed_mid_resize_resumes() -> Result<()> {
     let name = "operator-killed";
     let (mut fx, before) = setup(2).await?;
-    let m = measure(&fx).await?;
+    let m = measure(&fx, &before).await?;
     fx.scale(5)?;
     // Kill it once the resize has begun (Progressing=True), not before.
     let progressing = fx.wait_condition(&fx.pool, "Progressing", Duration::from_secs(60)).await?;

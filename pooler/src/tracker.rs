@@ -108,6 +108,9 @@ pub struct Tracker {
     /// The running COPY's messages include ones the server treats differently before and
     /// after an error (Sync, or a non-COPY message): an error during it desynchronises.
     copy_ambiguous: bool,
+    /// The server is discarding messages until the next Sync (an extended-protocol
+    /// message failed and no Sync had been sent after it).
+    skipping: bool,
     /// The order of responses is no longer known; see the module docs.
     desync: bool,
     resync: Option<Resync>,
@@ -125,6 +128,7 @@ impl Default for Tracker {
             server_copy: false,
             client_copy: false,
             copy_ambiguous: false,
+            skipping: false,
             desync: false,
             resync: None,
         }
@@ -145,6 +149,15 @@ impl Tracker {
                 // The server fails the COPY on this message and consumes it.
                 _ => self.copy_ambiguous = true,
             }
+        }
+        if self.skipping {
+            if p != Pending::Sync {
+                // The server discards it; nothing is owed for it.
+                self.unsynced = true;
+                self.discarded(p);
+                return;
+            }
+            self.skipping = false;
         }
         match p {
             Pending::Sync => self.unsynced = false,
@@ -401,22 +414,19 @@ impl Tracker {
                         self.desync = true;
                     }
                 }
-                if !front_query {
-                    // The server skips everything up to the next Sync.
+                if !front_query && !self.queue.is_empty() {
+                    // The server discards everything up to the next Sync, simple queries
+                    // included; messages sent later are discarded as they come while no
+                    // Sync has been sent.
                     while let Some(p) = self.queue.front() {
-                        if *p == Pending::Sync || *p == Pending::Query {
+                        if *p == Pending::Sync {
                             break;
                         }
-                        match self.queue.pop_front() {
-                            Some(Pending::Parse { name, client, .. }) => {
-                                self.failed.extend(name);
-                                self.forget_clients.extend(client);
-                            }
-                            Some(Pending::SynthParse(client)) => self.forget_clients.push(client),
-                            Some(Pending::SynthClose(client)) => self.skipped_closes.push(client),
-                            _ => {}
+                        if let Some(p) = self.queue.pop_front() {
+                            self.discarded(p);
                         }
                     }
+                    self.skipping = self.queue.is_empty();
                 }
             }
             b'Z' => {
@@ -491,6 +501,19 @@ impl Tracker {
     fn skip_inert(&mut self) {
         while !self.server_copy && self.queue.front() == Some(&Pending::CopyEnd) {
             self.queue.pop_front();
+        }
+    }
+
+    /// `p` is discarded by the server (skipping to the next Sync after an error).
+    fn discarded(&mut self, p: Pending) {
+        match p {
+            Pending::Parse { name, client, .. } => {
+                self.failed.extend(name);
+                self.forget_clients.extend(client);
+            }
+            Pending::SynthParse(client) => self.forget_clients.push(client),
+            Pending::SynthClose(client) => self.skipped_closes.push(client),
+            _ => {}
         }
     }
 

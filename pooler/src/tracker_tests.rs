@@ -273,3 +273,34 @@ fn deallocate_swallows_the_prepare_and_drops_the_name_on_success() {
     assert!(t.is_settled());
     assert!(t.forget_clients.is_empty());
 }
+
+/// PostgreSQL discards every message after an extended-protocol error up to the next
+/// Sync, simple queries and messages that arrive after the error included (found by
+/// `make fuzz`, seed 12282773673744209491).
+#[test]
+fn error_discards_messages_sent_after_it_until_sync() {
+    let mut t = Tracker::default();
+    t.push(Pending::Parse {
+        name: None,
+        client: Some("s1".into()),
+        swallow: false,
+    });
+    t.push(Pending::Query);
+    assert_eq!(t.on_message(b'E', 0), Verdict::Keep);
+    assert_eq!(t.forget_clients, vec![Arc::<str>::from("s1")]);
+    // Sent after the error came: discarded by the server as well.
+    t.push(Pending::Bind(None));
+    t.push(Pending::SynthParse("s2".into()));
+    t.push(Pending::Execute);
+    t.push(Pending::Query);
+    assert!(!t.has_synth());
+    assert!(!t.answered());
+    t.push(Pending::Sync);
+    t.push(Pending::Query);
+    assert_eq!(t.on_message(b'Z', b'I'), Verdict::Keep);
+    assert_eq!(t.on_message(b'C', 0), Verdict::Keep);
+    assert_eq!(t.on_message(b'Z', b'I'), Verdict::Keep);
+    assert!(t.is_settled());
+    assert!(!t.is_desynced());
+    assert_eq!(t.forget_clients.len(), 2);
+}

@@ -33,6 +33,7 @@ const REGRESSION_SEEDS: &[u64] = &[
     8831651239876319360,
     18007446698473023554,
     1809869093484177830,
+    12282773673744209491,
 ];
 const END_MARKER: &[u8] = b"sluice-end";
 
@@ -315,6 +316,9 @@ async fn differential_fuzz() -> Result<()> {
 async fn one_client() -> Result<()> {
     let seed: u64 = std::env::var("SEED")?.parse()?;
     let c: usize = std::env::var("CLIENT")?.parse()?;
+    if std::env::var_os("NOTES").is_some() {
+        println!("{}", script(seed, c, Flavor::Transaction).notes.join("\n"));
+    }
     let rig = Rig::start().await?;
     let direct: SocketAddr = format!("127.0.0.1:{}", rig.pg.port()).parse()?;
     reset_tables(&rig.su).await?;

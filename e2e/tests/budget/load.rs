@@ -57,11 +57,6 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// Short transactions with `think` between them, one connection per client.
-    pub fn gentle(think: Duration) -> Self {
-        Self { think, hold: (Duration::ZERO, Duration::ZERO), per_connection: None }
-    }
-
     /// Every transaction holds its connection 100–500 ms, no pause: more clients
     /// than server connections keep every pod at its limit.
     pub fn saturating(per_connection: Option<u64>) -> Self {

@@ -256,6 +256,13 @@ impl Gen {
                 b.extend_from_slice(&sync());
                 note.push_str("B(7) E S");
             }
+            3 if k % 3 == 0 => {
+                // A simple query before the Sync: PostgreSQL runs it, or discards it
+                // when a message before it failed.
+                b.extend_from_slice(&query(&format!("select 'c{c} q'")));
+                b.extend_from_slice(&sync());
+                note.push_str("Q S");
+            }
             2 if !name.is_empty() => {
                 b.extend_from_slice(&close(b'S', &name));
                 b.extend_from_slice(&sync());
