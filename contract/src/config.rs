@@ -108,6 +108,12 @@ pub struct PoolerConfig {
     /// (as PgBouncer's `ignore_startup_parameters`), e.g. `["search_path"]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ignore_startup_parameters: Option<Vec<String>>,
+    /// The database size `connection_limit` was computed for. A server found to allow
+    /// fewer connections (restarted with a smaller `max_connections`) lowers the limit in
+    /// proportion at once, before the operator has seen the change (see
+    /// [`BudgetBasis::limit_for`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_basis: Option<BudgetBasis>,
     /// Opaque to the pooler; the operator changes it when a referenced Secret changes,
     /// so the file, and with it the hash, changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -148,6 +154,38 @@ impl std::fmt::Debug for ServerSection {
             .field("password_file", &self.password_file)
             .field("user", &self.user)
             .finish_non_exhaustive()
+    }
+}
+
+/// `[budget_basis]`: what the operator computed `connection_limit` from.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetBasis {
+    /// `max_connections` of the database (discovered, or given in the spec).
+    pub max_connections: u32,
+    /// Server connections every pooler pod of the database together may hold; the pods'
+    /// limits add up to no more than this.
+    pub budget: u32,
+}
+
+impl BudgetBasis {
+    /// The limit to apply instead of `limit` when the server reports `observed`
+    /// `max_connections`: unchanged unless the database shrank, else lowered in
+    /// proportion to the budget left, `⌊limit × (budget − shrink) ÷ budget⌋`, and 0
+    /// when nothing is left.
+    ///
+    /// # Guarantees
+    /// When every pod of the database applies it with the same `observed`, their limits
+    /// add up to no more than the budget minus the shrink: the connections kept free
+    /// (reserved, superuser) stay free in number.
+    pub fn limit_for(&self, limit: usize, observed: u32) -> usize {
+        let shrink = self.max_connections.saturating_sub(observed);
+        if shrink == 0 || self.budget == 0 {
+            return limit;
+        }
+        let left = u64::from(self.budget.saturating_sub(shrink));
+        let scaled = limit as u64 * left / u64::from(self.budget);
+        usize::try_from(scaled).unwrap_or(usize::MAX).min(limit)
     }
 }
 
@@ -240,6 +278,33 @@ impl PoolerConfig {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_smaller_database_lowers_the_limit_in_proportion() {
+        let b = BudgetBasis {
+            max_connections: 90,
+            budget: 78,
+        };
+        assert_eq!(b.limit_for(26, 90), 26);
+        assert_eq!(
+            b.limit_for(26, 200),
+            26,
+            "a larger database changes nothing"
+        );
+        // 90 -> 60: 48 of 78 left; two pods at 26 (52) become two at 16 (32).
+        assert_eq!(b.limit_for(26, 60), 16);
+        assert_eq!(b.limit_for(26, 12), 0);
+        assert_eq!(b.limit_for(26, 0), 0);
+        for observed in 0..=100u32 {
+            let left = 78u32.saturating_sub(90u32.saturating_sub(observed)) as usize;
+            // Pods whose limits add up to the budget.
+            let sum: usize = [26usize, 26, 13, 13]
+                .iter()
+                .map(|&l| b.limit_for(l, observed))
+                .sum();
+            assert!(sum <= left, "max_connections {observed}: {sum} > {left}");
+        }
+    }
+
     fn sample() -> PoolerConfig {
         PoolerConfig {
             listen_addr: listen_addr(),
@@ -255,6 +320,10 @@ mod tests {
             max_prepared_statements: None,
             max_client_memory: None,
             require_admission: None,
+            budget_basis: Some(BudgetBasis {
+                max_connections: 100,
+                budget: 87,
+            }),
             ignore_startup_parameters: Some(vec!["search_path".into()]),
             revision: Some("ab\"c\\d".into()),
             server: ServerSection {

@@ -9,7 +9,9 @@ mod config;
 mod duration;
 mod status;
 
-pub use config::{AuthMethod, AuthSection, PoolMode, PoolerConfig, ServerSection, defaults};
+pub use config::{
+    AuthMethod, AuthSection, BudgetBasis, PoolMode, PoolerConfig, ServerSection, defaults,
+};
 pub use duration::{ConfigDuration, DurationError, MAX_DURATION};
 pub use status::{Clients, PoolStatus, ServerConnections, Status};
 

@@ -17,7 +17,9 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::{Value, json};
-use sluice_contract::{AuthMethod, AuthSection, ConfigDuration, PoolerConfig, ServerSection};
+use sluice_contract::{
+    AuthMethod, AuthSection, BudgetBasis, ConfigDuration, PoolerConfig, ServerSection,
+};
 
 use crate::api::ConnectionPool;
 use crate::error::{Error, Result};
@@ -60,6 +62,26 @@ pub struct RenderInputs {
     pub revision: String,
     /// Image used when the spec names none.
     pub default_image: String,
+}
+
+/// What `pooler.toml` is rendered from besides the spec and the limit.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ConfigInputs {
+    /// Changes when a referenced Secret changes (see [`secrets_revision`]).
+    pub revision: String,
+    /// The database size the limit is computed from (see [`BudgetBasis`]).
+    pub basis: Option<BudgetBasis>,
+}
+
+#[cfg(test)]
+impl ConfigInputs {
+    /// Inputs with `revision` and no basis.
+    pub fn new(revision: &str) -> Self {
+        Self {
+            revision: revision.to_string(),
+            basis: None,
+        }
+    }
 }
 
 /// Name of the ConfigMap.
@@ -140,7 +162,7 @@ pub fn grace_seconds(pool: &ConnectionPool) -> Result<i64> {
 ///
 /// # Errors
 /// When a duration in the spec is malformed.
-pub fn pooler_toml(pool: &ConnectionPool, limit: i64, revision: &str) -> Result<String> {
+pub fn pooler_toml(pool: &ConnectionPool, limit: i64, inputs: &ConfigInputs) -> Result<String> {
     let s = &pool.spec;
     let dur = |v: &Option<String>, default: &str| parse_duration(v.as_deref().unwrap_or(default));
     let config = PoolerConfig {
@@ -159,7 +181,8 @@ pub fn pooler_toml(pool: &ConnectionPool, limit: i64, revision: &str) -> Result<
         max_client_memory: None,
         require_admission: Some(true),
         ignore_startup_parameters: None,
-        revision: Some(revision.to_string()),
+        budget_basis: inputs.basis,
+        revision: Some(inputs.revision.clone()),
         server: ServerSection {
             host: s.database.host.clone(),
             port: u16::try_from(s.database.port).map_err(|_| {
@@ -218,8 +241,8 @@ fn with_spec_hash<K: Serialize + Resource>(mut obj: K) -> Result<K> {
 ///
 /// # Errors
 /// When a duration in the spec is malformed.
-pub fn config_map(pool: &ConnectionPool, limit: i64, revision: &str) -> Result<ConfigMap> {
-    let toml = pooler_toml(pool, limit, revision)?;
+pub fn config_map(pool: &ConnectionPool, limit: i64, inputs: &ConfigInputs) -> Result<ConfigMap> {
+    let toml = pooler_toml(pool, limit, inputs)?;
     let annotations = BTreeMap::from([
         (LIMIT_ANNOTATION.to_string(), limit.to_string()),
         (CONFIG_HASH_ANNOTATION.to_string(), config_hash(&toml)),
@@ -474,7 +497,10 @@ pub(crate) mod tests {
         let i = inputs();
         let docs = [
             serde_yaml::to_string(&service_account(pool).unwrap()).unwrap(),
-            serde_yaml::to_string(&config_map(pool, i.limit, &i.revision).unwrap()).unwrap(),
+            serde_yaml::to_string(
+                &config_map(pool, i.limit, &ConfigInputs::new(&i.revision)).unwrap(),
+            )
+            .unwrap(),
             serde_yaml::to_string(&service(pool).unwrap()).unwrap(),
             serde_yaml::to_string(&pod_disruption_budget(pool).unwrap()).unwrap(),
             serde_yaml::to_string(&deployment(pool, &i).unwrap()).unwrap(),
@@ -511,7 +537,7 @@ pub(crate) mod tests {
 
     #[test]
     fn no_password_in_config_map() {
-        let cm = config_map(&complete(), 5, "r").unwrap();
+        let cm = config_map(&complete(), 5, &ConfigInputs::new("r")).unwrap();
         let text = serde_json::to_string(&cm).unwrap();
         assert!(!text.to_lowercase().contains("password ="));
         assert!(text.contains("password_file"));
@@ -527,8 +553,8 @@ pub(crate) mod tests {
         let d2 = deployment(&pool, &a).unwrap();
         assert_eq!(d1, d2);
         assert_ne!(
-            config_map(&pool, 17, "x").unwrap(),
-            config_map(&pool, 3, "x").unwrap()
+            config_map(&pool, 17, &ConfigInputs::new("x")).unwrap(),
+            config_map(&pool, 3, &ConfigInputs::new("x")).unwrap()
         );
     }
 
@@ -543,8 +569,8 @@ pub(crate) mod tests {
 
     #[test]
     fn hash_matches_the_pooler_definition() {
-        let toml = pooler_toml(&minimal(), 9, "r").unwrap();
-        let cm = config_map(&minimal(), 9, "r").unwrap();
+        let toml = pooler_toml(&minimal(), 9, &ConfigInputs::new("r")).unwrap();
+        let cm = config_map(&minimal(), 9, &ConfigInputs::new("r")).unwrap();
         assert_eq!(cm.data.unwrap()[CONFIG_KEY], toml);
         assert_eq!(
             config_hash("test"),
@@ -557,11 +583,11 @@ pub(crate) mod tests {
         // Counts beyond u32 passed CEL and rendering, then the pooler refused them.
         let mut pool = minimal();
         pool.spec.pool_timeout = Some("4294967296ms".into());
-        let toml = pooler_toml(&pool, 9, "r").unwrap();
+        let toml = pooler_toml(&pool, 9, &ConfigInputs::new("r")).unwrap();
         let back = PoolerConfig::parse(&toml).expect("the pooler reads what is rendered");
         assert_eq!(back.pool_timeout().as_millis(), 4_294_967_296);
         pool.spec.pool_timeout = Some("8761h".into());
-        let e = pooler_toml(&pool, 9, "r").unwrap_err();
+        let e = pooler_toml(&pool, 9, &ConfigInputs::new("r")).unwrap_err();
         assert!(e.to_string().contains("longer than the maximum"), "{e}");
         for bad in ["", "5", "s", "1x", "1.5s", "-1s", "1s "] {
             assert!(parse_duration(bad).is_err(), "{bad}");
@@ -573,7 +599,7 @@ pub(crate) mod tests {
     fn toml_strings_are_escaped() {
         let mut pool = minimal();
         pool.spec.database.host = "a\"b\\c\n".into();
-        let toml = pooler_toml(&pool, 1, "r").unwrap();
+        let toml = pooler_toml(&pool, 1, &ConfigInputs::new("r")).unwrap();
         let back = PoolerConfig::parse(&toml).expect("valid TOML");
         assert_eq!(back.server.host, "a\"b\\c\n");
     }

@@ -297,6 +297,15 @@ impl<'a> Reconciler<'a> {
             pools: others.iter().filter(|m| m.weight > 0).count() as i32 + 1,
             database_budget: budget.available,
         };
+        // The pods' limits are computed from this: a pooler finding the database smaller
+        // lowers its own limit in proportion before the next refresh sees it.
+        let config_inputs = desired::ConfigInputs {
+            revision: revision.clone(),
+            basis: Some(sluice_contract::BudgetBasis {
+                max_connections: u32::try_from(limits.max_connections).unwrap_or(0),
+                budget: u32::try_from(budget.available).unwrap_or(0),
+            }),
+        };
         let budget = Budget {
             available: share.share,
             ..budget
@@ -319,7 +328,7 @@ impl<'a> Reconciler<'a> {
             .and_then(|s| s.budget.as_ref())
             .and_then(|b| b.applied_config_hash.clone());
         let hash_for = |limit: i64| {
-            desired::pooler_toml(self.pool, limit, &revision)
+            desired::pooler_toml(self.pool, limit, &config_inputs)
                 .map(|t| desired::config_hash(&t))
                 .unwrap_or_default()
         };
@@ -410,7 +419,7 @@ impl<'a> Reconciler<'a> {
             ),
             self.apply(
                 children.config_map.as_ref(),
-                desired::config_map(self.pool, plan.config_limit, &revision)?,
+                desired::config_map(self.pool, plan.config_limit, &config_inputs)?,
                 "configmaps",
             ),
         )?;

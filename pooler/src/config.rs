@@ -52,6 +52,8 @@ pub struct Config {
     pub max_client_memory: usize,
     /// No server connection until the operator admits the process (`POST /admit`).
     pub require_admission: bool,
+    /// What `connection_limit` was computed from (see [`crate::pool::DatabaseSize`]).
+    pub budget_basis: Option<sluice_contract::BudgetBasis>,
     /// Startup parameters dropped instead of refused.
     pub ignore_startup_parameters: Vec<String>,
     pub server: ServerConfig,
@@ -171,6 +173,7 @@ impl Config {
             max_prepared_statements: raw.max_prepared_statements(),
             max_client_memory: raw.max_client_memory(),
             require_admission: raw.require_admission.unwrap_or(false),
+            budget_basis: raw.budget_basis,
             ignore_startup_parameters: raw.ignore_startup_parameters.clone().unwrap_or_default(),
             listen_addr: raw.listen_addr,
             admin_addr: raw.admin_addr,

@@ -197,7 +197,14 @@ async fn reaper_loop(shared: Arc<Shared>) {
             shared
                 .pools
                 .limiter()
-                .reap(cfg.idle_timeout, cfg.server_lifetime, |c| c.is_broken()),
+                .reap(cfg.idle_timeout, cfg.server_lifetime, |c| {
+                    // The server may have restarted: the next connection checks its size.
+                    let dead = c.is_broken();
+                    if dead {
+                        shared.pools.size.unverify();
+                    }
+                    dead
+                }),
         );
     }
 }

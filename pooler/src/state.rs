@@ -99,10 +99,10 @@ impl Shared {
             new.pool_mode = old.pool_mode;
         }
         self.memory.set_limit(new.max_client_memory);
-        let limit = new.connection_limit;
+        let limit = self.pools.limit_for(&new);
         let hash = new.hash.clone();
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
-        if limit != old.connection_limit && self.is_admitted() {
+        if limit != self.pools.limiter().limit() && self.is_admitted() {
             close_all(self.pools.limiter().set_limit(limit));
         }
         tracing::info!(config_hash = %hash, connection_limit = limit, "config applied");
@@ -128,7 +128,7 @@ impl Shared {
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0;
         if right && !self.admitted.swap(true, Ordering::SeqCst) {
-            close_all(self.pools.limiter().set_limit(cfg.connection_limit));
+            close_all(self.pools.limiter().set_limit(self.pools.limit_for(&cfg)));
             tracing::info!(
                 connection_limit = cfg.connection_limit,
                 "admitted by the operator"

@@ -1117,3 +1117,86 @@ async fn a_process_that_requires_admission_waits_for_it() -> Result<()> {
     p.shutdown().await?;
     Ok(())
 }
+
+/// Clients looping `select pg_sleep(hold)` through `cs` until `stop`; errors (a server
+/// restart) are ignored, the client reconnecting.
+fn saturate(
+    cs: String,
+    clients: usize,
+    hold: f64,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<u64>> {
+    (0..clients)
+        .map(|_| {
+            let (cs, stop) = (cs.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut ok = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok(c) = sluice_testkit::connect(&cs).await else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    while !stop.load(Ordering::SeqCst) {
+                        match c.simple_query(&format!("select pg_sleep({hold})")).await {
+                            Ok(_) => ok += 1,
+                            Err(_) if c.is_closed() => break,
+                            Err(_) => {}
+                        }
+                    }
+                }
+                ok
+            })
+        })
+        .collect()
+}
+
+/// Issue 16: PostgreSQL restarted with a smaller `max_connections` (90 → 60) while the
+/// pods' limits were computed for 90. The first server connection after the restart
+/// asks for `max_connections` before any other opens, and the limit drops in proportion
+/// (26 × 48 / 78 = 16) before the operator has seen the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_restarted_smaller_lowers_the_limit_before_connections_open() -> Result<()> {
+    let mut pg = postgres(90).await?;
+    let mut p = start(
+        &pg,
+        "connection_limit = 26\nbudget_basis = { max_connections = 90, budget = 78 }",
+    )
+    .await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampling = sampler(pg.connect_superuser().await?, stop.clone());
+    let load = saturate(p.app_conn_str(), 40, 0.1, stop.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    for t in load {
+        ensure!(t.await? > 0, "a client got no transaction through");
+    }
+    let (before, _) = sampling.await?;
+    ensure!(before == 26, "saturated at the limit before: {before}");
+
+    tokio::task::block_in_place(|| pg.restart_with_max_connections(60))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampling = sampler_every(pg.connect_superuser().await?, stop.clone(), Duration::ZERO);
+    let load = saturate(p.app_conn_str(), 40, 0.1, stop.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut ok = 0;
+    for t in load {
+        ok += t.await?;
+    }
+    let (after, samples) = sampling.await?;
+    println!(
+        "limit 26 for max_connections 90; after a restart with 60: at most {after} backends ({samples} samples), {ok} transactions"
+    );
+    ensure!(samples > 20, "only {samples} samples");
+    ensure!(ok > 0, "transactions go on after the restart");
+    ensure!(
+        after <= 16,
+        "{after} backends after the database shrank (want at most 16)"
+    );
+    ensure!(
+        after >= 12,
+        "the pool still works near its lowered limit: {after}"
+    );
+    p.shutdown().await?;
+    Ok(())
+}

@@ -248,6 +248,28 @@ impl ServerConn {
         }
     }
 
+    /// `SHOW max_connections` on this (idle) connection; `None` when the server does
+    /// not answer it with a number.
+    ///
+    /// # Errors
+    /// When the connection fails.
+    pub async fn max_connections(&mut self) -> Result<Option<u32>> {
+        let q = crate::protocol::Query {
+            sql: "SHOW max_connections".into(),
+        }
+        .encode();
+        self.stream.write_all(&q).await?;
+        let mut value = None;
+        loop {
+            let f = read_frame(&mut self.stream, &mut self.buf).await?;
+            match f.tag {
+                b'D' => value = first_column(&f.raw[5..]).and_then(|v| v.trim().parse().ok()),
+                b'Z' => return Ok(value),
+                _ => {}
+            }
+        }
+    }
+
     /// Cheap, non-blocking: whether an idle connection was closed by the server or has
     /// unexpected bytes waiting (e.g. the FATAL PostgreSQL sends when it shuts down).
     pub fn is_broken(&mut self) -> bool {
@@ -312,6 +334,17 @@ pub async fn send_cancel_request(addr: SocketAddr, req: crate::protocol::CancelR
         let mut b = [0u8; 1];
         let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
     }
+}
+
+/// The first column of a DataRow body as text, if present and not NULL.
+fn first_column(body: &[u8]) -> Option<&str> {
+    let count = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    if count < 1 {
+        return None;
+    }
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let len = usize::try_from(len).ok()?;
+    std::str::from_utf8(body.get(6..6 + len)?).ok()
 }
 
 #[cfg(test)]

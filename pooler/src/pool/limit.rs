@@ -383,6 +383,27 @@ impl<C> Limiter<C> {
         }
     }
 
+    /// The limit in force.
+    pub fn limit(&self) -> usize {
+        self.lock().limit
+    }
+
+    /// Whether a slot reserved for opening is still within the limit (it may have been
+    /// lowered since it was reserved); if not, the slot goes back and the caller must
+    /// acquire again.
+    pub fn keep_opening(&self, key: &PoolKey) -> bool {
+        let mut s = self.lock();
+        if s.used() <= s.limit {
+            return true;
+        }
+        s.open -= 1;
+        let c = s.counts(key);
+        c.open -= 1;
+        c.in_use -= 1;
+        s.forget_if_unused(key);
+        false
+    }
+
     /// A connection in use (or being opened) is gone.
     pub fn discard(&self, key: &PoolKey) {
         let mut s = self.lock();

@@ -3,6 +3,7 @@
 
 mod backend;
 mod limit;
+mod size;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,8 @@ use tokio::time::Instant;
 
 pub use backend::{SERVER_BUF, ServerConn, login_params, send_cancel, send_cancel_request};
 pub use limit::{Acquire, Closing, Grant, Limiter, PoolKey, Snapshot};
+pub use size::DatabaseSize;
+use size::Turn;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -25,6 +28,8 @@ pub const SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Pools {
     limiter: Limiter<ServerConn>,
     params: Mutex<HashMap<PoolKey, Arc<Vec<ParameterStatus>>>>,
+    /// The database's size as last verified (see [`DatabaseSize`]).
+    pub size: DatabaseSize,
 }
 
 /// Closes connections in the background.
@@ -43,6 +48,7 @@ impl Pools {
         Self {
             limiter: Limiter::new(limit),
             params: Mutex::new(HashMap::new()),
+            size: DatabaseSize::default(),
         }
     }
 
@@ -59,29 +65,70 @@ impl Pools {
             .cloned()
     }
 
+    /// The limit `cfg` gives for the database's size as last verified.
+    pub fn limit_for(&self, cfg: &Config) -> usize {
+        match (cfg.budget_basis, self.size.observed()) {
+            (Some(basis), Some(max)) => basis.limit_for(cfg.connection_limit, max),
+            _ => cfg.connection_limit,
+        }
+    }
+
     /// Opens a connection in a reserved slot; on failure frees the slot and says whether
-    /// the failure is worth retrying (see [`OpenFailed`]).
+    /// the failure is worth retrying (see [`OpenFailed`]). After a lost connection the
+    /// first opener checks the database's size before any other opens (see
+    /// [`DatabaseSize`]).
     async fn open(&self, key: &PoolKey, cfg: &Config) -> Result<ServerConn, OpenFailed> {
+        let (turn, waited) = self.size.turn().await;
+        if waited && !self.limiter.keep_opening(key) {
+            return Err(OpenFailed {
+                error: Error::Server("the connection limit was lowered".into()),
+                transient: true,
+                again: true,
+            });
+        }
+        let scout = turn == Turn::Scout;
         let db = cfg.server.database.as_deref().unwrap_or(&key.database);
-        let connect =
-            tokio::time::timeout(SERVER_CONNECT_TIMEOUT, ServerConn::connect(&cfg.server, db));
+        let connect = tokio::time::timeout(SERVER_CONNECT_TIMEOUT, async {
+            let mut c = ServerConn::connect(&cfg.server, db).await?;
+            let max = if scout {
+                c.max_connections().await?
+            } else {
+                None
+            };
+            Ok::<_, Error>((c, max))
+        });
         let result = match connect.await {
             Ok(Err(Error::Io(e))) => Err(OpenFailed {
                 error: Error::Server(format!("connecting to the server: {e}")),
                 transient: true,
+                again: false,
             }),
             Ok(Err(e)) => Err(OpenFailed {
                 transient: refused_for_now(&e),
                 error: e,
+                again: false,
             }),
             Ok(Ok(c)) => Ok(c),
             Err(_) => Err(OpenFailed {
                 error: Error::Server("connecting to the server timed out".into()),
                 transient: true,
+                again: false,
             }),
         };
         match result {
-            Ok(c) => {
+            Ok((c, max)) => {
+                if scout {
+                    self.size.scouted(max);
+                    let limit = self.limit_for(cfg);
+                    if limit < self.limiter.limit() {
+                        tracing::warn!(
+                            max_connections = max,
+                            limit,
+                            "the database allows fewer connections than the limit was computed for; lowering it until the operator catches up"
+                        );
+                        close_all(self.limiter.set_limit(limit));
+                    }
+                }
                 self.params
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -89,7 +136,10 @@ impl Pools {
                 Ok(c)
             }
             Err(e) => {
-                self.limiter.discard(key);
+                if scout {
+                    self.size.scout_failed();
+                }
+                self.discard(key);
                 Err(e)
             }
         }
@@ -148,6 +198,7 @@ impl Pools {
             match grant {
                 Grant::Open => match self.open(key, cfg).await {
                     Ok(c) => return Ok((c, start.elapsed())),
+                    Err(f) if f.again => continue,
                     Err(f) if f.transient && Instant::now() < deadline => {
                         tracing::info!(error = %f.error, "server unavailable; retrying within pool_timeout");
                         tokio::time::sleep_until(deadline.min(Instant::now() + OPEN_RETRY)).await;
@@ -161,7 +212,7 @@ impl Pools {
                             id = c.id,
                             "idle server connection was closed by the server; replacing"
                         );
-                        self.limiter.discard(key);
+                        self.discard(key);
                         continue;
                     }
                     if now.saturating_duration_since(c.created) >= cfg.server_lifetime {
@@ -191,8 +242,10 @@ impl Pools {
         close_all(self.limiter.release_at(key, conn, created, reusable, now));
     }
 
-    /// A connection handed out is gone (broken); frees its slot.
+    /// A connection handed out is gone (broken); frees its slot. The server may have
+    /// restarted: the next connection opened checks its size.
     pub fn discard(&self, key: &PoolKey) {
+        self.size.unverify();
         self.limiter.discard(key);
     }
 }
@@ -205,6 +258,9 @@ struct OpenFailed {
     error: Error,
     /// The server could not be reached, or it refused logins for now.
     transient: bool,
+    /// The slot went back before connecting (the limit was lowered meanwhile): acquire
+    /// again at once.
+    again: bool,
 }
 
 /// Whether PostgreSQL refused a login for a reason that passes: starting up, shutting
