@@ -45,7 +45,9 @@ use crate::resize::{self, Observed, Plan, PodView};
 use crate::status::{self, Report};
 
 mod group;
-use group::{Committed, GroupView};
+mod memory;
+use group::GroupView;
+use memory::{CachedLimits, Memory};
 
 /// Settings of the reconciler.
 #[derive(Clone, Debug)]
@@ -74,13 +76,6 @@ impl Default for Settings {
 /// Trailing-edge debounce of reconcile triggers (see [`run_controller`]).
 const DEBOUNCE: Duration = Duration::from_secs(1);
 
-#[derive(Clone, Debug)]
-struct CachedLimits {
-    key: (Option<i64>, String),
-    at: Instant,
-    limits: DatabaseLimits,
-}
-
 /// Shared state of all reconciles.
 pub struct Context {
     client: Client,
@@ -90,19 +85,13 @@ pub struct Context {
     recorder: Recorder,
     caches: Caches,
     settings: Settings,
-    limits: Mutex<HashMap<String, CachedLimits>>,
-    failures: Mutex<HashMap<String, u32>>,
-    /// The status last written per pool UID. Only this process writes status (leader
-    /// election), and the pool cache can lag behind its own writes: a reconcile triggered
-    /// by a child's event would otherwise rebuild status from a stale copy and write again.
-    written: Mutex<HashMap<String, ConnectionPoolStatus>>,
+    /// What this process remembers per pool (see [`memory`]).
+    memory: Memory,
     /// All ConnectionPools (the controller's own cache), to find a pool's budget group.
     pools: std::sync::OnceLock<reflector::Store<ConnectionPool>>,
     /// Reconciles of one budget group run one at a time: each plans with what the others
     /// committed, and commits before the next plans.
     group_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// What each pool's pods may hold (by UID), as last decided.
-    committed: Mutex<HashMap<String, Committed>>,
 }
 
 impl Context {
@@ -127,12 +116,9 @@ impl Context {
             discovery,
             probe,
             settings,
-            limits: Mutex::default(),
-            failures: Mutex::default(),
-            written: Mutex::default(),
+            memory: Memory::default(),
             pools: std::sync::OnceLock::new(),
             group_locks: Mutex::default(),
-            committed: Mutex::default(),
         }
     }
 }
@@ -159,27 +145,22 @@ pub async fn reconcile(pool: Arc<ConnectionPool>, ctx: Arc<Context>) -> Result<A
         // Children go with the pool through their owner references.
         ctx.metrics
             .forget_pool(&pool.namespace().unwrap_or_default(), &pool.name_any());
-        ctx.written.lock().map(|mut w| w.remove(&uid(&pool))).ok();
+        ctx.memory.forget(&uid(&pool));
         return Ok(Action::await_change());
     }
     ctx.caches.ready().await?;
     let action = Reconciler::new(&pool, &ctx).run().await?;
-    ctx.failures.lock().map(|mut f| f.remove(&key(&pool))).ok();
+    ctx.memory.with(&uid(&pool), |m| m.failures = 0);
     Ok(action)
 }
 
 /// Requeues a failed reconcile with exponential backoff per pool.
 pub fn error_policy(pool: Arc<ConnectionPool>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_failed(error);
-    let n = ctx
-        .failures
-        .lock()
-        .map(|mut f| {
-            let n = f.entry(key(&pool)).or_default();
-            *n += 1;
-            *n
-        })
-        .unwrap_or(1);
+    let n = ctx.memory.with(&uid(&pool), |m| {
+        m.failures += 1;
+        m.failures
+    });
     tracing::warn!(pool = %key(&pool), %error, failures = n, "reconcile failed");
     Action::requeue(metrics::backoff(n))
 }
@@ -217,16 +198,40 @@ impl<'a> Reconciler<'a> {
             ns: pool.namespace().unwrap_or_default(),
             name: pool.name_any(),
             prev: ctx
-                .written
-                .lock()
-                .ok()
-                .and_then(|m| m.get(&uid(pool)).cloned())
+                .memory
+                .peek(&uid(pool), |m| m.written.clone())
+                .flatten()
                 .or_else(|| pool.status.clone()),
         }
     }
 
     fn prev(&self) -> Option<&ConnectionPoolStatus> {
         self.prev.as_ref()
+    }
+
+    /// Records what each pod that answered could hold (by pod UID; pods gone are
+    /// forgotten) and returns what is known of those that did not, when `asked`.
+    fn remember_reports(
+        &self,
+        pods: &[Pod],
+        reports: &HashMap<String, resize::PodReport>,
+        asked: bool,
+    ) -> HashMap<String, i64> {
+        self.ctx.memory.with(&uid(self.pool), |m| {
+            let live: std::collections::HashSet<String> =
+                pods.iter().filter_map(|p| p.uid()).collect();
+            m.last_seen.retain(|u, _| live.contains(u));
+            for p in pods {
+                if let (Some(u), Some(r)) = (p.uid(), reports.get(&p.name_any())) {
+                    m.last_seen.insert(u, r.connection_limit.max(r.held));
+                }
+            }
+            if asked {
+                m.last_seen.clone()
+            } else {
+                HashMap::new()
+            }
+        })
     }
 
     fn api<K>(&self) -> Api<K>
@@ -354,14 +359,23 @@ impl<'a> Reconciler<'a> {
         } else {
             self.probe(&children.pods).await
         };
+        // A pod that does not answer counts with what it could hold when it last did.
+        let last_seen = self.remember_reports(&children.pods, &reports, !steady);
         let pods: Vec<PodView> = children
             .pods
             .iter()
-            .map(|p| PodView {
-                name: p.name_any(),
-                terminating: p.metadata.deletion_timestamp.is_some(),
-                scheduled: p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some(),
-                report: reports.get(&p.name_any()).cloned(),
+            .map(|p| {
+                let report = reports.get(&p.name_any()).cloned();
+                PodView {
+                    name: p.name_any(),
+                    terminating: p.metadata.deletion_timestamp.is_some(),
+                    scheduled: p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some(),
+                    last_seen: report
+                        .is_none()
+                        .then(|| last_seen.get(&p.uid().unwrap_or_default()).copied())
+                        .flatten(),
+                    report,
+                }
             })
             .collect();
         let observed = Observed {
@@ -606,10 +620,9 @@ impl<'a> Reconciler<'a> {
         );
         if let Some(c) = self
             .ctx
-            .limits
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&key(self.pool)).cloned())
+            .memory
+            .peek(&uid(self.pool), |m| m.limits.clone())
+            .flatten()
             && c.key == cache_key
             // A little short of the interval, so the periodic requeue always refreshes.
             && c.at.elapsed() < self.ctx.settings.discovery_interval.mul_f64(0.9)
@@ -631,16 +644,13 @@ impl<'a> Reconciler<'a> {
             password: field("password")?,
         };
         let limits = self.ctx.discovery.discover(&target).await?;
-        if let Ok(mut m) = self.ctx.limits.lock() {
-            m.insert(
-                key(self.pool),
-                CachedLimits {
-                    key: cache_key,
-                    at: Instant::now(),
-                    limits,
-                },
-            );
-        }
+        self.ctx.memory.with(&uid(self.pool), |m| {
+            m.limits = Some(CachedLimits {
+                key: cache_key,
+                at: Instant::now(),
+                limits,
+            });
+        });
         Ok(limits)
     }
 
@@ -808,9 +818,9 @@ impl<'a> Reconciler<'a> {
         self.api::<ConnectionPool>()
             .patch_status(&self.name, &pp, &Patch::Apply(&body))
             .await?;
-        if let Ok(mut m) = self.ctx.written.lock() {
-            m.insert(uid(self.pool), new);
-        }
+        self.ctx
+            .memory
+            .with(&uid(self.pool), |m| m.written = Some(new));
         Ok(())
     }
 

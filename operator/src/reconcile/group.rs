@@ -7,21 +7,13 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector;
 
+use super::memory::Committed;
 use super::{Context, Reconciler, budget_block, uid};
 use crate::api::{BudgetStatus, ConnectionPool};
 use crate::budget::{self, Budget};
 use crate::desired;
 use crate::error::Result;
 use crate::status::{self, Report};
-
-/// One pool's committed connections (see [`resize::committed`]).
-#[derive(Clone, Debug)]
-pub(super) struct Committed {
-    group: String,
-    namespace: String,
-    name: String,
-    connections: i64,
-}
 
 impl Context {
     /// Gives the reconciler the controller's ConnectionPool cache (budget groups).
@@ -41,18 +33,14 @@ impl Context {
     }
 
     pub(super) fn commit(&self, pool: &ConnectionPool, group: &str, committed: i64) {
-        self.committed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                uid(pool),
-                Committed {
-                    group: group.to_string(),
-                    namespace: pool.namespace().unwrap_or_default(),
-                    name: pool.name_any(),
-                    connections: committed,
-                },
-            );
+        self.memory.with(&uid(pool), |m| {
+            m.committed = Some(Committed {
+                group: group.to_string(),
+                namespace: pool.namespace().unwrap_or_default(),
+                name: pool.name_any(),
+                connections: committed,
+            });
+        });
     }
 
     /// Whether pods of pool `name` in `namespace` remain (draining, perhaps).
@@ -67,21 +55,25 @@ impl Context {
     /// decided by this process, else as their status says). A deleted pool counts while
     /// its pods remain.
     pub(super) fn group_members(&self, me: &ConnectionPool, group: &str) -> Vec<budget::Member> {
-        let mut committed = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        let me = uid(me);
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
         if let Some(store) = self.pools.get() {
             for p in store.state() {
-                if uid(&p) == uid(me) || budget::group_key(&p.spec.database) != group {
+                if uid(&p) == me || budget::group_key(&p.spec.database) != group {
                     continue;
                 }
                 seen.insert(uid(&p));
-                let c = committed.get(&uid(&p)).map(|c| c.connections).or_else(|| {
-                    p.status
-                        .as_ref()
-                        .and_then(|s| s.budget.as_ref())
-                        .map(|b| b.committed.max(b.worst_case_total))
-                });
+                let c = self
+                    .memory
+                    .peek(&uid(&p), |m| m.committed.as_ref().map(|c| c.connections))
+                    .flatten()
+                    .or_else(|| {
+                        p.status
+                            .as_ref()
+                            .and_then(|s| s.budget.as_ref())
+                            .map(|b| b.committed.max(b.worst_case_total))
+                    });
                 out.push(budget::Member {
                     weight: i64::from(p.spec.database.budget_weight.unwrap_or(1)),
                     committed: c.unwrap_or(0),
@@ -89,20 +81,19 @@ impl Context {
             }
         }
         // Pools gone from the cache count while their pods drain with connections.
-        committed.retain(|u, c| {
-            c.group != group
-                || *u == uid(me)
-                || seen.contains(u)
-                || self.has_pods(&c.namespace, &c.name)
-        });
-        for (u, c) in committed.iter() {
-            if c.group == group && *u != uid(me) && !seen.contains(u) {
+        self.memory.retain_committed(|u, c| {
+            if c.group != group || u == me || seen.contains(u) {
+                return true;
+            }
+            let draining = self.has_pods(&c.namespace, &c.name);
+            if draining {
                 out.push(budget::Member {
                     weight: 0,
                     committed: c.connections,
                 });
             }
-        }
+            draining
+        });
         out
     }
 }
