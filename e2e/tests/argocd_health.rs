@@ -29,7 +29,7 @@ struct Expected {
 }
 
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/argocd/sluice.dev/ConnectionPool")
+    sluice_e2e::fixture::repo_root().join("docs/argocd/sluice.dev/ConnectionPool")
 }
 
 /// Runs health.lua on one resource and returns (status, message).

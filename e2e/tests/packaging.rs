@@ -10,7 +10,7 @@ use serde_json::Value;
 use sluice_e2e::fixture::{Fixture, Options};
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    sluice_e2e::fixture::repo_root()
 }
 
 fn tool(name: &str) -> Result<PathBuf> {

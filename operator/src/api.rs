@@ -327,12 +327,15 @@ pub const CRD_PATHS: [&str; 3] = [
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     #[test]
     fn committed_crds_match_the_types() {
         let want = crd_yaml().unwrap();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let root = std::path::PathBuf::from(
+            std::env::var_os("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+        )
+        .join("..");
         for rel in CRD_PATHS {
             let got = std::fs::read_to_string(root.join(rel)).unwrap_or_default();
             assert!(

@@ -61,6 +61,21 @@ pub enum Error {
     /// A watch cache stopped for good (the controller is shutting down).
     #[error("watch cache closed")]
     CacheClosed,
+    /// A child's name is taken by an object this pool does not own (it lacks the pool's
+    /// controller owner reference): the operator never adopts, changes or deletes it.
+    #[error(
+        "{kind} {namespace}/{name} already exists and is not owned by this ConnectionPool; \
+         the operator does not take over objects it did not create: rename or delete it, \
+         or give the pool another name"
+    )]
+    NotOwned {
+        /// Kind of the object.
+        kind: String,
+        /// Namespace of the object.
+        namespace: String,
+        /// Name of the object.
+        name: String,
+    },
 }
 
 impl Error {
@@ -76,6 +91,26 @@ impl Error {
             Error::InvalidSpec(_) => "invalid_spec",
             Error::Serialization(_) => "serialization",
             Error::CacheClosed => "cache_closed",
+            Error::NotOwned { .. } => "not_owned",
+        }
+    }
+
+    /// The `Degraded` condition's reason when this error is the pool's to fix (reported
+    /// in status and an event, children left as they are); `None` for failures retried
+    /// with backoff (the API server, the watch caches).
+    pub fn degraded_reason(&self) -> Option<&'static str> {
+        match self {
+            Error::MissingSecret { .. } => Some("SecretNotFound"),
+            Error::MissingSecretKey { .. } => Some("SecretInvalid"),
+            Error::Discovery { .. } | Error::DiscoveryTimeout { .. } | Error::BadSetting { .. } => {
+                Some("DatabaseUnreachable")
+            }
+            Error::InvalidSpec(_) => Some("InvalidSpec"),
+            Error::NotOwned { .. } => Some("NotOwned"),
+            Error::Kube(_)
+            | Error::Infeasible(_)
+            | Error::Serialization(_)
+            | Error::CacheClosed => None,
         }
     }
 }

@@ -260,21 +260,7 @@ impl<'a> Reconciler<'a> {
         // 2. The budget.
         let limits = match self.limits(&creds).await {
             Ok(l) => l,
-            Err(
-                e @ (Error::Discovery { .. }
-                | Error::DiscoveryTimeout { .. }
-                | Error::BadSetting { .. }),
-            ) => {
-                return self
-                    .blocked(Blocked::Degraded("DatabaseUnreachable", e.to_string()))
-                    .await;
-            }
-            Err(e @ Error::MissingSecretKey { .. }) => {
-                return self
-                    .blocked(Blocked::Degraded("SecretInvalid", e.to_string()))
-                    .await;
-            }
-            Err(e) => return Err(e),
+            Err(e) => return self.fail(e).await,
         };
         let reserved = spec.database.reserved_connections.map(i64::from);
         let budget = match budget::budget(limits, reserved) {
@@ -415,47 +401,21 @@ impl<'a> Reconciler<'a> {
         let committed = resize::committed(&observed, &plan);
         self.ctx.commit(self.pool, &group, committed);
 
-        // 5. Act: children in a safe order. The ServiceAccount (pods cannot be admitted
-        // without it) and the ConfigMap (their config) go before the Deployment, which goes
-        // before the Service and PDB so the controller-manager can start on it sooner; the
-        // two pairs are written concurrently.
+        // 5. Act: the children (see `write_children` for the order); a name taken by an
+        // object the pool does not own makes it Degraded.
         let inputs = RenderInputs {
             limit: plan.config_limit,
             replicas: plan.deployment_replicas,
             revision: revision.clone(),
             default_image: self.ctx.settings.default_image.clone(),
         };
-        let (_, cm_written) = futures::try_join!(
-            self.apply(
-                children.service_account.as_ref(),
-                desired::service_account(self.pool)?,
-                "serviceaccounts",
-            ),
-            self.apply(
-                children.config_map.as_ref(),
-                desired::config_map(self.pool, plan.config_limit, &config_inputs)?,
-                "configmaps",
-            ),
-        )?;
-        let deployment_written = self
-            .apply(
-                children.deployment.as_ref(),
-                desired::deployment(self.pool, &inputs)?,
-                "deployments",
-            )
-            .await?;
-        futures::try_join!(
-            self.apply(
-                children.service.as_ref(),
-                desired::service(self.pool)?,
-                "services",
-            ),
-            self.apply(
-                children.pdb.as_ref(),
-                desired::pod_disruption_budget(self.pool)?,
-                "poddisruptionbudgets",
-            ),
-        )?;
+        let (cm_written, deployment_written) = match self
+            .write_children(&children, &inputs, &config_inputs, plan.config_limit)
+            .await
+        {
+            Ok(w) => w,
+            Err(e) => return self.fail(e).await,
+        };
 
         if cm_written && config_limit != Some(plan.config_limit) {
             let from = config_limit.map_or("none".to_string(), |l| l.to_string());
@@ -588,6 +548,65 @@ impl<'a> Reconciler<'a> {
         })
     }
 
+    /// Writes the children in a safe order: the ServiceAccount (pods cannot be admitted
+    /// without it) and the ConfigMap (their config) before the Deployment, which goes
+    /// before the Service and PDB so the controller-manager can start on it sooner; the
+    /// two pairs are written concurrently. Returns whether the ConfigMap and the
+    /// Deployment were written.
+    ///
+    /// # Errors
+    /// [`Error::NotOwned`] when a child's name is taken by an object the pool does not
+    /// own (nothing is written over it), or the API call's error.
+    async fn write_children(
+        &self,
+        children: &Children,
+        inputs: &RenderInputs,
+        config_inputs: &desired::ConfigInputs,
+        limit: i64,
+    ) -> Result<(bool, bool)> {
+        let (_, cm_written) = futures::try_join!(
+            self.apply(
+                children.service_account.as_ref(),
+                desired::service_account(self.pool)?,
+                "serviceaccounts",
+            ),
+            self.apply(
+                children.config_map.as_ref(),
+                desired::config_map(self.pool, limit, config_inputs)?,
+                "configmaps",
+            ),
+        )?;
+        let deployment_written = self
+            .apply(
+                children.deployment.as_ref(),
+                desired::deployment(self.pool, inputs)?,
+                "deployments",
+            )
+            .await?;
+        futures::try_join!(
+            self.apply(
+                children.service.as_ref(),
+                desired::service(self.pool)?,
+                "services",
+            ),
+            self.apply(
+                children.pdb.as_ref(),
+                desired::pod_disruption_budget(self.pool)?,
+                "poddisruptionbudgets",
+            ),
+        )?;
+        Ok((cm_written, deployment_written))
+    }
+
+    /// Reports `e` as the pool's `Degraded` condition when it is the pool's to fix (see
+    /// [`Error::degraded_reason`]), else returns it for a retry with backoff.
+    async fn fail(&self, e: Error) -> Result<Action> {
+        match e.degraded_reason() {
+            Some(reason) => self.blocked(Blocked::Degraded(reason, e.to_string())).await,
+            None => Err(e),
+        }
+    }
+
     /// The Secret, or why the pool is degraded without it.
     fn secret(&self, name: &str) -> Result<Secret, Blocked> {
         match cache::get(&self.ctx.caches.secrets, &self.ns, name) {
@@ -695,18 +714,37 @@ impl<'a> Reconciler<'a> {
             + std::fmt::Debug
             + Drift,
     {
-        let want = desired::spec_hash_of(&desired).map(str::to_string);
-        if live.is_some_and(|l| {
-            desired::spec_hash_of(l).map(str::to_string) == want && !l.drifted_from(&desired)
-        }) {
-            return Ok(false);
+        let name = desired.name_any();
+        let not_owned = || Error::NotOwned {
+            kind: K::kind(&()).to_string(),
+            namespace: self.ns.clone(),
+            name: name.clone(),
+        };
+        match live {
+            Some(l) if !owned_by(l, self.pool) => return Err(not_owned()),
+            Some(l) => {
+                let want = desired::spec_hash_of(&desired);
+                if desired::spec_hash_of(l) == want && !l.drifted_from(&desired) {
+                    return Ok(false);
+                }
+            }
+            // The caches hold only objects labelled as the operator's: an object of this
+            // name may still exist. It is never adopted.
+            None => {
+                self.ctx.metrics.api_request("get", resource);
+                if let Some(existing) = self.api::<K>().get_opt(&name).await?
+                    && !owned_by(&existing, self.pool)
+                {
+                    return Err(not_owned());
+                }
+            }
         }
         self.ctx.metrics.api_request("patch", resource);
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         self.api::<K>()
-            .patch(&desired.name_any(), &pp, &Patch::Apply(&desired))
+            .patch(&name, &pp, &Patch::Apply(&desired))
             .await?;
-        tracing::info!(pool = %key(self.pool), resource, name = %desired.name_any(), "applied");
+        tracing::info!(pool = %key(self.pool), resource, %name, "applied");
         Ok(true)
     }
 
@@ -888,6 +926,18 @@ fn budget_block(b: &Budget, limit: i64, replicas: i32, applied: Option<String>) 
 }
 
 /// The pod's `Ready` condition is True.
+/// Whether `obj` carries `pool`'s controller owner reference.
+fn owned_by<K: Resource>(obj: &K, pool: &ConnectionPool) -> bool {
+    let Some(uid) = pool.uid() else {
+        return false;
+    };
+    obj.meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|r| r.controller == Some(true) && r.uid == uid)
+}
+
 fn pod_ready(p: &Pod) -> bool {
     p.status
         .as_ref()

@@ -814,3 +814,55 @@ async fn pools_on_one_database_divide_its_budget() {
     assert_eq!(h.ctx.group_members(&elsewhere, "group:analytics"), vec![]);
     assert_eq!(h.ctx.group_members(&other, &group).len(), 1);
 }
+
+/// Issue 18: a Service named like the pool that the pool does not own (a user's) is
+/// neither changed nor adopted (so deleting the pool cannot delete it); the pool is
+/// Degraded, naming it.
+#[tokio::test]
+async fn an_object_it_does_not_own_is_never_taken_over() {
+    let h = Harness::new(Settings::default());
+    let svc_path = "/api/v1/namespaces/default/services/app";
+    let users = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "app", "namespace": NS, "uid": "users-svc"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}});
+    h.api.put(svc_path, users.clone());
+    h.reconcile().await;
+    let log = h.api.take_log();
+    assert!(
+        !log.iter()
+            .any(|l| l.path == svc_path && l.method != Method::GET),
+        "the user's Service was written: {:?}",
+        writes(&log)
+    );
+    assert_eq!(h.api.get(svc_path).unwrap(), users);
+    let c = h.condition("Degraded");
+    assert_eq!(
+        (c["status"].as_str(), c["reason"].as_str()),
+        (Some("True"), Some("NotOwned"))
+    );
+    let message = c["message"].as_str().unwrap();
+    assert!(message.contains("Service default/app"), "{message}");
+    assert!(
+        log.iter()
+            .any(|l| l.method == Method::POST && l.path.contains("events")),
+        "an event says so"
+    );
+    // Not in the operator's caches (they hold only objects labelled as its own): found by
+    // name before writing, and still left alone.
+    let h = Harness::new(Settings::default());
+    h.api.put(svc_path, users.clone());
+    h.sync_caches();
+    h.writers
+        .lock()
+        .unwrap()
+        .services
+        .apply_watcher_event(&watcher::Event::Init);
+    h.writers
+        .lock()
+        .unwrap()
+        .services
+        .apply_watcher_event(&watcher::Event::InitDone);
+    reconcile(h.pool(), h.ctx.clone()).await.unwrap();
+    assert_eq!(h.api.get(svc_path).unwrap(), users);
+    assert_eq!(h.condition("Degraded")["reason"].as_str(), Some("NotOwned"));
+}

@@ -19,10 +19,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_sluice-operator");
 fn crd_command_prints_the_committed_crd() {
     let out = Command::new(BIN).arg("crd").output().unwrap();
     assert!(out.status.success());
-    let committed = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../crds/connectionpool.yaml"
-    ))
+    let committed = std::fs::read_to_string(
+        std::path::PathBuf::from(
+            std::env::var_os("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+        )
+        .join("../crds/connectionpool.yaml"),
+    )
     .unwrap();
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),

@@ -113,10 +113,13 @@ async fn operator_against_a_real_control_plane() {
     pools.create(&PostParams::default(), &pool).await.unwrap();
 
     // The operator, in process, with exactly the rights of config/rbac/role.yaml.
-    let role_yaml = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../config/rbac/role.yaml"
-    ))
+    let role_yaml = std::fs::read_to_string(
+        std::path::PathBuf::from(
+            std::env::var_os("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+        )
+        .join("../config/rbac/role.yaml"),
+    )
     .unwrap();
     let role: ClusterRole = serde_yaml::from_str(&role_yaml).unwrap();
     let ssa = PatchParams::apply("test").force();

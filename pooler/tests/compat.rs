@@ -100,7 +100,10 @@ async fn run_suite(port: u16, label: &str) -> Result<Outcome> {
         "{} missing: run `bash compat/asyncpg/setup.sh` (make compat does)",
         python.display()
     );
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../compat/asyncpg/run.py");
+    let script = std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../compat/asyncpg/run.py");
     let out = tempfile::NamedTempFile::new()?;
     let started = Instant::now();
     let mut cmd = tokio::process::Command::new(python);
