@@ -16,38 +16,34 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::reflector;
 use kube::{Client, Resource, ResourceExt};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-use serde_json::json;
 
-use crate::api::{BudgetSource, BudgetStatus, ConnectionPool, ConnectionPoolStatus, ResizeStatus};
-use crate::budget::{self, Budget, DatabaseLimits};
-use crate::cache::{self, CacheWriters, Caches};
+use crate::api::{BudgetStatus, ConnectionPool, ConnectionPoolStatus, ResizeStatus};
+use crate::budget::{self, Budget};
+use crate::cache::Caches;
 use crate::desired::{self, FIELD_MANAGER, LIMIT_ANNOTATION, RenderInputs};
-use crate::discovery::{Discover, ProbePods, Target};
+use crate::discovery::{Discover, ProbePods};
 use crate::error::{Error, Result};
 use crate::metrics::{self, Metrics};
 use crate::resize::{self, Observed, Plan, PodView};
-use crate::status::{self, Report};
+use crate::status::Report;
 
+mod act;
 mod group;
 mod memory;
+mod observe;
+mod watches;
 use group::GroupView;
-use memory::{CachedLimits, Memory};
+use memory::Memory;
+use observe::{pod_counts, pod_ready, rolling_out, secret_field};
+pub use watches::run_controller;
 
 /// Settings of the reconciler.
 #[derive(Clone, Debug)]
@@ -72,9 +68,6 @@ impl Default for Settings {
         }
     }
 }
-
-/// Trailing-edge debounce of reconcile triggers (see [`run_controller`]).
-const DEBOUNCE: Duration = Duration::from_secs(1);
 
 /// Shared state of all reconciles.
 pub struct Context {
@@ -165,16 +158,6 @@ pub fn error_policy(pool: Arc<ConnectionPool>, error: &Error, ctx: Arc<Context>)
     Action::requeue(metrics::backoff(n))
 }
 
-/// Children of one pool as observed.
-struct Children {
-    config_map: Option<ConfigMap>,
-    deployment: Option<Deployment>,
-    service: Option<Service>,
-    pdb: Option<PodDisruptionBudget>,
-    service_account: Option<ServiceAccount>,
-    pods: Vec<Pod>,
-}
-
 struct Reconciler<'a> {
     pool: &'a ConnectionPool,
     ctx: &'a Context,
@@ -207,31 +190,6 @@ impl<'a> Reconciler<'a> {
 
     fn prev(&self) -> Option<&ConnectionPoolStatus> {
         self.prev.as_ref()
-    }
-
-    /// Records what each pod that answered could hold (by pod UID; pods gone are
-    /// forgotten) and returns what is known of those that did not, when `asked`.
-    fn remember_reports(
-        &self,
-        pods: &[Pod],
-        reports: &HashMap<String, resize::PodReport>,
-        asked: bool,
-    ) -> HashMap<String, i64> {
-        self.ctx.memory.with(&uid(self.pool), |m| {
-            let live: std::collections::HashSet<String> =
-                pods.iter().filter_map(|p| p.uid()).collect();
-            m.last_seen.retain(|u, _| live.contains(u));
-            for p in pods {
-                if let (Some(u), Some(r)) = (p.uid(), reports.get(&p.name_any())) {
-                    m.last_seen.insert(u, r.connection_limit.max(r.held));
-                }
-            }
-            if asked {
-                m.last_seen.clone()
-            } else {
-                HashMap::new()
-            }
-        })
     }
 
     fn api<K>(&self) -> Api<K>
@@ -548,229 +506,6 @@ impl<'a> Reconciler<'a> {
         })
     }
 
-    /// Writes the children in a safe order: the ServiceAccount (pods cannot be admitted
-    /// without it) and the ConfigMap (their config) before the Deployment, which goes
-    /// before the Service and PDB so the controller-manager can start on it sooner; the
-    /// two pairs are written concurrently. Returns whether the ConfigMap and the
-    /// Deployment were written.
-    ///
-    /// # Errors
-    /// [`Error::NotOwned`] when a child's name is taken by an object the pool does not
-    /// own (nothing is written over it), or the API call's error.
-    async fn write_children(
-        &self,
-        children: &Children,
-        inputs: &RenderInputs,
-        config_inputs: &desired::ConfigInputs,
-        limit: i64,
-    ) -> Result<(bool, bool)> {
-        let (_, cm_written) = futures::try_join!(
-            self.apply(
-                children.service_account.as_ref(),
-                desired::service_account(self.pool)?,
-                "serviceaccounts",
-            ),
-            self.apply(
-                children.config_map.as_ref(),
-                desired::config_map(self.pool, limit, config_inputs)?,
-                "configmaps",
-            ),
-        )?;
-        let deployment_written = self
-            .apply(
-                children.deployment.as_ref(),
-                desired::deployment(self.pool, inputs)?,
-                "deployments",
-            )
-            .await?;
-        futures::try_join!(
-            self.apply(
-                children.service.as_ref(),
-                desired::service(self.pool)?,
-                "services",
-            ),
-            self.apply(
-                children.pdb.as_ref(),
-                desired::pod_disruption_budget(self.pool)?,
-                "poddisruptionbudgets",
-            ),
-        )?;
-        Ok((cm_written, deployment_written))
-    }
-
-    /// Reports `e` as the pool's `Degraded` condition when it is the pool's to fix (see
-    /// [`Error::degraded_reason`]), else returns it for a retry with backoff.
-    async fn fail(&self, e: Error) -> Result<Action> {
-        match e.degraded_reason() {
-            Some(reason) => self.blocked(Blocked::Degraded(reason, e.to_string())).await,
-            None => Err(e),
-        }
-    }
-
-    /// The Secret, or why the pool is degraded without it.
-    fn secret(&self, name: &str) -> Result<Secret, Blocked> {
-        match cache::get(&self.ctx.caches.secrets, &self.ns, name) {
-            Some(s) => Ok(s),
-            None => Err(Blocked::Degraded(
-                "SecretNotFound",
-                Error::MissingSecret {
-                    namespace: self.ns.clone(),
-                    name: name.into(),
-                }
-                .to_string(),
-            )),
-        }
-    }
-
-    async fn limits(&self, creds: &Secret) -> Result<DatabaseLimits> {
-        let db = &self.pool.spec.database;
-        if let Some(max) = db.max_connections {
-            // Without discovery, assume PostgreSQL's defaults for the server's own reservations.
-            return Ok(DatabaseLimits {
-                max_connections: i64::from(max),
-                superuser_reserved: 3,
-                reserved_connections: 0,
-                source: BudgetSource::Spec,
-            });
-        }
-        let cache_key = (
-            self.pool.metadata.generation,
-            creds.resource_version().unwrap_or_default(),
-        );
-        if let Some(c) = self
-            .ctx
-            .memory
-            .peek(&uid(self.pool), |m| m.limits.clone())
-            .flatten()
-            && c.key == cache_key
-            // A little short of the interval, so the periodic requeue always refreshes.
-            && c.at.elapsed() < self.ctx.settings.discovery_interval.mul_f64(0.9)
-        {
-            return Ok(c.limits);
-        }
-        let field = |k: &str| -> Result<String> {
-            secret_field(creds, k).ok_or_else(|| Error::MissingSecretKey {
-                namespace: self.ns.clone(),
-                name: creds.name_any(),
-                key: k.into(),
-            })
-        };
-        let target = Target {
-            host: db.host.clone(),
-            port: u16::try_from(db.port).map_err(|_| Error::InvalidSpec("database.port".into()))?,
-            database: db.name.clone().unwrap_or_else(|| "postgres".into()),
-            user: field("username")?,
-            password: field("password")?,
-        };
-        let limits = self.ctx.discovery.discover(&target).await?;
-        self.ctx.memory.with(&uid(self.pool), |m| {
-            m.limits = Some(CachedLimits {
-                key: cache_key,
-                at: Instant::now(),
-                limits,
-            });
-        });
-        Ok(limits)
-    }
-
-    fn observe(&self) -> Children {
-        let c = &self.ctx.caches;
-        let ns = &self.ns;
-        Children {
-            config_map: cache::get(&c.config_maps, ns, &desired::config_map_name(self.pool)),
-            deployment: cache::get(&c.deployments, ns, &self.name),
-            service: cache::get(&c.services, ns, &self.name),
-            pdb: cache::get(&c.pdbs, ns, &self.name),
-            service_account: cache::get(
-                &c.service_accounts,
-                ns,
-                &desired::service_account_name(self.pool),
-            ),
-            pods: cache::pods_matching(&c.pods, ns, &desired::selector_labels(self.pool)),
-        }
-    }
-
-    async fn probe(&self, pods: &[Pod]) -> HashMap<String, resize::PodReport> {
-        let probes = pods.iter().filter_map(|p| {
-            let ip = p.status.as_ref()?.pod_ip.clone()?;
-            let name = p.name_any();
-            Some(async move { (name, self.ctx.probe.status(&ip).await) })
-        });
-        futures::future::join_all(probes)
-            .await
-            .into_iter()
-            .filter_map(|(n, r)| r.map(|r| (n, r)))
-            .collect()
-    }
-
-    /// Server-side applies `desired` unless the live object carries the same spec hash.
-    /// Returns whether it wrote.
-    async fn apply<K>(&self, live: Option<&K>, desired: K, resource: &str) -> Result<bool>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + Serialize
-            + DeserializeOwned
-            + std::fmt::Debug
-            + Drift,
-    {
-        let name = desired.name_any();
-        let not_owned = || Error::NotOwned {
-            kind: K::kind(&()).to_string(),
-            namespace: self.ns.clone(),
-            name: name.clone(),
-        };
-        match live {
-            Some(l) if !owned_by(l, self.pool) => return Err(not_owned()),
-            Some(l) => {
-                let want = desired::spec_hash_of(&desired);
-                if desired::spec_hash_of(l) == want && !l.drifted_from(&desired) {
-                    return Ok(false);
-                }
-            }
-            // The caches hold only objects labelled as the operator's: an object of this
-            // name may still exist. It is never adopted.
-            None => {
-                self.ctx.metrics.api_request("get", resource);
-                if let Some(existing) = self.api::<K>().get_opt(&name).await?
-                    && !owned_by(&existing, self.pool)
-                {
-                    return Err(not_owned());
-                }
-            }
-        }
-        self.ctx.metrics.api_request("patch", resource);
-        let pp = PatchParams::apply(FIELD_MANAGER).force();
-        self.api::<K>()
-            .patch(&name, &pp, &Patch::Apply(&desired))
-            .await?;
-        tracing::info!(pool = %key(self.pool), resource, %name, "applied");
-        Ok(true)
-    }
-
-    async fn delete_pod(&self, name: &str) -> Result<()> {
-        self.ctx.metrics.api_request("delete", "pods");
-        match self
-            .api::<Pod>()
-            .delete(name, &DeleteParams::default())
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-        self.event(
-            EventType::Warning,
-            "RestartedPod",
-            format!(
-                "Pod {name} did not apply the lowered connection_limit within {:?}",
-                self.ctx.settings.ack_timeout
-            ),
-        )
-        .await;
-        Ok(())
-    }
-
     fn resize_since(&self, plan: &Plan, hash: &str) -> String {
         self.prev()
             .and_then(|s| s.resize.as_ref())
@@ -786,126 +521,7 @@ impl<'a> Reconciler<'a> {
         let age = Timestamp::now().as_second() - t.as_second();
         age >= 0 && age as u64 >= self.ctx.settings.ack_timeout.as_secs()
     }
-
-    /// Records the pool as degraded or over budget without touching any child.
-    async fn blocked(&self, why: Blocked) -> Result<Action> {
-        let prev_budget = self.prev().and_then(|s| s.budget.clone());
-        let mut report = Report {
-            generation: self.pool.metadata.generation,
-            selector: desired::selector_string(self.pool),
-            desired_replicas: self.pool.spec.replicas,
-            replicas: self.prev().map_or(0, |s| s.replicas),
-            ready_replicas: self.prev().map_or(0, |s| s.ready_replicas),
-            budget: prev_budget.clone(),
-            resize: self.prev().and_then(|s| s.resize.clone()),
-            ..Default::default()
-        };
-        let (cond, reason, message) = match why {
-            Blocked::Degraded(reason, message) => {
-                report.degraded = Some((reason.to_string(), message.clone()));
-                (status::DEGRADED, reason, message)
-            }
-            Blocked::BudgetExceeded(message, budget) => {
-                if let Some(b) = budget {
-                    let applied = prev_budget
-                        .as_ref()
-                        .and_then(|p| p.applied_config_hash.clone());
-                    let mut block = budget_block(&b, 0, self.pool.spec.replicas, applied);
-                    block.worst_case_total = 0;
-                    // The pods keep the last good config: what they may hold still counts
-                    // for the other pools of the group (after an operator restart too).
-                    if let Some(p) = &prev_budget {
-                        block.group = p.group.clone();
-                        block.group_pools = p.group_pools;
-                        block.group_budget = p.group_budget;
-                        block.committed = p.committed.max(p.worst_case_total);
-                    }
-                    report.budget = Some(block);
-                }
-                report.budget_exceeded = Some(message.clone());
-                (status::BUDGET_EXCEEDED, "BudgetExceeded", message)
-            }
-        };
-        let was_true = self
-            .prev()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == cond))
-            .is_some_and(|c| c.status == "True" && c.message == message);
-        if !was_true {
-            tracing::warn!(pool = %key(self.pool), reason, %message, "pool blocked; last good config kept");
-            self.event(EventType::Warning, reason, message).await;
-        }
-        self.patch_status(&report).await?;
-        Ok(Action::requeue(
-            Duration::from_secs(30).min(self.ctx.settings.discovery_interval),
-        ))
-    }
-
-    async fn patch_status(&self, report: &Report) -> Result<()> {
-        let now = Time(Timestamp::now());
-        let new = status::build(self.prev(), report, now);
-        if self.prev() == Some(&new) {
-            return Ok(());
-        }
-        self.ctx.metrics.api_request("patch", "connectionpools");
-        let body = json!({
-            "apiVersion": "sluice.dev/v1alpha1",
-            "kind": "ConnectionPool",
-            "status": new,
-        });
-        let pp = PatchParams::apply(FIELD_MANAGER).force();
-        self.api::<ConnectionPool>()
-            .patch_status(&self.name, &pp, &Patch::Apply(&body))
-            .await?;
-        self.ctx
-            .memory
-            .with(&uid(self.pool), |m| m.written = Some(new));
-        Ok(())
-    }
-
-    async fn event(&self, type_: EventType, reason: &str, note: String) {
-        self.ctx.metrics.api_request("create", "events");
-        let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = self
-            .ctx
-            .recorder
-            .publish(&ev, &self.pool.object_ref(&()))
-            .await
-        {
-            tracing::warn!(pool = %key(self.pool), error = %e, "could not record event");
-        }
-    }
 }
-
-/// Fields that others might change on a child behind the spec-hash annotation's back and
-/// that matter for the budget; a difference forces a re-apply.
-trait Drift {
-    fn drifted_from(&self, _desired: &Self) -> bool {
-        false
-    }
-}
-
-impl Drift for ConfigMap {
-    fn drifted_from(&self, desired: &Self) -> bool {
-        self.data != desired.data
-    }
-}
-
-impl Drift for Deployment {
-    fn drifted_from(&self, desired: &Self) -> bool {
-        let replicas = |d: &Deployment| d.spec.as_ref().and_then(|s| s.replicas);
-        replicas(self) != replicas(desired)
-    }
-}
-
-impl Drift for Service {}
-impl Drift for PodDisruptionBudget {}
-impl Drift for ServiceAccount {}
 
 fn budget_block(b: &Budget, limit: i64, replicas: i32, applied: Option<String>) -> BudgetStatus {
     BudgetStatus {
@@ -923,178 +539,6 @@ fn budget_block(b: &Budget, limit: i64, replicas: i32, applied: Option<String>) 
         group_budget: b.available,
         committed: 0,
     }
-}
-
-/// The pod's `Ready` condition is True.
-/// Whether `obj` carries `pool`'s controller owner reference.
-fn owned_by<K: Resource>(obj: &K, pool: &ConnectionPool) -> bool {
-    let Some(uid) = pool.uid() else {
-        return false;
-    };
-    obj.meta()
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|r| r.controller == Some(true) && r.uid == uid)
-}
-
-fn pod_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-/// A key of a Secret's data, as text, trailing line ends dropped (as the pooler reads the
-/// mounted file, so both compute the same admission token).
-fn secret_field(secret: &Secret, k: &str) -> Option<String> {
-    secret.data.as_ref().and_then(|d| d.get(k)).map(|v| {
-        String::from_utf8_lossy(&v.0)
-            .trim_end_matches(['\n', '\r'])
-            .to_string()
-    })
-}
-
-fn pod_counts(pods: &[Pod]) -> (i32, i32) {
-    let live: Vec<&Pod> = pods
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect();
-    let ready = live.iter().filter(|p| pod_ready(p)).count();
-    (live.len() as i32, ready as i32)
-}
-
-fn rolling_out(dep: Option<&Deployment>) -> bool {
-    let Some(d) = dep else { return false };
-    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
-    let Some(s) = &d.status else { return want > 0 };
-    s.observed_generation < d.metadata.generation
-        || s.updated_replicas.unwrap_or(0) < want
-        || s.replicas.unwrap_or(0) > want
-}
-
-/// Pools that reference `secret` by name (credentials or users).
-pub fn pools_referencing(
-    pools: &[Arc<ConnectionPool>],
-    secret: &Secret,
-) -> Vec<ObjectRef<ConnectionPool>> {
-    let ns = secret.namespace();
-    let name = secret.name_any();
-    pools
-        .iter()
-        .filter(|p| p.namespace() == ns)
-        .filter(|p| {
-            p.spec.database.credentials_secret == name || p.spec.client_auth.users_secret == name
-        })
-        .map(|p| ObjectRef::from_obj(p.as_ref()))
-        .collect()
-}
-
-/// The pool a pooler pod belongs to, from its `sluice.dev/pool` label.
-pub fn pool_of_pod(pod: &Pod) -> Option<ObjectRef<ConnectionPool>> {
-    let pool = pod.labels().get(desired::POOL_LABEL)?;
-    Some(ObjectRef::new(pool).within(&pod.namespace()?))
-}
-
-/// Runs the controller until `shutdown` resolves, feeding `writers` (the caches in `ctx`)
-/// from one watch per kind; each watch also triggers reconciles of the pools it concerns.
-///
-/// `namespace`: watch one namespace, or all when `None`.
-pub async fn run_controller(
-    ctx: Arc<Context>,
-    writers: CacheWriters,
-    namespace: Option<String>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let client = ctx.client.clone();
-    fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-    {
-        match ns {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
-    }
-    /// A watch of `K` that keeps `writer`'s cache and yields each changed object.
-    fn cached<K>(
-        api: Api<K>,
-        config: watcher::Config,
-        writer: reflector::store::Writer<K>,
-    ) -> impl futures::Stream<Item = std::result::Result<K, watcher::Error>> + Send + 'static
-    where
-        K: Resource<DynamicType = ()>
-            + Clone
-            + DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
-    {
-        watcher(api, config)
-            .default_backoff()
-            // Managed fields are most of an object's size and never read here.
-            .modify(|o| o.managed_fields_mut().clear())
-            .reflect(writer)
-            .touched_objects()
-    }
-    let pools: Api<ConnectionPool> = scoped(&client, &namespace);
-    let all = watcher::Config::default();
-    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=sluice-operator");
-    let pods = watcher::Config::default().labels(&format!(
-        "app.kubernetes.io/name=sluice-pooler,{}",
-        desired::POOL_LABEL
-    ));
-    let controller = Controller::new(pools, all.clone());
-    let store = controller.store();
-    ctx.set_pool_store(store.clone());
-    let w = writers;
-    controller
-        .owns_stream(cached(
-            scoped::<Deployment>(&client, &namespace),
-            owned.clone(),
-            w.deployments,
-        ))
-        .owns_stream(cached(
-            scoped::<ConfigMap>(&client, &namespace),
-            owned.clone(),
-            w.config_maps,
-        ))
-        .owns_stream(cached(
-            scoped::<Service>(&client, &namespace),
-            owned.clone(),
-            w.services,
-        ))
-        .owns_stream(cached(
-            scoped::<PodDisruptionBudget>(&client, &namespace),
-            owned.clone(),
-            w.pdbs,
-        ))
-        .owns_stream(cached(
-            scoped::<ServiceAccount>(&client, &namespace),
-            owned,
-            w.service_accounts,
-        ))
-        .watches_stream(
-            cached(scoped::<Pod>(&client, &namespace), pods, w.pods),
-            |p| pool_of_pod(&p),
-        )
-        .watches_stream(
-            cached(scoped::<Secret>(&client, &namespace), all, w.secrets),
-            move |secret| pools_referencing(&store.state(), &secret),
-        )
-        // Child and pod events come in bursts while a pool starts or rolls; one reconcile
-        // per burst writes one status instead of several.
-        .with_config(controller::Config::default().debounce(DEBOUNCE))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx.clone())
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::debug!(pool = %obj, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile error"),
-            }
-        })
-        .await;
 }
 
 #[cfg(test)]

@@ -12,10 +12,19 @@ use http::{Method, Request, Response, StatusCode};
 use kube::client::Body;
 use serde_json::{Value, json};
 
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::watcher;
+use serde::de::DeserializeOwned;
+
+use super::watches::pools_referencing;
 use super::*;
+use crate::api::BudgetSource;
 use crate::api::ConnectionPool;
+use crate::budget::DatabaseLimits;
+use crate::cache::{self, CacheWriters};
 use crate::desired::tests::minimal;
 use crate::discovery::BoxFuture;
+use crate::discovery::Target;
 use crate::resize::PodReport;
 
 const NS: &str = "default";

@@ -1,0 +1,188 @@
+//! Observing a pool's world: its Secrets, children and pods from the watch caches (no
+//! request to the API server), the database's limits (discovered, cached per pool) and
+//! the pods' `/status`.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::ResourceExt;
+
+use super::memory::CachedLimits;
+use super::{Blocked, Reconciler, uid};
+use crate::api::BudgetSource;
+use crate::budget::DatabaseLimits;
+use crate::cache;
+use crate::desired;
+use crate::discovery::Target;
+use crate::error::{Error, Result};
+use crate::resize;
+
+/// Children of one pool as observed.
+pub(super) struct Children {
+    pub(super) config_map: Option<ConfigMap>,
+    pub(super) deployment: Option<Deployment>,
+    pub(super) service: Option<Service>,
+    pub(super) pdb: Option<PodDisruptionBudget>,
+    pub(super) service_account: Option<ServiceAccount>,
+    pub(super) pods: Vec<Pod>,
+}
+
+impl Reconciler<'_> {
+    /// Records what each pod that answered could hold (by pod UID; pods gone are
+    /// forgotten) and returns what is known of those that did not, when `asked`.
+    pub(super) fn remember_reports(
+        &self,
+        pods: &[Pod],
+        reports: &HashMap<String, resize::PodReport>,
+        asked: bool,
+    ) -> HashMap<String, i64> {
+        self.ctx.memory.with(&uid(self.pool), |m| {
+            let live: HashSet<String> = pods.iter().filter_map(|p| p.uid()).collect();
+            m.last_seen.retain(|u, _| live.contains(u));
+            for p in pods {
+                if let (Some(u), Some(r)) = (p.uid(), reports.get(&p.name_any())) {
+                    m.last_seen.insert(u, r.connection_limit.max(r.held));
+                }
+            }
+            if asked {
+                m.last_seen.clone()
+            } else {
+                HashMap::new()
+            }
+        })
+    }
+
+    /// The Secret, or why the pool is degraded without it.
+    pub(super) fn secret(&self, name: &str) -> Result<Secret, Blocked> {
+        match cache::get(&self.ctx.caches.secrets, &self.ns, name) {
+            Some(s) => Ok(s),
+            None => Err(Blocked::Degraded(
+                "SecretNotFound",
+                Error::MissingSecret {
+                    namespace: self.ns.clone(),
+                    name: name.into(),
+                }
+                .to_string(),
+            )),
+        }
+    }
+
+    pub(super) async fn limits(&self, creds: &Secret) -> Result<DatabaseLimits> {
+        let db = &self.pool.spec.database;
+        if let Some(max) = db.max_connections {
+            // Without discovery, assume PostgreSQL's defaults for the server's own reservations.
+            return Ok(DatabaseLimits {
+                max_connections: i64::from(max),
+                superuser_reserved: 3,
+                reserved_connections: 0,
+                source: BudgetSource::Spec,
+            });
+        }
+        let cache_key = (
+            self.pool.metadata.generation,
+            creds.resource_version().unwrap_or_default(),
+        );
+        if let Some(c) = self
+            .ctx
+            .memory
+            .peek(&uid(self.pool), |m| m.limits.clone())
+            .flatten()
+            && c.key == cache_key
+            // A little short of the interval, so the periodic requeue always refreshes.
+            && c.at.elapsed() < self.ctx.settings.discovery_interval.mul_f64(0.9)
+        {
+            return Ok(c.limits);
+        }
+        let field = |k: &str| -> Result<String> {
+            secret_field(creds, k).ok_or_else(|| Error::MissingSecretKey {
+                namespace: self.ns.clone(),
+                name: creds.name_any(),
+                key: k.into(),
+            })
+        };
+        let target = Target {
+            host: db.host.clone(),
+            port: u16::try_from(db.port).map_err(|_| Error::InvalidSpec("database.port".into()))?,
+            database: db.name.clone().unwrap_or_else(|| "postgres".into()),
+            user: field("username")?,
+            password: field("password")?,
+        };
+        let limits = self.ctx.discovery.discover(&target).await?;
+        self.ctx.memory.with(&uid(self.pool), |m| {
+            m.limits = Some(CachedLimits {
+                key: cache_key,
+                at: Instant::now(),
+                limits,
+            });
+        });
+        Ok(limits)
+    }
+
+    pub(super) fn observe(&self) -> Children {
+        let c = &self.ctx.caches;
+        let ns = &self.ns;
+        Children {
+            config_map: cache::get(&c.config_maps, ns, &desired::config_map_name(self.pool)),
+            deployment: cache::get(&c.deployments, ns, &self.name),
+            service: cache::get(&c.services, ns, &self.name),
+            pdb: cache::get(&c.pdbs, ns, &self.name),
+            service_account: cache::get(
+                &c.service_accounts,
+                ns,
+                &desired::service_account_name(self.pool),
+            ),
+            pods: cache::pods_matching(&c.pods, ns, &desired::selector_labels(self.pool)),
+        }
+    }
+
+    pub(super) async fn probe(&self, pods: &[Pod]) -> HashMap<String, resize::PodReport> {
+        let probes = pods.iter().filter_map(|p| {
+            let ip = p.status.as_ref()?.pod_ip.clone()?;
+            let name = p.name_any();
+            Some(async move { (name, self.ctx.probe.status(&ip).await) })
+        });
+        futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .filter_map(|(n, r)| r.map(|r| (n, r)))
+            .collect()
+    }
+}
+
+pub(super) fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A key of a Secret's data, as text, trailing line ends dropped (as the pooler reads the
+/// mounted file, so both compute the same admission token).
+pub(super) fn secret_field(secret: &Secret, k: &str) -> Option<String> {
+    secret.data.as_ref().and_then(|d| d.get(k)).map(|v| {
+        String::from_utf8_lossy(&v.0)
+            .trim_end_matches(['\n', '\r'])
+            .to_string()
+    })
+}
+
+pub(super) fn pod_counts(pods: &[Pod]) -> (i32, i32) {
+    let live: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    let ready = live.iter().filter(|p| pod_ready(p)).count();
+    (live.len() as i32, ready as i32)
+}
+
+pub(super) fn rolling_out(dep: Option<&Deployment>) -> bool {
+    let Some(d) = dep else { return false };
+    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+    let Some(s) = &d.status else { return want > 0 };
+    s.observed_generation < d.metadata.generation
+        || s.updated_replicas.unwrap_or(0) < want
+        || s.replicas.unwrap_or(0) > want
+}
