@@ -17,7 +17,6 @@ use serde_json::{Value, json};
 use sluice_testkit::{
     APP_DB, APP_USER, ControlPlane, ControlPlaneOptions, SUPERUSER, TempPostgres, free_port,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The password clients use with the pooler (distinct from the server's).
 pub const CLIENT_PASSWORD: &str = "client-secret";
@@ -561,19 +560,7 @@ pub async fn pooler_status(ip: &str) -> Result<Value> {
     Ok(serde_json::from_str(&body)?)
 }
 
-/// A minimal HTTP/1.0 GET returning the body of a 200 answer.
+/// `GET path` at `addr`: the body of a 200 answer (see [`sluice_testkit::http`]).
 pub async fn http_get(addr: &str, path: &str) -> Result<String> {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP answer")?;
-        if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-            bail!("GET {addr}{path}: {}", head.lines().next().unwrap_or(""));
-        }
-        Ok::<_, anyhow::Error>(body.to_string())
-    };
-    tokio::time::timeout(Duration::from_secs(3), fut).await.context("HTTP GET timed out")?
+    sluice_testkit::http::get_ok(addr, path).await
 }

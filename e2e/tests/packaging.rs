@@ -1,7 +1,7 @@
 //! Packaging: the Helm chart and the kustomize config render, validate, agree on
 //! RBAC, and install a working operator into the real control plane.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -259,9 +259,4 @@ async fn kustomize_apply_installs_a_working_operator() -> Result<()> {
     let c = fx.wait_converged(1, Duration::from_secs(180)).await?;
     println!("[kustomize] operator installed by kustomize reconciled the sample in {:.1}s", c.secs);
     fx.shutdown().await
-}
-
-#[allow(dead_code)]
-fn exists(p: &Path) -> bool {
-    p.exists()
 }

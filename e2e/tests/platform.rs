@@ -21,7 +21,6 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use serde_json::json;
 use sluice_testkit::ControlPlane;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(360);
 const NS: &str = "default";
@@ -198,24 +197,9 @@ fn echo_deployment(name: &str, replicas: i32, version: &str) -> Result<Deploymen
     }))?)
 }
 
-/// `GET path` over plain HTTP/1.1; returns the body of a 200 answer.
+/// `GET path`: the body of a 200 answer (see [`sluice_testkit::http`]).
 async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        let text = String::from_utf8_lossy(&buf).to_string();
-        let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
-        if !head.starts_with("HTTP/1.1 200") {
-            bail!("GET {addr}{path}: {head}");
-        }
-        Ok(body.to_string())
-    };
-    tokio::time::timeout(Duration::from_secs(5), fut).await.context("HTTP timeout")?
+    sluice_testkit::http::get_ok(&addr.to_string(), path).await
 }
 
 async fn bounded(test: impl std::future::Future<Output = Result<()>>) -> Result<()> {

@@ -64,17 +64,11 @@ fn spawn(kubeconfig: &std::path::Path, metrics_port: u16, name: &str) -> Operato
     Operator(child)
 }
 
+/// `GET path` on the operator's metrics port: the body of a 200 answer.
 async fn http_get(port: u16, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    sluice_testkit::http::get_ok(&format!("127.0.0.1:{port}"), path)
         .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
-    Some(buf)
+        .ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,7 +90,7 @@ async fn leader_election_hands_over() {
     );
     let first = spawn(&cp.kubeconfig_path(), p1, "first");
     eventually("first /readyz", Duration::from_secs(30), || async {
-        http_get(p1, "/readyz").await.filter(|r| r.contains("200"))
+        http_get(p1, "/readyz").await
     })
     .await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
@@ -112,7 +106,7 @@ async fn leader_election_hands_over() {
     assert!(h1.starts_with("first"), "{h1}");
     let second = spawn(&cp.kubeconfig_path(), p2, "second");
     eventually("second /healthz", Duration::from_secs(30), || async {
-        http_get(p2, "/healthz").await.filter(|r| r.contains("200"))
+        http_get(p2, "/healthz").await
     })
     .await;
 

@@ -3,6 +3,7 @@
 //! control plane on loopback.
 
 pub mod cluster;
+pub mod http;
 mod postgres;
 
 pub use cluster::{ControlPlane, ControlPlaneOptions, client_from_kubeconfig, k8s_bin_dir};

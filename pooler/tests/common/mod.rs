@@ -114,35 +114,14 @@ impl Pooler {
     }
 }
 
-/// Minimal HTTP/1.0 GET.
+/// `GET path`: status code and body (see [`sluice_testkit::http`]).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    http(addr, "GET", path, "").await
+    sluice_testkit::http::get(&addr.to_string(), path).await
 }
 
-/// One HTTP/1.0 request; the status code and body of the answer.
+/// One request: status code and body.
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(
-        format!(
-            "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    let code: u16 = out
-        .split_whitespace()
-        .nth(1)
-        .context("no status")?
-        .parse()?;
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
+    sluice_testkit::http::request(&addr.to_string(), method, path, body).await
 }
 
 /// Server connections the pooler holds (backends of the app user), as seen by PostgreSQL.

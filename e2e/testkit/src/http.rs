@@ -1,0 +1,58 @@
+//! The one small HTTP client of the tests: HTTP/1.0 requests to the admin endpoints of the
+//! pooler (`/status`, `/metrics`, `/readyz`, `/admit`) and the operator.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Bound on one request, connect to last byte.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends `method path` with `body` to `addr` (`host:port`); returns the status code and
+/// the body of the answer.
+///
+/// # Errors
+/// When the connection fails, the answer is not HTTP, or it takes over 5 s.
+pub async fn request(addr: &str, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(
+            format!(
+                "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP answer")?;
+        let code: u16 = head.split_whitespace().nth(1).context("no status code")?.parse()?;
+        Ok::<_, anyhow::Error>((code, body.to_string()))
+    };
+    tokio::time::timeout(TIMEOUT, exchange)
+        .await
+        .with_context(|| format!("{method} {addr}{path} timed out"))?
+}
+
+/// `GET path`: the status code and body.
+///
+/// # Errors
+/// As [`request`].
+pub async fn get(addr: &str, path: &str) -> Result<(u16, String)> {
+    request(addr, "GET", path, "").await
+}
+
+/// `GET path`: the body of a 200 answer.
+///
+/// # Errors
+/// As [`request`], and when the answer is not 200.
+pub async fn get_ok(addr: &str, path: &str) -> Result<String> {
+    let (code, body) = get(addr, path).await?;
+    if code != 200 {
+        bail!("GET {addr}{path}: status {code}");
+    }
+    Ok(body)
+}
