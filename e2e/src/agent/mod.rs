@@ -21,6 +21,7 @@
 //!   second agent waits on the `flock` of [`net::LOCK_PATH`] until the first exits.
 //! - It runs as root with `ip`, `setpriv`, `unshare`, `mount` and `kill` on the PATH.
 
+pub mod fields;
 pub mod mounts;
 pub mod net;
 pub mod pod;

@@ -19,7 +19,7 @@
 //! SIGKILL, release network and directory, then delete the pod object with grace 0.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -27,70 +27,25 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Probe, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{DeleteParams, PostParams, Preconditions};
 use kube::{Api, Client};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use super::fields::{expand, field_value, image_name, key, shell_quote};
 use super::net::PodNet;
 use super::volumes::{self, Content, Files};
 
+mod probe;
+mod status;
+
 const TOKEN_REFRESH: Duration = Duration::from_secs(20 * 60);
 const VOLUME_REFRESH: Duration = Duration::from_secs(1);
-
-/// `<namespace>/<name>` of a pod.
-pub fn key(pod: &Pod) -> String {
-    format!(
-        "{}/{}",
-        pod.metadata.namespace.as_deref().unwrap_or("default"),
-        pod.metadata.name.as_deref().unwrap_or("")
-    )
-}
-
-/// The value of a downward-API field path.
-pub fn field_value(pod: &Pod, path: &str, ip: Option<Ipv4Addr>) -> String {
-    let m = &pod.metadata;
-    let spec = pod.spec.as_ref();
-    match path {
-        "metadata.name" => m.name.clone().unwrap_or_default(),
-        "metadata.namespace" => m.namespace.clone().unwrap_or_default(),
-        "metadata.uid" => m.uid.clone().unwrap_or_default(),
-        "spec.nodeName" => spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
-        "spec.serviceAccountName" => {
-            spec.and_then(|s| s.service_account_name.clone()).unwrap_or_default()
-        }
-        "status.podIP" | "status.podIPs" => ip.map(|i| i.to_string()).unwrap_or_default(),
-        "status.hostIP" | "status.hostIPs" => super::BRIDGE_IP.to_string(),
-        p => {
-            if let Some(k) = p.strip_prefix("metadata.labels['").and_then(|k| k.strip_suffix("']"))
-            {
-                return m.labels.as_ref().and_then(|l| l.get(k).cloned()).unwrap_or_default();
-            }
-            if let Some(k) =
-                p.strip_prefix("metadata.annotations['").and_then(|k| k.strip_suffix("']"))
-            {
-                return m.annotations.as_ref().and_then(|l| l.get(k).cloned()).unwrap_or_default();
-            }
-            tracing::warn!(field = p, "unsupported fieldRef");
-            String::new()
-        }
-    }
-}
-
-/// Image reference → the name used in the image map: last path segment without tag or
-/// digest (`registry.local/x/sluice-pooler:1.2@sha256:..` → `sluice-pooler`).
-pub fn image_name(image: &str) -> &str {
-    let no_digest = image.split('@').next().unwrap_or(image);
-    let last = no_digest.rsplit('/').next().unwrap_or(no_digest);
-    last.split(':').next().unwrap_or(last)
-}
 
 fn now() -> Value {
     serde_json::to_value(Time(k8s_openapi::jiff::Timestamp::now())).unwrap_or(Value::Null)
@@ -557,125 +512,6 @@ impl PodRun {
         self.c.waiting_reason = Some(("CrashLoopBackOff".into(), format!("exit code {code}")));
     }
 
-    fn probe_spec(&self) -> Option<&Probe> {
-        self.container().and_then(|c| c.readiness_probe.as_ref())
-    }
-
-    async fn probe(&mut self) {
-        if self.c.child.is_none() {
-            self.c.next_probe = None;
-            return;
-        }
-        let Some(probe) = self.probe_spec().cloned() else {
-            self.c.ready = true;
-            self.c.next_probe = None;
-            return;
-        };
-        let period = Duration::from_secs(probe.period_seconds.unwrap_or(10).max(1) as u64);
-        let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
-        self.c.next_probe = Some(Instant::now() + period);
-        let ok = match self.ip() {
-            Some(ip) => run_probe(&probe, ip, self.container(), timeout).await,
-            None => false,
-        };
-        if ok {
-            self.c.probe_ok += 1;
-            self.c.probe_fail = 0;
-            if self.c.probe_ok >= probe.success_threshold.unwrap_or(1).max(1) {
-                self.c.ready = true;
-            }
-        } else {
-            self.c.probe_fail += 1;
-            self.c.probe_ok = 0;
-            if self.c.probe_fail >= probe.failure_threshold.unwrap_or(3).max(1) {
-                self.c.ready = false;
-            }
-        }
-    }
-
-    fn condition(&mut self, ty: &'static str, status: bool) -> Value {
-        let entry = self.transitions.entry(ty).or_insert_with(|| (status, now()));
-        if entry.0 != status {
-            *entry = (status, now());
-        }
-        json!({
-            "type": ty,
-            "status": if status { "True" } else { "False" },
-            "lastTransitionTime": entry.1.clone(),
-        })
-    }
-
-    fn status(&mut self) -> Value {
-        let c = self.container().cloned().unwrap_or_default();
-        let running = self.c.child.is_some();
-        let ready = running && self.c.ready && self.pod.metadata.deletion_timestamp.is_none();
-        let phase = match self.c.finished {
-            Some(p) => p,
-            None if running || self.c.restart_count > 0 => "Running",
-            None => "Pending",
-        };
-        let state = if running {
-            json!({"running": {"startedAt": self.c.started_at.clone()}})
-        } else if let (Some(_), Some(t)) = (self.c.finished, &self.c.last_terminated) {
-            t.clone()
-        } else {
-            let (reason, message) = self
-                .c
-                .waiting_reason
-                .clone()
-                .unwrap_or_else(|| ("ContainerCreating".into(), String::new()));
-            json!({"waiting": {"reason": reason, "message": message}})
-        };
-        let ip = self.ip().map(|i| i.to_string());
-        let host_ip = match self.ip() {
-            Some(i) if i.is_loopback() => "127.0.0.1".to_string(),
-            _ => super::BRIDGE_IP.to_string(),
-        };
-        let conditions = vec![
-            self.condition("PodScheduled", true),
-            self.condition("Initialized", true),
-            self.condition("ContainersReady", ready),
-            self.condition("Ready", ready),
-        ];
-        let mut status = json!({
-            "phase": phase,
-            "hostIP": host_ip,
-            "hostIPs": [{"ip": host_ip}],
-            "startTime": self.start_time.clone(),
-            "conditions": conditions,
-            "containerStatuses": [{
-                "name": c.name,
-                "image": c.image.clone().unwrap_or_default(),
-                "imageID": "",
-                "containerID": self.c.pid.map(|p| format!("sluice://{p}")),
-                "ready": ready,
-                "started": running,
-                "restartCount": self.c.restart_count,
-                "state": state,
-                "lastState": self.c.last_terminated.clone().unwrap_or(json!({})),
-            }],
-        });
-        if let Some(ip) = ip {
-            status["podIP"] = json!(ip);
-            status["podIPs"] = json!([{"ip": ip}]);
-        }
-        status
-    }
-
-    /// Patches `/status` when it changed (timestamps of unchanged conditions are kept).
-    async fn report(&mut self) {
-        let status = self.status();
-        if status == self.last_status {
-            return;
-        }
-        let api: Api<Pod> = Api::namespaced(self.client(), &self.ns());
-        let patch = json!({"status": status});
-        match api.patch_status(&self.name(), &PatchParams::default(), &Patch::Merge(&patch)).await {
-            Ok(_) => self.last_status = status,
-            Err(e) => tracing::warn!(pod = %key(&self.pod), "status patch failed: {e}"),
-        }
-    }
-
     async fn signal(&self, sig: &str) {
         if let Some(pid) = self.c.pid {
             let _ = Command::new("kill")
@@ -733,107 +569,5 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(t) => tokio::time::sleep_until(t.into()).await,
         None => std::future::pending().await,
-    }
-}
-
-fn resolve_port(port: &IntOrString, c: Option<&Container>) -> Option<u16> {
-    match port {
-        IntOrString::Int(p) => u16::try_from(*p).ok(),
-        IntOrString::String(name) => c?
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| p.name.as_deref() == Some(name))
-            .and_then(|p| u16::try_from(p.container_port).ok()),
-    }
-}
-
-/// One readiness check from the host to the pod's address: httpGet (2xx/3xx) or
-/// tcpSocket (connect). exec and grpc probes are not supported and count as success.
-async fn run_probe(probe: &Probe, ip: Ipv4Addr, c: Option<&Container>, timeout: Duration) -> bool {
-    let attempt = async {
-        if let Some(h) = &probe.http_get {
-            let port = resolve_port(&h.port, c)?;
-            let path = h.path.clone().unwrap_or_else(|| "/".into());
-            let mut s = tokio::net::TcpStream::connect(SocketAddr::from((ip, port))).await.ok()?;
-            let req = format!(
-                "GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: kube-probe/sluice\r\nConnection: close\r\n\r\n"
-            );
-            s.write_all(req.as_bytes()).await.ok()?;
-            let mut buf = [0u8; 64];
-            let mut n = 0;
-            while n < 12 {
-                let r = s.read(&mut buf[n..]).await.ok()?;
-                if r == 0 {
-                    break;
-                }
-                n += r;
-            }
-            let line = String::from_utf8_lossy(&buf[..n]).to_string();
-            let code: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some((200..400).contains(&code))
-        } else if let Some(t) = &probe.tcp_socket {
-            let port = resolve_port(&t.port, c)?;
-            Some(tokio::net::TcpStream::connect(SocketAddr::from((ip, port))).await.is_ok())
-        } else {
-            Some(true)
-        }
-    };
-    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
-}
-
-/// Expands `$(VAR)` references from `env`, as the kubelet does; `$$(VAR)` escapes.
-fn expand(s: &str, env: &[(String, String)]) -> String {
-    let mut out = String::new();
-    let mut rest = s;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        if let Some(a) = after.strip_prefix("$(") {
-            out.push_str("$(");
-            rest = a;
-        } else if let Some(a) = after.strip_prefix('(') {
-            match a.find(')') {
-                Some(j) => {
-                    let name = &a[..j];
-                    match env.iter().rev().find(|(k, _)| k == name) {
-                        Some((_, v)) => out.push_str(v),
-                        None => out.push_str(&format!("$({name})")),
-                    }
-                    rest = &a[j + 1..];
-                }
-                None => {
-                    out.push('$');
-                    rest = after;
-                }
-            }
-        } else {
-            out.push('$');
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn image_names() {
-        assert_eq!(image_name("sluice-pooler"), "sluice-pooler");
-        assert_eq!(image_name("ghcr.io/sluice-dev/sluice-pooler:0.1.0"), "sluice-pooler");
-        assert_eq!(image_name("localhost:5000/echo@sha256:abc"), "echo");
-    }
-
-    #[test]
-    fn expands_vars() {
-        let env = vec![("A".to_string(), "1".to_string())];
-        assert_eq!(expand("x$(A)y$(B)$$(A)$", &env), "x1y$(B)$(A)$");
     }
 }

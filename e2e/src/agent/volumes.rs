@@ -64,7 +64,7 @@ pub async fn resolve(
             if let Some(d) = &src.downward_api {
                 for item in d.items.iter().flatten() {
                     if let Some(f) = &item.field_ref {
-                        let v = super::pod::field_value(pod, &f.field_path, None);
+                        let v = super::fields::field_value(pod, &f.field_path, None);
                         files.insert(item.path.clone(), v.into_bytes());
                     }
                 }
