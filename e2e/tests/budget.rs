@@ -546,6 +546,17 @@ async fn bad_input_is_reported_and_changes_nothing() -> Result<()> {
             "rejection names the rule ({needle}): {err:#}"
         );
     }
+    // Issue 18: a name that cannot name the pool's Service (`db.pool`) is refused at once.
+    let mut dotted = fx.pool_json().await?;
+    dotted["metadata"] = json!({"name": "db.pool", "namespace": fx.ns});
+    dotted.as_object_mut().unwrap().remove("status");
+    let obj: kube::core::DynamicObject = serde_json::from_value(dotted)?;
+    let err = pools.create(&Default::default(), &obj).await.unwrap_err();
+    println!("[bad-input] ConnectionPool db.pool: {err}");
+    ensure!(
+        err.to_string().contains("metadata.name must be a DNS label"),
+        "the name is refused with the rule's message: {err}"
+    );
     let bad = sluice_e2e::fixture::repo_root().join("e2e/tests/budget/invalid-pool.yaml");
     let err = fx.kubectl(&["apply", "-f", bad.to_str().unwrap()]).unwrap_err();
     ensure!(

@@ -22,6 +22,10 @@ use serde::{Deserialize, Serialize};
     shortname = "cpool",
     status = "ConnectionPoolStatus",
     derive = "PartialEq",
+    validation = (
+        "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 63",
+        "metadata.name must be a DNS label (at most 63 lowercase letters, digits and '-', starting with a letter and ending with a letter or digit): it names the pool's Service"
+    ),
     doc = "A pool of sluice-pooler replicas whose server connections together stay within the database's connection budget.",
     scale(
         spec_replicas_path = ".spec.replicas",
@@ -392,6 +396,7 @@ mod tests {
             "drainTimeout must be a duration",
             "poolMode must be transaction or session",
             "self.matches('^([0-9]+(ms|s|m|h))+$')",
+            "metadata.name must be a DNS label",
         ] {
             assert!(yaml.contains(needle), "missing rule: {needle}");
         }

@@ -107,6 +107,10 @@ impl Error {
             }
             Error::InvalidSpec(_) => Some("InvalidSpec"),
             Error::NotOwned { .. } => Some("NotOwned"),
+            // The API server refused a child as invalid: retrying cannot help.
+            Error::Kube(kube::Error::Api(e)) if matches!(e.code, 400 | 422) => {
+                Some("ApplyRejected")
+            }
             Error::Kube(_)
             | Error::Infeasible(_)
             | Error::Serialization(_)
@@ -131,4 +135,33 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(code: u16) -> Error {
+        let status: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "status": "Failure", "message": "Service \"db.pool\" is invalid", "reason": "Invalid",
+            "code": code
+        }))
+        .unwrap();
+        Error::Kube(kube::Error::Api(Box::new(status)))
+    }
+
+    #[test]
+    fn what_the_pool_must_fix_is_degraded_the_rest_retried() {
+        assert_eq!(api(422).degraded_reason(), Some("ApplyRejected"));
+        assert_eq!(api(409).degraded_reason(), None, "a conflict is retried");
+        assert_eq!(api(500).degraded_reason(), None);
+        let e = Error::NotOwned {
+            kind: "Service".into(),
+            namespace: "ns".into(),
+            name: "web".into(),
+        };
+        assert_eq!(e.degraded_reason(), Some("NotOwned"));
+        assert!(e.to_string().starts_with("Service ns/web already exists"), "{e}");
+        assert_eq!(Error::CacheClosed.degraded_reason(), None);
+    }
 }
