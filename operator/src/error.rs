@@ -161,7 +161,10 @@ mod tests {
             name: "web".into(),
         };
         assert_eq!(e.degraded_reason(), Some("NotOwned"));
-        assert!(e.to_string().starts_with("Service ns/web already exists"), "{e}");
+        assert!(
+            e.to_string().starts_with("Service ns/web already exists"),
+            "{e}"
+        );
         assert_eq!(Error::CacheClosed.degraded_reason(), None);
     }
 }
