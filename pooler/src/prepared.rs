@@ -189,6 +189,9 @@ pub enum SpecialQuery {
     Deallocate(String),
     DeallocateAll,
     DiscardAll,
+    /// `DROP DATABASE [IF EXISTS] name [[WITH] (FORCE)]`: the pooler's idle server
+    /// connections to it would make PostgreSQL refuse it.
+    DropDatabase(String),
 }
 
 /// An ErrorResponse (`msg`: tag, length, body) that names a server statement
@@ -263,7 +266,8 @@ pub fn changes_schema(tag: &[u8]) -> bool {
     .any(|p| tag.starts_with(p))
 }
 
-/// Recognises `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` as the whole query.
+/// Recognises `DEALLOCATE [PREPARE] name|ALL`, `DISCARD ALL` and `DROP DATABASE` as the
+/// whole query.
 pub fn special_query(sql: &str) -> Option<SpecialQuery> {
     let s = sql.trim().trim_end_matches(';').trim();
     let words: Vec<&str> = s.split_whitespace().collect();
@@ -282,6 +286,18 @@ pub fn special_query(sql: &str) -> Option<SpecialQuery> {
             };
             Some(SpecialQuery::Deallocate(name))
         }
+        ["drop", "database", ..] => {
+            let rest = match l.get(2..4) {
+                Some(["if", "exists"]) => &words[4..],
+                _ => &words[2..],
+            };
+            let name = *rest.first()?;
+            let name = match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+                Some(q) => q.replace("\"\"", "\""),
+                None => name.to_ascii_lowercase(),
+            };
+            Some(SpecialQuery::DropDatabase(name))
+        }
         _ => None,
     }
 }
@@ -289,6 +305,23 @@ pub fn special_query(sql: &str) -> Option<SpecialQuery> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recognises_drop_database() {
+        for (sql, name) in [
+            ("DROP DATABASE app", "app"),
+            ("drop database if exists App;", "app"),
+            ("DROP DATABASE \"My\"\"Db\" WITH (FORCE)", "My\"Db"),
+        ] {
+            assert_eq!(
+                special_query(sql),
+                Some(SpecialQuery::DropDatabase(name.into())),
+                "{sql}"
+            );
+        }
+        assert_eq!(special_query("drop database"), None);
+        assert_eq!(special_query("drop table app"), None);
+    }
 
     #[test]
     fn server_names_are_stable_and_distinct() {

@@ -137,6 +137,25 @@ impl Shared {
         right
     }
 
+    /// Closes the idle server connections to database `db` (a client drops it).
+    pub fn close_idle_to(&self, db: &str) {
+        let cfg = self.config();
+        let conns = match cfg.server.database.as_deref() {
+            // Every pool connects to the one configured database.
+            Some(fixed) if fixed == db => self.pools.limiter().take_idle(|_| true),
+            Some(_) => Vec::new(),
+            None => self.pools.limiter().take_idle(|k| &*k.database == db),
+        };
+        if !conns.is_empty() {
+            tracing::info!(
+                database = %db.escape_debug(),
+                closed = conns.len(),
+                "DROP DATABASE: closing idle server connections to it"
+            );
+        }
+        close_all(conns);
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }

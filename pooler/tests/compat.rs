@@ -32,14 +32,6 @@ const POOLER: &[(&str, &str)] = &[
         "startup parameter client_min_messages is refused: the pooler carries only the parameters PostgreSQL reports",
     ),
     (
-        "test_type_cache_invalidation_in_pool",
-        "DROP DATABASE waits for the pooler's idle server connections to it",
-    ),
-    (
-        "TestIntrospection",
-        "DROP DATABASE waits for the pooler's idle server connections to it",
-    ),
-    (
         "test_pool_config_persistence",
         "flaky on this machine: one unexpected connection_lost() in 100 acquisitions with \
          max_queries=1; it failed against PostgreSQL directly too (CI, 2026-12-06)",

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use common::wire::*;
 use common::*;
 use sluice_testkit::{APP_DB, APP_USER};
@@ -354,6 +354,51 @@ async fn terminate_after_unsynced_messages_ends_the_session() -> Result<()> {
         let c = p.connect().await?;
         let v: i32 = c.query_one("select 3", &[]).await?.get(0);
         assert_eq!(v, 3, "{mode}: the pool serves the next client");
+        p.shutdown().await?;
+    }
+    Ok(())
+}
+
+/// asyncpg's `TestIntrospection` and `test_type_cache_invalidation_in_pool` (both modes):
+/// `DROP DATABASE` of a database the pooler holds idle server connections to. PostgreSQL
+/// refuses while others are connected (55006 after 5 s); the pooler closes its idle
+/// connections to it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drop_database_is_not_blocked_by_idle_server_connections() -> Result<()> {
+    let pg = postgres(40).await?;
+    let su = pg.connect_superuser().await?;
+    su.batch_execute(&format!("CREATE DATABASE dropme OWNER {}", APP_USER.0))
+        .await?;
+    for mode in ["transaction", "session"] {
+        let mut p = start(
+            &pg,
+            &format!("connection_limit = 5\npool_mode = \"{mode}\""),
+        )
+        .await?;
+        {
+            let c = sluice_testkit::connect(&p.conn_str(APP_USER.0, APP_USER.1, "dropme")).await?;
+            c.simple_query("select 1").await?;
+        }
+        // Its server connection is idle in the pool now (session mode: once the client
+        // has gone).
+        let idle = eventually(5, || async {
+            p.status()
+                .await
+                .is_ok_and(|s| s["server_connections"]["idle"].as_i64() == Some(1))
+        })
+        .await;
+        ensure!(idle, "[{mode}] an idle server connection to dropme");
+        let c = p.connect().await?;
+        let started = std::time::Instant::now();
+        c.batch_execute("DROP DATABASE dropme")
+            .await
+            .with_context(|| format!("[{mode}] DROP DATABASE through the pooler"))?;
+        ensure!(
+            started.elapsed() < Duration::from_secs(4),
+            "[{mode}] it did not wait for the pooler's connections"
+        );
+        su.batch_execute(&format!("CREATE DATABASE dropme OWNER {}", APP_USER.0))
+            .await?;
         p.shutdown().await?;
     }
     Ok(())

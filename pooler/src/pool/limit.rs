@@ -472,6 +472,24 @@ impl<C> Limiter<C> {
         close.into_iter().map(|c| self.closing(c)).collect()
     }
 
+    /// Idle connections of the pools `which` selects, handed back for closing.
+    pub fn take_idle(&self, which: impl Fn(&PoolKey) -> bool) -> Vec<Closing<C>> {
+        let mut s = self.lock();
+        let mut close = Vec::new();
+        let keys: Vec<PoolKey> = s.pools.keys().filter(|k| which(k)).cloned().collect();
+        for key in keys {
+            let pool = s.pool(&key);
+            let idle = std::mem::take(&mut pool.idle);
+            pool.counts.open -= idle.len();
+            s.open -= idle.len();
+            s.closing += idle.len();
+            close.extend(idle.into_iter().map(|i| i.conn));
+            s.forget_if_unused(&key);
+        }
+        drop(s);
+        close.into_iter().map(|c| self.closing(c)).collect()
+    }
+
     /// Starts draining: no new connections; idle ones are handed back for closing.
     pub fn start_drain(&self) -> Vec<Closing<C>> {
         let mut s = self.lock();

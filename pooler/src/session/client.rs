@@ -83,9 +83,18 @@ impl Session<'_> {
         match f.tag {
             b'Q' => {
                 self.queries.inc();
-                if rewrite && looks_special(&f.raw[5..]) {
-                    let q = crate::protocol::Query::decode(&f)?;
-                    match special_query(&q.sql) {
+                let special = if looks_special(&f.raw[5..]) {
+                    special_query(&crate::protocol::Query::decode(&f)?.sql)
+                } else {
+                    None
+                };
+                if let Some(SpecialQuery::DropDatabase(db)) = &special {
+                    // PostgreSQL refuses to drop a database others are connected to:
+                    // this process's idle connections to it go first.
+                    self.shared.close_idle_to(db);
+                }
+                if rewrite {
+                    match special {
                         // Whether the statement exists depends on a Parse still in
                         // flight: answered first, then this is rewritten.
                         Some(SpecialQuery::Deallocate(name))
