@@ -527,6 +527,13 @@ async fn bad_input_is_reported_and_changes_nothing() -> Result<()> {
     let msg = degraded["message"].as_str().unwrap_or_default();
     println!("[bad-input] Degraded: {msg}");
     ensure!(msg.contains("no-such-secret"), "Degraded names the Secret: {msg}");
+    // Issue 18: `kubectl get cpool` shows it.
+    let row = fx.kubectl(&["get", "cpool", "orphan", "--no-headers"])?;
+    println!("[bad-input] kubectl get cpool orphan: {}", row.trim());
+    ensure!(
+        row.contains("Degraded") && row.contains("SecretNotFound"),
+        "STATUS and REASON columns: {row}"
+    );
 
     // 3. CEL validation rejects what can be checked statically, with the rule's message.
     for (patch, needle) in [

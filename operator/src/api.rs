@@ -32,6 +32,8 @@ use serde::{Deserialize, Serialize};
         status_replicas_path = ".status.replicas",
         label_selector_path = ".status.selector"
     ),
+    printcolumn(name = "Status", type_ = "string", json_path = ".status.state"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.reason"),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(
@@ -241,6 +243,13 @@ pub struct ConnectionPoolStatus {
     /// The resize in flight, if any; lets a restarted operator resume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resize: Option<ResizeStatus>,
+    /// One word for `kubectl get`: `BudgetExceeded`, `Degraded`, `Progressing`, `Ready` or
+    /// `NotReady`, the first whose condition holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// The reason of the condition that gives `state`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Where `max_connections` came from.
@@ -371,6 +380,8 @@ mod tests {
         assert_eq!(
             cols,
             [
+                "Status",
+                "Reason",
                 "Replicas",
                 "Ready",
                 "Limit/Replica",

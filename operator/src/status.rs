@@ -98,7 +98,20 @@ pub fn build(prev: Option<&ConnectionPoolStatus>, r: &Report, now: Time) -> Conn
         Some(msg) => (true, "BudgetExceeded", msg.clone()),
         None => (false, "WithinBudget", String::new()),
     };
+    let (state, reason) = if b_on {
+        ("BudgetExceeded", b_reason)
+    } else if d_on {
+        ("Degraded", d_reason)
+    } else if p_on {
+        ("Progressing", p_reason)
+    } else if ready {
+        ("Ready", ready_reason)
+    } else {
+        ("NotReady", ready_reason)
+    };
     ConnectionPoolStatus {
+        state: Some(state.into()),
+        reason: Some(reason.into()),
         observed_generation: g,
         conditions: vec![
             condition(prev, READY, ready, ready_reason, ready_msg, g, &now),
@@ -167,5 +180,46 @@ mod tests {
         );
         // Progressing did not change: its time stays.
         assert_eq!(b.conditions[1].last_transition_time, t(1));
+    }
+
+    #[test]
+    fn state_names_the_condition_that_matters_most() {
+        let ready = Report {
+            desired_replicas: 2,
+            replicas: 2,
+            ready_replicas: 2,
+            ..Default::default()
+        };
+        let state = |r: &Report| {
+            let s = build(None, r, t(1));
+            (s.state.unwrap(), s.reason.unwrap())
+        };
+        assert_eq!(state(&ready), ("Ready".into(), "Ready".into()));
+        let starting = Report {
+            ready_replicas: 1,
+            ..ready.clone()
+        };
+        assert_eq!(state(&starting), ("NotReady".into(), "PodsNotReady".into()));
+        let resizing = Report {
+            progressing: Some(("LoweringLimit".into(), "Waiting".into())),
+            ..ready.clone()
+        };
+        assert_eq!(
+            state(&resizing),
+            ("Progressing".into(), "LoweringLimit".into())
+        );
+        let degraded = Report {
+            degraded: Some(("NotOwned".into(), "Service ns/app".into())),
+            ..resizing.clone()
+        };
+        assert_eq!(state(&degraded), ("Degraded".into(), "NotOwned".into()));
+        let over = Report {
+            budget_exceeded: Some("too many".into()),
+            ..degraded
+        };
+        assert_eq!(
+            state(&over),
+            ("BudgetExceeded".into(), "BudgetExceeded".into())
+        );
     }
 }
