@@ -276,10 +276,20 @@ impl<'a> Reconciler<'a> {
             .prev()
             .and_then(|s| s.budget.as_ref())
             .and_then(|b| b.applied_config_hash.clone());
+        // Each limit's `pooler.toml` is rendered once per reconcile (the planner asks for
+        // the same hashes several times).
+        let hashes = Mutex::new(HashMap::<i64, String>::new());
         let hash_for = |limit: i64| {
-            desired::pooler_toml(self.pool, limit, &config_inputs)
-                .map(|t| desired::config_hash(&t))
-                .unwrap_or_default()
+            hashes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(limit)
+                .or_insert_with(|| {
+                    desired::pooler_toml(self.pool, limit, &config_inputs)
+                        .map(|t| desired::config_hash(&t))
+                        .unwrap_or_default()
+                })
+                .clone()
         };
         let target_replicas = spec.replicas;
         let steady_limit =

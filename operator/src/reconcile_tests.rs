@@ -574,8 +574,11 @@ async fn budget_exceeded_keeps_the_last_good_config() {
     assert_eq!(h.api.get(CM_PATH).unwrap(), cm_before);
     assert_eq!(h.condition("BudgetExceeded")["status"], "True");
     assert_eq!(h.condition("Ready")["status"], "False");
-    // Its pods keep 17 each: other pools of its database still count that.
+    // Its pods keep 17 each: other pools of its database still count that, and status
+    // shows the limit they run (issue 18: it showed 0) and the pods as they are.
     assert_eq!(h.status()["budget"]["committed"], 51);
+    assert_eq!(h.status()["budget"]["perReplicaLimit"], 17);
+    assert_eq!(h.status()["state"], "BudgetExceeded");
     // A second reconcile of the same infeasible pool writes nothing.
     h.reconcile().await;
     assert_eq!(writes(&h.api.take_log()), Vec::<String>::new());

@@ -15,10 +15,10 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use std::time::Duration;
 
-use super::observe::Children;
+use super::observe::{Children, pod_counts};
 use super::{Blocked, Reconciler, budget_block, key, uid};
 use crate::api::ConnectionPool;
-use crate::desired::{self, FIELD_MANAGER, RenderInputs};
+use crate::desired::{self, FIELD_MANAGER, LIMIT_ANNOTATION, RenderInputs};
 use crate::error::{Error, Result};
 use crate::status::{self, Report};
 
@@ -158,12 +158,20 @@ impl Reconciler<'_> {
     /// Records the pool as degraded or over budget without touching any child.
     pub(super) async fn blocked(&self, why: Blocked) -> Result<Action> {
         let prev_budget = self.prev().and_then(|s| s.budget.clone());
+        // The pods as they are (they keep running the last good config).
+        let children = self.observe();
+        let (replicas, ready_replicas) = pod_counts(&children.pods);
+        let running_limit = children
+            .config_map
+            .as_ref()
+            .and_then(|cm| cm.annotations().get(LIMIT_ANNOTATION))
+            .and_then(|v| v.parse::<i64>().ok());
         let mut report = Report {
             generation: self.pool.metadata.generation,
             selector: desired::selector_string(self.pool),
             desired_replicas: self.pool.spec.replicas,
-            replicas: self.prev().map_or(0, |s| s.replicas),
-            ready_replicas: self.prev().map_or(0, |s| s.ready_replicas),
+            replicas,
+            ready_replicas,
             budget: prev_budget.clone(),
             resize: self.prev().and_then(|s| s.resize.clone()),
             ..Default::default()
@@ -178,7 +186,11 @@ impl Reconciler<'_> {
                     let applied = prev_budget
                         .as_ref()
                         .and_then(|p| p.applied_config_hash.clone());
-                    let mut block = budget_block(&b, 0, self.pool.spec.replicas, applied);
+                    // The limit the pods run, not 0.
+                    let limit = running_limit
+                        .or(prev_budget.as_ref().map(|p| p.per_replica_limit))
+                        .unwrap_or(0);
+                    let mut block = budget_block(&b, limit, self.pool.spec.replicas, applied);
                     block.worst_case_total = 0;
                     // The pods keep the last good config: what they may hold still counts
                     // for the other pools of the group (after an operator restart too).
