@@ -378,7 +378,7 @@ impl<'a> Reconciler<'a> {
             default_image: self.ctx.settings.default_image.clone(),
         };
         let (cm_written, deployment_written) = match self
-            .write_children(&children, &inputs, &config_inputs, plan.config_limit)
+            .write_children(&children, &inputs, &config_inputs)
             .await
         {
             Ok(w) => w,

@@ -62,11 +62,17 @@ pub struct PodView {
 impl PodView {
     /// The most this pod may hold as far as the operator knows: what it reported (its
     /// limit, or more while it still holds busy connections above it), else the higher
-    /// of `unknown` and what it could hold when it last answered.
+    /// of `unknown` and what it could hold when it last answered; and at least `unknown`
+    /// (the ConfigMap's limit) while it runs, since it may reload that at any moment.
     fn may_hold(&self, unknown: i64) -> i64 {
-        match &self.report {
+        let reported = match &self.report {
             Some(r) => r.connection_limit.max(r.held),
             None => unknown.max(self.last_seen.unwrap_or(0)),
+        };
+        if self.terminating {
+            reported
+        } else {
+            reported.max(unknown)
         }
     }
 }
@@ -342,15 +348,7 @@ pub fn committed_as_is(observed: &Observed) -> i64 {
 
 fn committed_with(observed: &Observed, config_limit: i64, deployment_replicas: i32) -> i64 {
     let unknown = observed.config_limit.unwrap_or(0).max(config_limit);
-    // A live pod may reload the ConfigMap's limit at any moment.
-    let existing: i64 = observed
-        .pods
-        .iter()
-        .map(|p| {
-            p.may_hold(unknown)
-                .max(if p.terminating { 0 } else { unknown })
-        })
-        .sum();
+    let existing: i64 = observed.pods.iter().map(|p| p.may_hold(unknown)).sum();
     // Pods that may exist at once: the replicas and the rollout pod, a terminating pod
     // taking the rollout pod's place (so a rollout is not counted twice).
     let pods = observed.pods.len() as i64;
@@ -379,8 +377,6 @@ pub fn admissions<'a>(observed: &'a Observed, plan: &Plan, available: i64) -> Ve
         .filter(|p| !waiting(p))
         .map(|p| match &p.report {
             Some(r) if !r.admitted => r.held,
-            // A live pod may reload the ConfigMap's limit at any moment.
-            _ if !p.terminating => p.may_hold(unknown).max(unknown),
             _ => p.may_hold(unknown),
         })
         .sum();

@@ -37,7 +37,6 @@ impl Reconciler<'_> {
         children: &Children,
         inputs: &RenderInputs,
         config_inputs: &desired::ConfigInputs,
-        limit: i64,
     ) -> Result<(bool, bool)> {
         let (_, cm_written) = futures::try_join!(
             self.apply(
@@ -47,7 +46,7 @@ impl Reconciler<'_> {
             ),
             self.apply(
                 children.config_map.as_ref(),
-                desired::config_map(self.pool, limit, config_inputs)?,
+                desired::config_map(self.pool, inputs.limit, config_inputs)?,
                 "configmaps",
             ),
         )?;
