@@ -29,6 +29,19 @@ pub struct DatabaseLimits {
     pub source: BudgetSource,
 }
 
+impl DatabaseLimits {
+    /// The limits of a database whose `max_connections` the spec gives (no discovery):
+    /// PostgreSQL's defaults for the server's own reservations are assumed.
+    pub fn from_spec(max_connections: i64) -> Self {
+        Self {
+            max_connections,
+            superuser_reserved: 3,
+            reserved_connections: 0,
+            source: BudgetSource::Spec,
+        }
+    }
+}
+
 /// A computed budget for one pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Budget {

@@ -148,6 +148,15 @@ pub fn parse_duration(s: &str) -> Result<ConfigDuration> {
         .map_err(|e: sluice_contract::DurationError| Error::InvalidSpec(e.to_string()))
 }
 
+/// Checks what CEL cannot: every duration parses and fits, the rendered config is valid.
+///
+/// # Errors
+/// [`Error::InvalidSpec`] naming the first problem.
+pub fn validate(pool: &ConnectionPool) -> Result<()> {
+    grace_seconds(pool)?;
+    pooler_toml(pool, 0, &ConfigInputs::default()).map(drop)
+}
+
 /// Seconds the kubelet gives a pooler pod to drain, and the Deployment's `minReadySeconds`.
 ///
 /// # Errors

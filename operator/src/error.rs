@@ -50,7 +50,7 @@ pub enum Error {
         value: String,
     },
     /// The pool does not fit in the database's connection budget.
-    #[error("budget exceeded: {0}")]
+    #[error(transparent)]
     Infeasible(#[from] Infeasible),
     /// The spec is invalid in a way CEL could not catch.
     #[error("invalid spec: {0}")]
@@ -95,9 +95,23 @@ impl Error {
         }
     }
 
+    /// The condition this error sets on the pool, and its reason, when it is the pool's
+    /// to fix (reported in status and an event, children left as they are): `Degraded`,
+    /// or `BudgetExceeded` for a pool that does not fit. `None` for failures retried with
+    /// backoff (the API server, the watch caches).
+    pub fn condition(&self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Error::Infeasible(_) => Some((crate::status::BUDGET_EXCEEDED, "BudgetExceeded")),
+            e => e
+                .degraded_reason()
+                .map(|reason| (crate::status::DEGRADED, reason)),
+        }
+    }
+
     /// The `Degraded` condition's reason when this error is the pool's to fix (reported
-    /// in status and an event, children left as they are); `None` for failures retried
-    /// with backoff (the API server, the watch caches).
+    /// in status and an event, children left as they are); `None` for a pool that does
+    /// not fit (see [`Self::condition`]) and for failures retried with backoff (the API
+    /// server, the watch caches).
     pub fn degraded_reason(&self) -> Option<&'static str> {
         match self {
             Error::MissingSecret { .. } => Some("SecretNotFound"),
@@ -166,5 +180,27 @@ mod tests {
             "{e}"
         );
         assert_eq!(Error::CacheClosed.degraded_reason(), None);
+        assert_eq!(Error::CacheClosed.condition(), None);
+        let over = Error::Infeasible(Infeasible::NoBudget {
+            available: 0,
+            max: 10,
+            su: 3,
+            res: 0,
+            spec: 7,
+        });
+        assert_eq!(
+            over.condition(),
+            Some((crate::status::BUDGET_EXCEEDED, "BudgetExceeded"))
+        );
+        assert_eq!(
+            over.to_string(),
+            "the database leaves 0 connections for the pool (max_connections 10, superuser \
+             reserved 3, reserved_connections 0, spec reserved 7)",
+            "the budget's own words reach status"
+        );
+        assert_eq!(
+            api(422).condition(),
+            Some((crate::status::DEGRADED, "ApplyRejected"))
+        );
     }
 }

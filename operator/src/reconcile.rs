@@ -21,28 +21,28 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector;
 use kube::{Client, Resource, ResourceExt};
 
-use crate::api::{BudgetStatus, ConnectionPool, ConnectionPoolStatus, ResizeStatus};
+use crate::api::{BudgetStatus, ConnectionPool, ConnectionPoolStatus};
 use crate::budget::{self, Budget};
 use crate::cache::Caches;
-use crate::desired::{self, FIELD_MANAGER, LIMIT_ANNOTATION, RenderInputs};
+use crate::desired::{self, FIELD_MANAGER, LIMIT_ANNOTATION};
 use crate::discovery::{Discover, ProbePods};
 use crate::error::{Error, Result};
 use crate::metrics::{self, Metrics};
-use crate::resize::{self, Observed, Plan, PodView};
-use crate::status::Report;
+use crate::resize::{self, Observed, PodView};
 
 mod act;
+mod decide;
 mod group;
 mod memory;
 mod observe;
 mod watches;
 use group::GroupView;
 use memory::Memory;
-use observe::{pod_counts, pod_ready, rolling_out, secret_field};
+use observe::{pod_ready, secret_field};
 pub use watches::run_controller;
 
 /// Settings of the reconciler.
@@ -167,12 +167,6 @@ struct Reconciler<'a> {
     prev: Option<ConnectionPoolStatus>,
 }
 
-/// Why the pool cannot be reconciled as specified.
-enum Blocked {
-    Degraded(&'static str, String),
-    BudgetExceeded(String, Option<Budget>),
-}
-
 impl<'a> Reconciler<'a> {
     fn new(pool: &'a ConnectionPool, ctx: &'a Context) -> Self {
         Self {
@@ -201,14 +195,18 @@ impl<'a> Reconciler<'a> {
 
     async fn run(&self) -> Result<Action> {
         let spec = &self.pool.spec;
+        // 0. The whole spec is checked once, up front: what CEL cannot check.
+        if let Err(e) = desired::validate(self.pool) {
+            return self.fail(e).await;
+        }
         // 1. Secrets (their resourceVersions make the config revision).
         let creds = match self.secret(&spec.database.credentials_secret) {
             Ok(s) => s,
-            Err(b) => return self.blocked(b).await,
+            Err(e) => return self.fail(e).await,
         };
         let users = match self.secret(&spec.client_auth.users_secret) {
             Ok(s) => s,
-            Err(b) => return self.blocked(b).await,
+            Err(e) => return self.fail(e).await,
         };
         let revision = desired::secrets_revision(
             creds.resource_version().as_deref().unwrap_or(""),
@@ -223,17 +221,8 @@ impl<'a> Reconciler<'a> {
         let reserved = spec.database.reserved_connections.map(i64::from);
         let budget = match budget::budget(limits, reserved) {
             Ok(b) => b,
-            Err(e) => {
-                return self
-                    .blocked(Blocked::BudgetExceeded(e.to_string(), None))
-                    .await;
-            }
+            Err(e) => return self.fail(e.into()).await,
         };
-        if let Err(e) = desired::grace_seconds(self.pool) {
-            return self
-                .blocked(Blocked::Degraded("InvalidSpec", e.to_string()))
-                .await;
-        }
         // This pool's share of its group's budget (pools on one database divide it);
         // the group's reconciles run one at a time from here to the commit.
         let group = budget::group_key(&spec.database);
@@ -340,9 +329,25 @@ impl<'a> Reconciler<'a> {
         };
 
         // 4. Decide.
-        let plan = match resize::plan(&observed, share.usable, target_replicas, hash_for) {
-            Ok(p) => p,
-            Err(e)
+        let world = decide::World {
+            pool: self.pool,
+            prev: self.prev(),
+            budget,
+            share,
+            group: &group_view,
+            observed: &observed,
+            pods: &children.pods,
+            reports: &reports,
+            steady,
+            deployment: children.deployment.as_ref(),
+            config_inputs: &config_inputs,
+            default_image: &self.ctx.settings.default_image,
+            now: Timestamp::now(),
+            ack_timeout: self.ctx.settings.ack_timeout,
+        };
+        let d = match decide::decide(&world, hash_for) {
+            Ok(d) => d,
+            Err(Error::Infeasible(e))
                 if budget::per_replica_limit(share.share, i64::from(target_replicas)).is_ok() =>
             {
                 // The share fits, but other pools of the group still hold part of it.
@@ -358,82 +363,33 @@ impl<'a> Reconciler<'a> {
                     .waiting_for_budget(&budget, &group_view, held, message)
                     .await;
             }
-            Err(e) => {
-                return self
-                    .blocked(Blocked::BudgetExceeded(e.to_string(), Some(budget)))
-                    .await;
-            }
-        };
-        let config_hash = hash_for(plan.config_limit);
-        // Committed before anything is written: the group's next reconcile counts it.
-        let committed = resize::committed(&observed, &plan);
-        self.ctx.commit(self.pool, &group, committed);
-
-        // 5. Act: the children (see `write_children` for the order); a name taken by an
-        // object the pool does not own makes it Degraded.
-        let inputs = RenderInputs {
-            limit: plan.config_limit,
-            replicas: plan.deployment_replicas,
-            revision: revision.clone(),
-            default_image: self.ctx.settings.default_image.clone(),
-        };
-        let (cm_written, deployment_written) = match self
-            .write_children(&children, &inputs, &config_inputs)
-            .await
-        {
-            Ok(w) => w,
+            Err(e @ Error::Infeasible(_)) => return self.blocked(&e, Some(budget)).await,
             Err(e) => return self.fail(e).await,
         };
+        // Committed before anything is written: the group's next reconcile counts it.
+        self.ctx.commit(self.pool, &group, d.committed);
 
-        if cm_written && config_limit != Some(plan.config_limit) {
-            let from = config_limit.map_or("none".to_string(), |l| l.to_string());
-            self.event(
-                EventType::Normal,
-                "ConfigUpdated",
-                format!("connection_limit {from} -> {}", plan.config_limit),
-            )
-            .await;
+        // 5. Act: the children (see `write_children` for the order); a name taken by an
+        // object the pool does not own makes it Degraded. Then one event per step, the
+        // restart of a pod that did not apply a lowered limit in time, admissions of
+        // pods the budget has room for, and the status.
+        if let Err(e) = self.write_children(&children, d.children).await {
+            return self.fail(e).await;
         }
-        if deployment_replicas.is_some() && deployment_replicas != Some(plan.deployment_replicas) {
-            self.event(
-                EventType::Normal,
-                "Scaled",
-                format!(
-                    "Deployment replicas {} -> {}",
-                    deployment_replicas.unwrap_or(0),
-                    plan.deployment_replicas
-                ),
-            )
-            .await;
+        for (kind, reason, message) in d.events {
+            self.event(kind, reason, message).await;
         }
-
-        // 6. Pods that do not acknowledge a lowered limit in time are restarted.
-        let since = self.resize_since(&plan, &config_hash);
-        // Every pod gets the full timeout, counted from the write or its own creation.
-        let expired = |name: &str| {
-            self.expired(&since)
-                && children.pods.iter().any(|p| {
-                    p.name_any() == name
-                        && p.metadata
-                            .creation_timestamp
-                            .as_ref()
-                            .is_none_or(|t| self.expired(&t.0.to_string()))
-                })
-        };
-        if let Some(name) = resize::pod_to_restart(&observed, &plan, expired) {
+        if let Some(name) = &d.restart {
             self.delete_pod(name).await?;
         }
-
-        // 6b. Pods waiting for admission get it while the budget has room for them.
-        let to_admit = resize::admissions(&observed, &plan, share.usable);
-        if !to_admit.is_empty() {
+        if !d.admit.is_empty() {
             let password = secret_field(&creds, "password").unwrap_or_default();
-            for name in to_admit {
+            for name in &d.admit {
                 let (Some(ip), Some(report)) = (
                     children
                         .pods
                         .iter()
-                        .find(|p| p.name_any() == name)
+                        .find(|p| p.name_any() == *name)
                         .and_then(|p| p.status.as_ref()?.pod_ip.clone()),
                     reports.get(name),
                 ) else {
@@ -444,92 +400,16 @@ impl<'a> Reconciler<'a> {
                 tracing::info!(pool = %key(self.pool), pod = name, ok, "admitting pooler pod");
             }
         }
-
-        // 7. Status.
-        let all_report = !children.pods.is_empty()
-            && children.pods.iter().all(|p| {
-                reports
-                    .get(&p.name_any())
-                    .is_some_and(|r| r.config_hash == config_hash && r.held <= plan.config_limit)
-            });
-        // Pods that start later mount the ConfigMap as it is now, so the hash counts as
-        // applied once every existing pod reports it (or there is none).
-        let applied = if steady || all_report || children.pods.is_empty() {
-            Some(config_hash.clone())
-        } else {
-            acknowledged_hash
-        };
-        let limit = steady_limit.unwrap_or(plan.target_limit);
-        let mut budget_status = budget_block(&budget, limit, target_replicas, applied);
-        group_view.fill(&mut budget_status, committed);
+        let limit = d.report.budget.as_ref().map_or(0, |b| b.per_replica_limit);
         self.ctx
             .metrics
             .set_budget(&self.ns, &self.name, budget.available, limit);
-        let (replicas, ready) = pod_counts(&children.pods);
-        let progressing = if !plan.settled() {
-            Some((plan.phase.reason().to_string(), plan.message()))
-        } else if deployment_written || rolling_out(children.deployment.as_ref()) {
-            // A Deployment written just now rolls out (the cache shows the old one, or none).
-            Some((
-                "RollingOut".to_string(),
-                "The pooler Deployment is rolling out".to_string(),
-            ))
-        } else {
-            None
-        };
-        let resize = (!plan.settled()).then(|| ResizeStatus {
-            phase: plan.phase.reason().into(),
-            target_replicas,
-            target_limit: plan.target_limit,
-            config_hash: config_hash.clone(),
-            since: since.clone(),
-        });
-        if self
-            .prev()
-            .and_then(|s| s.resize.as_ref())
-            .map(|r| r.phase.as_str())
-            != resize.as_ref().map(|r| r.phase.as_str())
-            && !plan.settled()
-        {
-            self.event(EventType::Normal, plan.phase.reason(), plan.message())
-                .await;
-        }
-        let report = Report {
-            generation: self.pool.metadata.generation,
-            selector: desired::selector_string(self.pool),
-            desired_replicas: target_replicas,
-            replicas,
-            ready_replicas: ready,
-            budget: Some(budget_status),
-            resize,
-            progressing: progressing.clone(),
-            degraded: None,
-            budget_exceeded: None,
-        };
-        self.patch_status(&report).await?;
-
-        let waiting = progressing.is_some() || ready < target_replicas;
-        Ok(if waiting {
+        self.patch_status(&d.report).await?;
+        Ok(if d.requeue_soon {
             Action::requeue(self.ctx.settings.poll_interval)
         } else {
             Action::requeue(self.ctx.settings.discovery_interval)
         })
-    }
-
-    fn resize_since(&self, plan: &Plan, hash: &str) -> String {
-        self.prev()
-            .and_then(|s| s.resize.as_ref())
-            .filter(|r| r.config_hash == hash && r.phase == plan.phase.reason())
-            .map(|r| r.since.clone())
-            .unwrap_or_else(|| Timestamp::now().to_string())
-    }
-
-    fn expired(&self, since: &str) -> bool {
-        let Ok(t) = since.parse::<Timestamp>() else {
-            return false;
-        };
-        let age = Timestamp::now().as_second() - t.as_second();
-        age >= 0 && age as u64 >= self.ctx.settings.ack_timeout.as_secs()
     }
 }
 

@@ -15,10 +15,12 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use std::time::Duration;
 
+use super::decide::Intended;
 use super::observe::{Children, pod_counts};
-use super::{Blocked, Reconciler, budget_block, key, uid};
+use super::{Reconciler, budget_block, key, uid};
 use crate::api::ConnectionPool;
-use crate::desired::{self, FIELD_MANAGER, LIMIT_ANNOTATION, RenderInputs};
+use crate::budget::Budget;
+use crate::desired::{self, FIELD_MANAGER, LIMIT_ANNOTATION};
 use crate::error::{Error, Result};
 use crate::status::{self, Report};
 
@@ -26,8 +28,7 @@ impl Reconciler<'_> {
     /// Writes the children in a safe order: the ServiceAccount (pods cannot be admitted
     /// without it) and the ConfigMap (their config) before the Deployment, which goes
     /// before the Service and PDB so the controller-manager can start on it sooner; the
-    /// two pairs are written concurrently. Returns whether the ConfigMap and the
-    /// Deployment were written.
+    /// two pairs are written concurrently.
     ///
     /// # Errors
     /// [`Error::NotOwned`] when a child's name is taken by an object the pool does not
@@ -35,49 +36,40 @@ impl Reconciler<'_> {
     pub(super) async fn write_children(
         &self,
         children: &Children,
-        inputs: &RenderInputs,
-        config_inputs: &desired::ConfigInputs,
-    ) -> Result<(bool, bool)> {
-        let (_, cm_written) = futures::try_join!(
+        intended: Intended,
+    ) -> Result<()> {
+        futures::try_join!(
             self.apply(
                 children.service_account.as_ref(),
-                desired::service_account(self.pool)?,
+                intended.service_account,
                 "serviceaccounts",
             ),
             self.apply(
                 children.config_map.as_ref(),
-                desired::config_map(self.pool, inputs.limit, config_inputs)?,
+                intended.config_map,
                 "configmaps",
             ),
         )?;
-        let deployment_written = self
-            .apply(
-                children.deployment.as_ref(),
-                desired::deployment(self.pool, inputs)?,
-                "deployments",
-            )
-            .await?;
+        self.apply(
+            children.deployment.as_ref(),
+            intended.deployment,
+            "deployments",
+        )
+        .await?;
         futures::try_join!(
-            self.apply(
-                children.service.as_ref(),
-                desired::service(self.pool)?,
-                "services",
-            ),
-            self.apply(
-                children.pdb.as_ref(),
-                desired::pod_disruption_budget(self.pool)?,
-                "poddisruptionbudgets",
-            ),
+            self.apply(children.service.as_ref(), intended.service, "services"),
+            self.apply(children.pdb.as_ref(), intended.pdb, "poddisruptionbudgets",),
         )?;
-        Ok((cm_written, deployment_written))
+        Ok(())
     }
 
     /// Reports `e` as the pool's `Degraded` condition when it is the pool's to fix (see
     /// [`Error::degraded_reason`]), else returns it for a retry with backoff.
     pub(super) async fn fail(&self, e: Error) -> Result<Action> {
-        match e.degraded_reason() {
-            Some(reason) => self.blocked(Blocked::Degraded(reason, e.to_string())).await,
-            None => Err(e),
+        if e.condition().is_some() {
+            self.blocked(&e, None).await
+        } else {
+            Err(e)
         }
     }
 
@@ -154,8 +146,10 @@ impl Reconciler<'_> {
         Ok(())
     }
 
-    /// Records the pool as degraded or over budget without touching any child.
-    pub(super) async fn blocked(&self, why: Blocked) -> Result<Action> {
+    /// Records the pool as degraded or over budget (the condition [`Error::condition`]
+    /// gives `why`) without touching any child; `budget` is the one computed, when it
+    /// got that far.
+    pub(super) async fn blocked(&self, why: &Error, budget: Option<Budget>) -> Result<Action> {
         let prev_budget = self.prev().and_then(|s| s.budget.clone());
         // The pods as they are (they keep running the last good config).
         let children = self.observe();
@@ -175,12 +169,15 @@ impl Reconciler<'_> {
             resize: self.prev().and_then(|s| s.resize.clone()),
             ..Default::default()
         };
-        let (cond, reason, message) = match why {
-            Blocked::Degraded(reason, message) => {
+        let message = why.to_string();
+        let Some((cond, reason)) = why.condition() else {
+            unreachable!("only errors with a condition block a pool: {why}")
+        };
+        match cond {
+            status::DEGRADED => {
                 report.degraded = Some((reason.to_string(), message.clone()));
-                (status::DEGRADED, reason, message)
             }
-            Blocked::BudgetExceeded(message, budget) => {
+            _ => {
                 if let Some(b) = budget {
                     let applied = prev_budget
                         .as_ref()
@@ -202,9 +199,8 @@ impl Reconciler<'_> {
                     report.budget = Some(block);
                 }
                 report.budget_exceeded = Some(message.clone());
-                (status::BUDGET_EXCEEDED, "BudgetExceeded", message)
             }
-        };
+        }
         let was_true = self
             .prev()
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == cond))

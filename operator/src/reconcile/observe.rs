@@ -11,8 +11,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::ResourceExt;
 
 use super::memory::CachedLimits;
-use super::{Blocked, Reconciler, uid};
-use crate::api::BudgetSource;
+use super::{Reconciler, uid};
 use crate::budget::DatabaseLimits;
 use crate::cache;
 use crate::desired;
@@ -55,31 +54,21 @@ impl Reconciler<'_> {
         })
     }
 
-    /// The Secret, or why the pool is degraded without it.
-    pub(super) fn secret(&self, name: &str) -> Result<Secret, Blocked> {
-        match cache::get(&self.ctx.caches.secrets, &self.ns, name) {
-            Some(s) => Ok(s),
-            None => Err(Blocked::Degraded(
-                "SecretNotFound",
-                Error::MissingSecret {
-                    namespace: self.ns.clone(),
-                    name: name.into(),
-                }
-                .to_string(),
-            )),
-        }
+    /// The Secret from the cache.
+    ///
+    /// # Errors
+    /// [`Error::MissingSecret`] when it does not exist.
+    pub(super) fn secret(&self, name: &str) -> Result<Secret> {
+        cache::get(&self.ctx.caches.secrets, &self.ns, name).ok_or_else(|| Error::MissingSecret {
+            namespace: self.ns.clone(),
+            name: name.into(),
+        })
     }
 
     pub(super) async fn limits(&self, creds: &Secret) -> Result<DatabaseLimits> {
         let db = &self.pool.spec.database;
         if let Some(max) = db.max_connections {
-            // Without discovery, assume PostgreSQL's defaults for the server's own reservations.
-            return Ok(DatabaseLimits {
-                max_connections: i64::from(max),
-                superuser_reserved: 3,
-                reserved_connections: 0,
-                source: BudgetSource::Spec,
-            });
+            return Ok(DatabaseLimits::from_spec(i64::from(max)));
         }
         let cache_key = (
             self.pool.metadata.generation,

@@ -2,6 +2,7 @@
 //! `connection_limit` ([`Limiter`]), with waiting, health checks and reaping.
 
 mod backend;
+mod checkout;
 mod limit;
 mod size;
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub use backend::{SERVER_BUF, ServerConn, login_params, send_cancel, send_cancel_request};
+pub use checkout::Checkout;
 pub use limit::{Acquire, Closing, Grant, Limiter, PoolKey, Snapshot};
 pub use size::DatabaseSize;
 use size::Turn;
@@ -155,7 +157,12 @@ impl Pools {
     /// draining, the login error of a new connection (at once when retrying cannot help:
     /// a wrong password, a missing database), or the last connection error when the
     /// server stays unavailable for `pool_timeout`.
-    pub async fn acquire(&self, key: &PoolKey, cfg: &Config) -> Result<(ServerConn, Duration)> {
+    pub async fn acquire(&self, key: &PoolKey, cfg: &Config) -> Result<(Checkout<'_>, Duration)> {
+        let (c, waited) = self.acquire_conn(key, cfg).await?;
+        Ok((Checkout::new(c, self, key), waited))
+    }
+
+    async fn acquire_conn(&self, key: &PoolKey, cfg: &Config) -> Result<(ServerConn, Duration)> {
         // One clock reading on the fast path (an idle connection was there).
         let start = Instant::now();
         let deadline = start + cfg.pool_timeout;
@@ -233,7 +240,7 @@ impl Pools {
     }
 
     /// Returns a connection; `clean` says it is idle with no session state to worry about.
-    pub fn release(&self, key: &PoolKey, conn: ServerConn, clean: bool, cfg: &Config) {
+    fn release(&self, key: &PoolKey, conn: ServerConn, clean: bool, cfg: &Config) {
         let now = Instant::now();
         let reusable = clean
             && conn.buf.is_empty()
@@ -242,9 +249,15 @@ impl Pools {
         close_all(self.limiter.release_at(key, conn, created, reusable, now));
     }
 
+    /// Closes a connection handed out whose state is unknown, freeing its slot.
+    fn close(&self, key: &PoolKey, conn: ServerConn) {
+        let created = conn.created;
+        close_all(self.limiter.release(key, conn, created, false));
+    }
+
     /// A connection handed out is gone (broken); frees its slot. The server may have
     /// restarted: the next connection opened checks its size.
-    pub fn discard(&self, key: &PoolKey) {
+    fn discard(&self, key: &PoolKey) {
         self.size.unverify();
         self.limiter.discard(key);
     }

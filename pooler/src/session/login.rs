@@ -15,7 +15,7 @@ use crate::config::{AuthMethod, Config, PoolMode};
 use crate::error::{Error, Result};
 use crate::params::{self, Params};
 use crate::pool::login_params;
-use crate::pool::{PoolKey, ServerConn};
+use crate::pool::{Checkout, PoolKey};
 use crate::protocol::{
     Authentication, BackendKeyData, Frame, ParameterStatus, PasswordMessage, ReadyForQuery,
     SaslInitialResponse, SaslResponse, Startup, StartupMessage, TxStatus, split_frame,
@@ -41,22 +41,22 @@ async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut, max: usize) -> R
     }
 }
 
-pub(super) struct Login {
+pub(super) struct Login<'a> {
     pub(super) key: PoolKey,
     pub(super) cancel_key: BackendKeyData,
     pub(super) cancel: CancelSlot,
-    pub(super) server: Option<ServerConn>,
+    pub(super) server: Option<Checkout<'a>>,
     pub(super) params: Params,
 }
 
 /// Startup packets, auth, and the greeting. `None` when the connection was only an
 /// SSL probe or a CancelRequest.
-pub(super) async fn login(
+pub(super) async fn login<'a>(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
-    shared: &Shared,
+    shared: &'a Shared,
     n: usize,
-) -> Result<Option<Login>> {
+) -> Result<Option<Login<'a>>> {
     // Startup and authentication are bounded in time; waiting for a server is not.
     let phase = async {
         let msg = loop {
@@ -123,7 +123,7 @@ pub(super) async fn login(
             if shared.mode == PoolMode::Session {
                 server = Some(conn);
             } else {
-                shared.pools.release(&key, conn, true, &cfg);
+                conn.release(true, &cfg);
             }
             p
         }
@@ -150,7 +150,7 @@ pub(super) async fn login(
     if let Err(e) = stream.write_all(&out).await {
         shared.unregister_cancel(cancel_key);
         if let Some(c) = server {
-            shared.pools.release(&key, c, true, &cfg);
+            c.release(true, &cfg);
         }
         return Err(e.into());
     }

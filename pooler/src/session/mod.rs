@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::memory::Lease;
 use crate::metrics::PoolLabels;
 use crate::params::Params;
-use crate::pool::{PoolKey, ServerConn, send_cancel};
+use crate::pool::{Checkout, PoolKey, ServerConn, send_cancel};
 use crate::prepared::ClientStatements;
 use crate::protocol::{TxStatus, split_frame};
 use crate::state::{CancelSlot, Shared};
@@ -107,7 +107,7 @@ struct Session<'a> {
     cbuf: BytesMut,
     /// `cbuf` may hold more than [`IDLE_BUF`]: shrink it at the next idle point.
     cbuf_grown: bool,
-    server: Option<ServerConn>,
+    server: Option<Checkout<'a>>,
     tracker: Tracker,
     stmts: ClientStatements,
     /// The session parameters this client has (startup, then its SETs as reported).
@@ -149,7 +149,7 @@ async fn run_session(
     client: TcpStream,
     cbuf: BytesMut,
     shared: &Shared,
-    login: login::Login,
+    login: login::Login<'_>,
     mut drain: watch::Receiver<bool>,
 ) -> Result<()> {
     let labels = PoolLabels::from(&login.key);
@@ -217,14 +217,14 @@ async fn write_client(client: &mut TcpStream, closing: bool, bytes: &[u8]) -> Re
     Ok(())
 }
 
-impl Session<'_> {
+impl<'a> Session<'a> {
     fn transaction_mode(&self) -> bool {
         self.mode == PoolMode::Transaction
     }
 
     /// Takes `c` for this client: its session parameters are made the client's first
     /// (a `SET` ahead of the client's messages, answered silently).
-    fn attach(&mut self, mut c: ServerConn) {
+    fn attach(&mut self, mut c: Checkout<'a>) {
         *self.cancel.lock().unwrap_or_else(|e| e.into_inner()) = Some((c.addr, c.key));
         if !self.params.same_as(&c.session_params) {
             if let Some(sql) = self.params.sql_to_apply_over(&c.session_params) {
@@ -237,7 +237,7 @@ impl Session<'_> {
         self.server = Some(c);
     }
 
-    fn detach(&mut self) -> Option<ServerConn> {
+    fn detach(&mut self) -> Option<Checkout<'a>> {
         *self.cancel.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.server.take()
     }
@@ -314,7 +314,7 @@ impl Session<'_> {
                         }
                     } => Event::ResyncTimeout,
                     r = async {
-                        match server.as_mut() {
+                        match server.as_deref_mut() {
                             Some(s) => s.stream.read_buf(&mut s.buf).await,
                             None => std::future::pending().await,
                         }
@@ -355,8 +355,8 @@ impl Session<'_> {
     }
 
     fn server_lost(&mut self, why: String) -> Error {
-        if self.detach().is_some() {
-            self.shared.pools.discard(&self.key);
+        if let Some(c) = self.detach() {
+            c.discard();
         }
         self.tracker.reset();
         self.resync_deadline = None;
@@ -474,8 +474,6 @@ impl Session<'_> {
                 Ok(Ok(true))
             )
         };
-        self.shared
-            .pools
-            .release(&self.key, sc, clean && !self.shared.is_draining(), &cfg);
+        sc.release(clean && !self.shared.is_draining(), &cfg);
     }
 }

@@ -48,7 +48,7 @@ impl Session<'_> {
     /// Forwards buffered server bytes to the client: in bulk, inspecting only message
     /// headers, dropping responses to injected messages and inserting synthetic ones.
     pub(super) async fn on_server_data(&mut self) -> Result<()> {
-        let Some(sc) = self.server.as_mut() else {
+        let Some(sc) = self.server.as_deref_mut() else {
             return Ok(());
         };
         let buf = &sc.buf[..];
@@ -256,11 +256,11 @@ impl Session<'_> {
             self.transactions.inc();
             let cfg = self.shared.config();
             let c = self.detach().expect("held");
-            self.shared.pools.release(&self.key, c, true, &cfg);
+            c.release(true, &cfg);
         } else if self.draining {
             let cfg = self.shared.config();
             let c = self.detach().expect("held");
-            self.shared.pools.release(&self.key, c, false, &cfg);
+            c.release(false, &cfg);
         }
     }
 }
