@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::ConfigDuration;
+use crate::tls::{ClientTls, ServerTls};
 
 /// How the pooler hands out server connections.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -118,6 +119,9 @@ pub struct PoolerConfig {
     /// so the file, and with it the hash, changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
+    /// TLS towards clients; absent: plaintext only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_tls: Option<ClientTls>,
     pub server: ServerSection,
     #[serde(default)]
     pub auth: AuthSection,
@@ -142,6 +146,9 @@ pub struct ServerSection {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// TLS towards PostgreSQL; absent: `sslmode = "prefer"`, as libpq.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTls>,
 }
 
 impl std::fmt::Debug for ServerSection {
@@ -153,6 +160,7 @@ impl std::fmt::Debug for ServerSection {
             .field("user_file", &self.user_file)
             .field("password_file", &self.password_file)
             .field("user", &self.user)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -326,6 +334,11 @@ mod tests {
             }),
             ignore_startup_parameters: Some(vec!["search_path".into()]),
             revision: Some("ab\"c\\d".into()),
+            client_tls: Some(crate::ClientTls {
+                mode: crate::ClientTlsMode::Require,
+                cert_file: Some("/etc/sluice/tls/tls.crt".into()),
+                key_file: Some("/etc/sluice/tls/tls.key".into()),
+            }),
             server: ServerSection {
                 host: "db.example.svc".into(),
                 port: 5433,
@@ -334,6 +347,11 @@ mod tests {
                 password_file: Some(crate::SERVER_PASSWORD_FILE.into()),
                 user: None,
                 password: None,
+                tls: Some(crate::ServerTls {
+                    sslmode: crate::SslMode::VerifyFull,
+                    ca_file: Some("/etc/sluice/server-ca/ca.crt".into()),
+                    ..Default::default()
+                }),
             },
             auth: AuthSection {
                 method: AuthMethod::ScramSha256,

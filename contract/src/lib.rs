@@ -8,12 +8,14 @@
 mod config;
 mod duration;
 mod status;
+mod tls;
 
 pub use config::{
     AuthMethod, AuthSection, BudgetBasis, PoolMode, PoolerConfig, ServerSection, defaults,
 };
 pub use duration::{ConfigDuration, DurationError, MAX_DURATION};
 pub use status::{Clients, PoolStatus, ServerConnections, Status};
+pub use tls::{ClientTls, ClientTlsMode, ServerTls, SslMode};
 
 use sha2::{Digest, Sha256};
 

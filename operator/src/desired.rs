@@ -192,6 +192,7 @@ pub fn pooler_toml(pool: &ConnectionPool, limit: i64, inputs: &ConfigInputs) -> 
         ignore_startup_parameters: None,
         budget_basis: inputs.basis,
         revision: Some(inputs.revision.clone()),
+        client_tls: None,
         server: ServerSection {
             host: s.database.host.clone(),
             port: u16::try_from(s.database.port).map_err(|_| {
@@ -202,6 +203,7 @@ pub fn pooler_toml(pool: &ConnectionPool, limit: i64, inputs: &ConfigInputs) -> 
             password_file: Some(sluice_contract::SERVER_PASSWORD_FILE.into()),
             user: None,
             password: None,
+            tls: None,
         },
         auth: AuthSection {
             method: AuthMethod::ScramSha256,

@@ -12,6 +12,7 @@ use sluice_contract::{PoolerConfig, config_hash};
 
 use crate::auth::Secret;
 use crate::error::{Error, Result};
+use crate::tls::{ClientTlsConfig, ServerTlsConfig};
 
 /// Where and as whom the pooler logs in to PostgreSQL.
 #[derive(Clone)]
@@ -21,6 +22,8 @@ pub struct ServerConfig {
     pub database: Option<String>,
     pub user: String,
     pub password: Option<String>,
+    /// `sslmode` and what it verifies with.
+    pub tls: ServerTlsConfig,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -30,6 +33,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("port", &self.port)
             .field("database", &self.database)
             .field("user", &self.user)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -59,6 +63,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub auth_method: AuthMethod,
     pub users: HashMap<String, Secret>,
+    /// TLS towards clients.
+    pub client_tls: ClientTlsConfig,
     /// Lowercase hex SHA-256 of the config file bytes.
     pub hash: String,
 }
@@ -178,6 +184,7 @@ impl Config {
             listen_addr: raw.listen_addr,
             admin_addr: raw.admin_addr,
             server: ServerConfig {
+                tls: ServerTlsConfig::new(raw.server.tls.as_ref(), &raw.server.host)?,
                 host: raw.server.host,
                 port: raw.server.port,
                 database: raw.server.database,
@@ -186,6 +193,7 @@ impl Config {
             },
             auth_method: raw.auth.method,
             users,
+            client_tls: ClientTlsConfig::new(raw.client_tls.as_ref())?,
             hash: config_hash(bytes),
         })
     }
@@ -208,11 +216,20 @@ pub fn fingerprint(path: &Path) -> [u8; 32] {
     let Some(raw) = raw else {
         return h.finalize().into();
     };
-    let mut files: Vec<PathBuf> = [raw.server.user_file, raw.server.password_file]
-        .into_iter()
-        .flatten()
-        .map(PathBuf::from)
-        .collect();
+    // The server CA and client certificate are read once per config: a change reloads
+    // it. The certificate served to clients reloads itself (see `tls.rs`).
+    let tls = raw.server.tls.unwrap_or_default();
+    let mut files: Vec<PathBuf> = [
+        raw.server.user_file,
+        raw.server.password_file,
+        tls.ca_file,
+        tls.cert_file,
+        tls.key_file,
+    ]
+    .into_iter()
+    .flatten()
+    .map(PathBuf::from)
+    .collect();
     if let Some(dir) = raw.auth.users_dir {
         match dir_files(Path::new(&dir)) {
             Ok(list) => files.extend(list.into_iter().map(|(_, p)| p)),

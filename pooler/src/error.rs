@@ -59,6 +59,16 @@ pub enum Error {
     /// A server connection broke or misbehaved.
     #[error("server connection: {0}")]
     Server(String),
+    /// TLS to PostgreSQL failed or was refused where `sslmode` requires it; names the
+    /// host and the reason (an unknown CA, a certificate for another name, ...).
+    #[error("TLS to the database server {0}")]
+    ServerTls(String),
+    /// A client's TLS handshake failed (nothing can be said to it then).
+    #[error("client TLS: {0}")]
+    ClientTls(String),
+    /// A plaintext login to a pool whose `client_tls` mode is `require`.
+    #[error("this pooler requires TLS: connect with sslmode=require or stronger")]
+    TlsRequired,
     /// The server closed the connection right after sending its own ErrorResponse
     /// (e.g. FATAL on `pg_terminate_backend`), which the client already has.
     #[error("server ended the session: {0}")]
@@ -74,7 +84,8 @@ impl Error {
             | Error::TooLarge { .. }
             | Error::BadStartupLength(_)
             | Error::UnsupportedStartupParameter(_) => "protocol",
-            Error::AuthFailed(_) | Error::AuthUnsupported(_) => "auth",
+            Error::AuthFailed(_) | Error::AuthUnsupported(_) | Error::TlsRequired => "auth",
+            Error::ClientTls(_) => "tls",
             Error::PoolTimeout { .. } => "pool_timeout",
             Error::TooManyClients(_) => "too_many_clients",
             Error::OutOfMemory { .. } => "memory",
@@ -82,7 +93,8 @@ impl Error {
             Error::ServerError(_)
             | Error::ServerLogin(_)
             | Error::Server(_)
-            | Error::ServerEnded(_) => "server",
+            | Error::ServerEnded(_)
+            | Error::ServerTls(_) => "server",
             Error::Config(_) => "config",
         }
     }
@@ -119,6 +131,7 @@ impl Error {
     pub fn to_client(&self) -> Option<ClientError> {
         let e = match self {
             Error::Io(_)
+            | Error::ClientTls(_)
             | Error::ServerError(_)
             | Error::ServerEnded(_)
             | Error::BadStartupLength(_) => return None,
@@ -135,6 +148,12 @@ impl Error {
             }
             Error::OutOfMemory { .. } => ClientError::fatal("53200", self.to_string()),
             Error::ShuttingDown => ClientError::fatal("57P01", "pooler shutting down"),
+            Error::TlsRequired => ClientError::fatal("28000", self.to_string()),
+            // The host and the verification failure are what the user must fix.
+            Error::ServerTls(m) => ClientError::fatal(
+                "08006",
+                format!("the pooler could not reach the database server: TLS to {m}"),
+            ),
             Error::ServerLogin(_) | Error::Server(_) | Error::Config(_) => {
                 ClientError::fatal("08006", "the pooler could not reach the database server")
             }

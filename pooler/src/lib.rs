@@ -16,6 +16,8 @@ mod protocol;
 mod server;
 mod session;
 mod state;
+mod stream;
+mod tls;
 mod tracker;
 
 use std::future::Future;

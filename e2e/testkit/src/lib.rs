@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod http;
 mod postgres;
+pub mod tls;
 
 pub use cluster::{ControlPlane, ControlPlaneOptions, client_from_kubeconfig, k8s_bin_dir};
 pub use postgres::{

@@ -35,6 +35,8 @@ pub struct PostgresBuilder {
     superuser_reserved: u32,
     listen_addresses: String,
     extra: Vec<(String, String)>,
+    /// PEM certificate and key: TLS on, and `pg_hba.conf` refuses plaintext.
+    tls: Option<(String, String)>,
 }
 
 impl Default for PostgresBuilder {
@@ -44,6 +46,7 @@ impl Default for PostgresBuilder {
             superuser_reserved: 3,
             listen_addresses: "127.0.0.1".into(),
             extra: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -65,6 +68,14 @@ impl PostgresBuilder {
     /// in network namespaces must reach the server through a bridge address.
     pub fn listen_addresses(mut self, addrs: impl Into<String>) -> Self {
         self.listen_addresses = addrs.into();
+        self
+    }
+
+    /// Serves TLS with this PEM certificate and key, and refuses every connection over
+    /// TCP without it (`hostssl` entries only in `pg_hba.conf`, as Amazon RDS with
+    /// `rds.force_ssl`).
+    pub fn tls_only(mut self, cert_pem: impl Into<String>, key_pem: impl Into<String>) -> Self {
+        self.tls = Some((cert_pem.into(), key_pem.into()));
         self
     }
 
@@ -259,11 +270,30 @@ impl TempPostgres {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        let host = match &self.settings.tls {
+            None => "host",
+            Some((cert, key)) => {
+                for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                    let path = self.data_dir().join(name);
+                    fs::write(&path, pem)?;
+                    fs::set_permissions(
+                        &path,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                    )?;
+                    if let Some((uid, gid)) = self.run_as {
+                        std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+                    }
+                }
+                "hostssl"
+            }
+        };
         fs::write(
             self.data_dir().join("pg_hba.conf"),
-            "local all all scram-sha-256\n\
-             host all all 0.0.0.0/0 scram-sha-256\n\
-             host all all ::/0 scram-sha-256\n",
+            format!(
+                "local all all scram-sha-256\n\
+                 {host} all all 0.0.0.0/0 scram-sha-256\n\
+                 {host} all all ::/0 scram-sha-256\n"
+            ),
         )?;
         Ok(())
     }
@@ -284,6 +314,11 @@ impl TempPostgres {
             ("synchronous_commit".into(), "off".into()),
             ("full_page_writes".into(), "off".into()),
         ];
+        if s.tls.is_some() {
+            settings.push(("ssl".into(), "on".into()));
+            settings.push(("ssl_cert_file".into(), "server.crt".into()));
+            settings.push(("ssl_key_file".into(), "server.key".into()));
+        }
         settings.extend(s.extra.iter().cloned());
         for (k, v) in settings {
             cmd.arg("-c").arg(format!("{k}={v}"));

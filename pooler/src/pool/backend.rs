@@ -10,6 +10,8 @@ use bytes::{Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::stream::Stream;
 use tokio::time::Instant;
 
 use crate::auth::md5_client_response;
@@ -98,7 +100,7 @@ pub fn login_params(list: &[ParameterStatus]) -> Params {
 #[derive(Debug)]
 pub struct ServerConn {
     pub id: u64,
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub buf: BytesMut,
     pub scanner: ResponseScanner,
     pub addr: SocketAddr,
@@ -110,7 +112,7 @@ pub struct ServerConn {
     pub prepared: PreparedLru,
 }
 
-async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Frame> {
+async fn read_frame(stream: &mut Stream, buf: &mut BytesMut) -> Result<Frame> {
     loop {
         if let Some(f) = split_frame(buf, MAX_SERVER_CONTROL_MESSAGE)? {
             return Ok(f);
@@ -121,6 +123,40 @@ async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Frame>
     }
 }
 
+/// SSLRequest: the magic number PostgreSQL answers with `S` (TLS follows) or `N`.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+/// Asks for TLS as `sslmode` says and, when the server agrees, shakes hands.
+///
+/// # Errors
+/// [`Error::ServerTls`] naming the server and the reason: it refused TLS that
+/// `sslmode` requires, or the handshake failed (verification among the causes).
+async fn negotiate_tls(stream: &mut Stream, cfg: &ServerConfig) -> Result<()> {
+    let Some((connector, name)) = cfg.tls.connector() else {
+        return Ok(());
+    };
+    let mode = cfg.tls.mode.as_str();
+    let at = || format!("{}:{} (sslmode={mode})", cfg.host, cfg.port);
+    stream.send(&SSL_REQUEST).await?;
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => stream
+            .connect(connector, name)
+            .await
+            .map_err(|e| Error::ServerTls(format!("{}: {}", at(), cfg.tls.explain(&e)))),
+        b'N' if cfg.tls.mode.requires_tls() => Err(Error::ServerTls(format!(
+            "{}: the server does not accept TLS",
+            at()
+        ))),
+        b'N' => Ok(()),
+        other => Err(Error::ServerTls(format!(
+            "{}: unexpected answer {other:#04x} to the TLS request",
+            at()
+        ))),
+    }
+}
+
 impl ServerConn {
     /// Connects and logs in to `database` with the configured server credentials.
     ///
@@ -128,11 +164,13 @@ impl ServerConn {
     /// [`Error::ServerError`] carrying PostgreSQL's ErrorResponse when it refuses the
     /// login (so the client sees PostgreSQL's message), else [`Error::Server`]/[`Error::Io`].
     pub async fn connect(cfg: &ServerConfig, database: &str) -> Result<Self> {
-        let mut stream = TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
-        stream.set_nodelay(true)?;
-        let addr = stream.peer_addr()?;
+        let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
+        tcp.set_nodelay(true)?;
+        let addr = tcp.peer_addr()?;
+        let mut stream = Stream::Plain(tcp);
+        negotiate_tls(&mut stream, cfg).await?;
         stream
-            .write_all(&startup_message(&[
+            .send(&startup_message(&[
                 ("user", &cfg.user),
                 ("database", database),
             ]))
@@ -151,12 +189,12 @@ impl ServerConn {
                         let m = PasswordMessage {
                             password: password.clone().into_bytes(),
                         };
-                        stream.write_all(&m.encode()).await?;
+                        stream.send(&m.encode()).await?;
                     }
                     Authentication::Md5Password { salt } => {
                         let r = md5_client_response(&cfg.user, &password, salt);
                         stream
-                            .write_all(
+                            .send(
                                 &PasswordMessage {
                                     password: r.into_bytes(),
                                 }
@@ -176,7 +214,7 @@ impl ServerConn {
                             mechanism: "SCRAM-SHA-256".into(),
                             data: Bytes::copy_from_slice(s.message()),
                         };
-                        stream.write_all(&m.encode()).await?;
+                        stream.send(&m.encode()).await?;
                         scram = Some(s);
                     }
                     Authentication::SaslContinue(data) => {
@@ -188,7 +226,7 @@ impl ServerConn {
                         let m = SaslResponse {
                             data: Bytes::copy_from_slice(s.message()),
                         };
-                        stream.write_all(&m.encode()).await?;
+                        stream.send(&m.encode()).await?;
                     }
                     Authentication::SaslFinal(data) => {
                         let s = scram
@@ -233,7 +271,7 @@ impl ServerConn {
     /// Runs one simple query, discarding its output; true when the connection ends idle.
     pub async fn run_quiet(&mut self, sql: &str) -> Result<bool> {
         let q = crate::protocol::Query { sql: sql.into() }.encode();
-        self.stream.write_all(&q).await?;
+        self.stream.send(&q).await?;
         let mut ok = true;
         loop {
             let f = read_frame(&mut self.stream, &mut self.buf).await?;
@@ -258,7 +296,7 @@ impl ServerConn {
             sql: "SHOW max_connections".into(),
         }
         .encode();
-        self.stream.write_all(&q).await?;
+        self.stream.send(&q).await?;
         let mut value = None;
         loop {
             let f = read_frame(&mut self.stream, &mut self.buf).await?;
@@ -276,11 +314,7 @@ impl ServerConn {
         if !self.buf.is_empty() {
             return true;
         }
-        let mut b = [0u8; 512];
-        match self.stream.try_read(&mut b) {
-            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
-            Ok(_) => true,
-        }
+        self.stream.readable_now()
     }
 
     /// Checks an idle connection with an empty query; false when it is unusable.
@@ -300,7 +334,7 @@ impl ServerConn {
     /// reads the Terminate once that statement ends.
     pub async fn terminate(mut self) {
         let bye = async {
-            self.stream.write_all(&crate::protocol::terminate()).await?;
+            self.stream.send(&crate::protocol::terminate()).await?;
             let mut sink = [0u8; 4096];
             while self.stream.read(&mut sink).await? > 0 {}
             Ok::<_, std::io::Error>(())

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::stream::Stream;
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 
 use crate::auth::{ScramServer, ScramVerifier, verify_md5};
 use crate::config::{AuthMethod, Config, PoolMode};
@@ -24,13 +24,16 @@ use crate::protocol::{
 use crate::state::{CancelSlot, Shared};
 
 /// Initial read buffer for startup and authentication (grown to fit a longer message).
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
 pub(super) const LOGIN_BUF: usize = 1024;
 /// Bound on authentication-phase messages.
 const MAX_AUTH_MESSAGE: usize = 8 * 1024;
 /// Time allowed from connect to logged in.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 
-async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut, max: usize) -> Result<Frame> {
+async fn read_frame(stream: &mut Stream, buf: &mut BytesMut, max: usize) -> Result<Frame> {
     loop {
         if let Some(f) = split_frame(buf, max)? {
             return Ok(f);
@@ -52,13 +55,29 @@ pub(super) struct Login<'a> {
 /// Startup packets, auth, and the greeting. `None` when the connection was only an
 /// SSL probe or a CancelRequest.
 pub(super) async fn login<'a>(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     shared: &'a Shared,
     n: usize,
 ) -> Result<Option<Login<'a>>> {
     // Startup and authentication are bounded in time; waiting for a server is not.
     let phase = async {
+        let tls = shared.config().client_tls.clone();
+        if let Some(acceptor) = tls.acceptor()
+            && stream.peek_byte().await? == Some(TLS_HANDSHAKE)
+        {
+            // Direct TLS (PostgreSQL 17's `sslnegotiation=direct`): the handshake comes
+            // first, and must name PostgreSQL's ALPN protocol.
+            stream
+                .accept(acceptor)
+                .await
+                .map_err(|e| Error::ClientTls(e.to_string()))?;
+            if stream.alpn() != Some(crate::tls::ALPN) {
+                return Err(Error::ClientTls(
+                    "direct TLS without the postgresql ALPN protocol".into(),
+                ));
+            }
+        }
         let msg = loop {
             let body = loop {
                 if let Some(b) = split_startup(buf)? {
@@ -69,11 +88,21 @@ pub(super) async fn login<'a>(
                 }
             };
             match Startup::parse(body)? {
-                Startup::Ssl | Startup::GssEnc => {
+                request @ (Startup::Ssl | Startup::GssEnc) => {
                     if !buf.is_empty() {
+                        // Bytes sent before the handshake must not count as encrypted.
                         return Err(Error::Protocol("data after encryption request".into()));
                     }
-                    stream.write_all(b"N").await?;
+                    match tls.acceptor() {
+                        Some(acceptor) if matches!(request, Startup::Ssl) && !stream.is_tls() => {
+                            stream.send(b"S").await?;
+                            stream
+                                .accept(acceptor)
+                                .await
+                                .map_err(|e| Error::ClientTls(e.to_string()))?;
+                        }
+                        _ => stream.send(b"N").await?,
+                    }
                 }
                 Startup::Cancel(c) => {
                     shared.cancel(c, stream.local_addr().ok()).await;
@@ -82,6 +111,9 @@ pub(super) async fn login<'a>(
                 Startup::Message(m) => break m,
             }
         };
+        if tls.mode == sluice_contract::ClientTlsMode::Require && !stream.is_tls() {
+            return Err(Error::TlsRequired);
+        }
         if shared.is_draining() {
             return Err(Error::ShuttingDown);
         }
@@ -90,7 +122,7 @@ pub(super) async fn login<'a>(
             return Err(Error::TooManyClients(cfg.max_client_connections));
         }
         if let Some(v) = msg.negotiation() {
-            stream.write_all(&v).await?;
+            stream.send(&v).await?;
         }
         let StartupMessage { params, .. } = msg;
         let user = params.get("user").cloned().unwrap_or_default();
@@ -147,7 +179,7 @@ pub(super) async fn login<'a>(
     }
     out.extend_from_slice(&cancel_key.encode());
     out.extend_from_slice(&ReadyForQuery(TxStatus::Idle).encode());
-    if let Err(e) = stream.write_all(&out).await {
+    if let Err(e) = stream.send(&out).await {
         shared.unregister_cancel(cancel_key);
         if let Some(c) = server {
             c.release(true, &cfg);
@@ -164,7 +196,7 @@ pub(super) async fn login<'a>(
 }
 
 async fn authenticate(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     cfg: &Config,
     user: &str,
@@ -175,7 +207,7 @@ async fn authenticate(
             let sasl = Authentication::Sasl {
                 mechanisms: vec!["SCRAM-SHA-256".into()],
             };
-            stream.write_all(&sasl.encode()).await?;
+            stream.send(&sasl.encode()).await?;
             let f = read_frame(stream, buf, MAX_AUTH_MESSAGE).await?;
             let init = SaslInitialResponse::decode(&f)?;
             if init.mechanism != "SCRAM-SHA-256" {
@@ -192,7 +224,7 @@ async fn authenticate(
                 base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 18]>());
             let (server, first) = ScramServer::start(verifier, &init.data, &nonce)?;
             stream
-                .write_all(&Authentication::SaslContinue(Bytes::from(first)).encode())
+                .send(&Authentication::SaslContinue(Bytes::from(first)).encode())
                 .await?;
             let f = read_frame(stream, buf, MAX_AUTH_MESSAGE).await?;
             let resp = SaslResponse::decode(&f)?;
@@ -201,13 +233,13 @@ async fn authenticate(
                 return Err(Error::AuthFailed(user.to_string()));
             }
             stream
-                .write_all(&Authentication::SaslFinal(Bytes::from(fin)).encode())
+                .send(&Authentication::SaslFinal(Bytes::from(fin)).encode())
                 .await?;
         }
         AuthMethod::Md5 => {
             let salt: [u8; 4] = rand::random();
             stream
-                .write_all(&Authentication::Md5Password { salt }.encode())
+                .send(&Authentication::Md5Password { salt }.encode())
                 .await?;
             let f = read_frame(stream, buf, MAX_AUTH_MESSAGE).await?;
             let pw = PasswordMessage::decode(&f)?;

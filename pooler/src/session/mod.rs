@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::stream::Stream;
 use bytes::{Bytes, BytesMut};
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use crate::config::PoolMode;
@@ -46,8 +46,9 @@ const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 const FLUSH: [u8; 5] = [b'H', 0, 0, 0, 4];
 
 /// Serves one client connection to its end.
-pub async fn serve_client(mut stream: TcpStream, shared: Arc<Shared>) {
-    let _ = stream.set_nodelay(true);
+pub async fn serve_client(tcp: tokio::net::TcpStream, shared: Arc<Shared>) {
+    let _ = tcp.set_nodelay(true);
+    let mut stream = Stream::Plain(tcp);
     let n = shared.clients.fetch_add(1, Ordering::SeqCst) + 1;
     let drain = shared.drain_signal();
     let mut buf = BytesMut::with_capacity(login::LOGIN_BUF);
@@ -72,7 +73,7 @@ pub async fn serve_client(mut stream: TcpStream, shared: Arc<Shared>) {
 }
 
 /// The one user-facing error path: writes the client-facing form of `e`, if any.
-pub async fn report(stream: &mut TcpStream, e: &Error) {
+pub async fn report(stream: &mut Stream, e: &Error) {
     let bytes = match e {
         Error::ServerError(raw) => raw.clone(),
         _ => match e.to_client() {
@@ -80,7 +81,7 @@ pub async fn report(stream: &mut TcpStream, e: &Error) {
             None => return,
         },
     };
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&bytes)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.send(&bytes)).await;
 }
 
 /// Reads what the client sent into `buf`. A new message starts in the buffer's own
@@ -88,7 +89,7 @@ pub async fn report(stream: &mut TcpStream, e: &Error) {
 /// for a client costs no allocation; only the rest of a longer message grows it.
 /// Cancel-safe, as `read_buf` is. (`read_buf`, unlike `try_read_buf`, marks the socket
 /// drained after a short read, which saves an `EAGAIN` round per message.)
-async fn read_client(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+async fn read_client(stream: &mut Stream, buf: &mut BytesMut) -> std::io::Result<usize> {
     let spare = buf.capacity() - buf.len();
     if buf.is_empty() {
         if spare < IDLE_BUF {
@@ -103,7 +104,7 @@ async fn read_client(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Res
 struct Session<'a> {
     shared: &'a Shared,
     key: PoolKey,
-    client: TcpStream,
+    client: Stream,
     cbuf: BytesMut,
     /// `cbuf` may hold more than [`IDLE_BUF`]: shrink it at the next idle point.
     cbuf_grown: bool,
@@ -146,7 +147,7 @@ struct Session<'a> {
 }
 
 async fn run_session(
-    client: TcpStream,
+    client: Stream,
     cbuf: BytesMut,
     shared: &Shared,
     login: login::Login<'_>,
@@ -208,11 +209,11 @@ enum Event {
 
 /// Writes to the client. After Terminate the answers still go out, as PostgreSQL sends
 /// them, but a client that stopped reading or closed its socket is not an error then.
-async fn write_client(client: &mut TcpStream, closing: bool, bytes: &[u8]) -> Result<()> {
+async fn write_client(client: &mut Stream, closing: bool, bytes: &[u8]) -> Result<()> {
     if closing {
-        let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(bytes)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), client.send(bytes)).await;
     } else {
-        client.write_all(bytes).await?;
+        client.send(bytes).await?;
     }
     Ok(())
 }
@@ -422,7 +423,7 @@ impl<'a> Session<'a> {
             self.to_server.clear();
             return Ok(());
         };
-        if let Err(e) = sc.stream.write_all(&self.to_server).await {
+        if let Err(e) = sc.stream.send(&self.to_server).await {
             return Err(self.server_lost(e.to_string()));
         }
         if self.to_server.capacity() > CLIENT_BUF {

@@ -2,7 +2,6 @@
 //! (swallow, synthesise, rename), connection release and resynchronisation.
 
 use bytes::{Buf, Bytes};
-use tokio::io::AsyncWriteExt;
 
 use crate::config::PoolMode;
 use crate::error::Result;
@@ -37,7 +36,7 @@ impl Session<'_> {
             sql: format!("SELECT 1 AS \"{marker}\"; DEALLOCATE ALL"),
         };
         tracing::warn!("server connection out of step with its client; resynchronising");
-        if let Err(e) = sc.stream.write_all(&q.encode()).await {
+        if let Err(e) = sc.stream.send(&q.encode()).await {
             return Err(self.server_lost(e.to_string()));
         }
         self.tracker.start_resync(&marker);
