@@ -7,6 +7,8 @@
 
 mod config;
 mod duration;
+#[cfg(feature = "rustls")]
+pub mod rustls_config;
 mod status;
 mod tls;
 
