@@ -41,6 +41,20 @@ pub const SERVER_USER_FILE: &str = "/etc/sluice/server/username";
 pub const SERVER_PASSWORD_FILE: &str = "/etc/sluice/server/password";
 /// Directory of the client users Secret: one file per user.
 pub const USERS_DIR: &str = "/etc/sluice/users";
+/// Directory of what the pooler verifies PostgreSQL with, and its client certificate.
+pub const SERVER_TLS_DIR: &str = "/etc/sluice/server-tls";
+/// The CA bundle PostgreSQL's certificate is verified with.
+pub const SERVER_CA_FILE: &str = "/etc/sluice/server-tls/ca.crt";
+/// The pooler's client certificate towards PostgreSQL, and its key.
+pub const SERVER_CERT_FILE: &str = "/etc/sluice/server-tls/tls.crt";
+/// See [`SERVER_CERT_FILE`].
+pub const SERVER_KEY_FILE: &str = "/etc/sluice/server-tls/tls.key";
+/// Directory of the certificate served to clients (a `kubernetes.io/tls` Secret).
+pub const CLIENT_TLS_DIR: &str = "/etc/sluice/tls";
+/// The certificate served to clients, and its key.
+pub const CLIENT_CERT_FILE: &str = "/etc/sluice/tls/tls.crt";
+/// See [`CLIENT_CERT_FILE`].
+pub const CLIENT_KEY_FILE: &str = "/etc/sluice/tls/tls.key";
 
 /// The hash the pooler reports in `/status` for the config file bytes it applied, and
 /// the operator computes over what it writes: lowercase hex SHA-256 of the exact bytes.

@@ -107,6 +107,99 @@ pub struct ConnectionPoolSpec {
     /// The Service in front of the pooler pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceOverrides>,
+    /// TLS between clients and the pooler (absent: plaintext only).
+    #[serde(default, rename = "clientTLS", skip_serializing_if = "Option::is_none")]
+    pub client_tls: Option<ClientTlsSpec>,
+}
+
+/// TLS between clients and the pooler.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = (
+    "self.mode == 'disable' || has(self.secretName)",
+    "clientTLS.secretName is required unless clientTLS.mode is disable"
+))]
+#[serde(rename_all = "camelCase")]
+pub struct ClientTlsSpec {
+    /// `allow` (default: TLS for clients that ask), `require` (plaintext logins are
+    /// refused) or `disable`.
+    #[serde(default = "default_client_tls_mode")]
+    #[x_kube(validation = ("self in ['disable', 'allow', 'require']", "clientTLS.mode must be disable, allow or require"))]
+    pub mode: ClientTlsMode,
+    /// A `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`) with the certificate served
+    /// to clients, for example the one a cert-manager Certificate writes. A renewed
+    /// certificate is served to the next client without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = ("size(self) > 0", "clientTLS.secretName must not be empty"))]
+    pub secret_name: Option<String>,
+}
+
+fn default_client_tls_mode() -> ClientTlsMode {
+    ClientTlsMode::Allow
+}
+
+/// TLS between the pooler (and the operator's discovery) and the database.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = (
+    "!(self.sslMode in ['verify-ca', 'verify-full']) || has(self.caSecret) || (has(self.useSystemRoots) && self.useSystemRoots)",
+    "database.tls.sslMode verify-ca and verify-full need caSecret, or useSystemRoots: true for a certificate from a public CA"
+))]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseTlsSpec {
+    /// As libpq's `sslmode`: `disable`, `prefer` (default: TLS when the server offers
+    /// it, unverified), `require` (TLS, unverified), `verify-ca` (the chain) or
+    /// `verify-full` (the chain and the host name; recommended).
+    #[serde(default)]
+    #[x_kube(validation = (
+        "self in ['disable', 'prefer', 'require', 'verify-ca', 'verify-full']",
+        "database.tls.sslMode must be disable, prefer, require, verify-ca or verify-full"
+    ))]
+    pub ssl_mode: SslMode,
+    /// Secret holding the CA bundle to verify the server with (key `caKey`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = ("size(self) > 0", "database.tls.caSecret must not be empty"))]
+    pub ca_secret: Option<String>,
+    /// Key of `caSecret` holding the PEM bundle (default `ca.crt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = ("size(self) > 0", "database.tls.caKey must not be empty"))]
+    pub ca_key: Option<String>,
+    /// Trust the public CAs of the pooler image instead of `caSecret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_system_roots: Option<bool>,
+    /// A `kubernetes.io/tls` Secret with a client certificate and key, for servers that
+    /// authenticate clients by certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = ("size(self) > 0", "database.tls.clientCertSecret must not be empty"))]
+    pub client_cert_secret: Option<String>,
+    /// The name the certificate must be valid for (`verify-full`) and sent as SNI
+    /// (default: `database.host`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = ("size(self) > 0 && size(self) <= 253", "database.tls.serverName must be 1 to 253 characters"))]
+    pub server_name: Option<String>,
+}
+
+impl DatabaseTlsSpec {
+    /// Key of the CA Secret holding the bundle.
+    pub fn ca_key(&self) -> &str {
+        self.ca_key.as_deref().unwrap_or("ca.crt")
+    }
+}
+
+impl ConnectionPoolSpec {
+    /// Names of every Secret the pool references.
+    pub fn secrets(&self) -> impl Iterator<Item = &str> {
+        let tls = self.database.tls.as_ref();
+        [
+            Some(self.database.credentials_secret.as_str()),
+            Some(self.client_auth.users_secret.as_str()),
+            tls.and_then(|t| t.ca_secret.as_deref()),
+            tls.and_then(|t| t.client_cert_secret.as_deref()),
+            self.client_tls
+                .as_ref()
+                .and_then(|t| t.secret_name.as_deref()),
+        ]
+        .into_iter()
+        .flatten()
+    }
 }
 
 fn default_replicas() -> i32 {
@@ -154,13 +247,17 @@ pub struct DatabaseSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = ("self >= 1 && self <= 1000", "database.budgetWeight must be between 1 and 1000"))]
     pub budget_weight: Option<i32>,
+    /// TLS to the database, for the pooler and the operator's discovery (absent:
+    /// `sslMode: prefer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<DatabaseTlsSpec>,
 }
 
 fn default_db_port() -> i32 {
     5432
 }
 
-pub use sluice_contract::PoolMode;
+pub use sluice_contract::{ClientTlsMode, PoolMode, SslMode};
 
 /// Client authentication.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

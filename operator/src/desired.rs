@@ -133,9 +133,15 @@ pub fn config_hash(toml: &str) -> String {
 
 /// The config `revision`: changes whenever a referenced Secret changes, so the pooler
 /// re-reads its credential files and reports a new hash.
-pub fn secrets_revision(credentials_rv: &str, users_rv: &str) -> String {
-    sha256_hex(format!("credentials={credentials_rv};users={users_rv}").as_bytes())[..16]
-        .to_string()
+/// `tls` carries the resourceVersions of the TLS Secrets the pooler reads once per
+/// config (empty without TLS, which keeps the revision as it was before TLS).
+pub fn secrets_revision(credentials_rv: &str, users_rv: &str, tls: &str) -> String {
+    let mut text = format!("credentials={credentials_rv};users={users_rv}");
+    if !tls.is_empty() {
+        text.push_str(";tls=");
+        text.push_str(tls);
+    }
+    sha256_hex(text.as_bytes())[..16].to_string()
 }
 
 /// Parses a duration of the spec as the pooler will (one parser for both).
@@ -192,7 +198,17 @@ pub fn pooler_toml(pool: &ConnectionPool, limit: i64, inputs: &ConfigInputs) -> 
         ignore_startup_parameters: None,
         budget_basis: inputs.basis,
         revision: Some(inputs.revision.clone()),
-        client_tls: None,
+        client_tls: s.client_tls.as_ref().map(|t| sluice_contract::ClientTls {
+            mode: t.mode,
+            cert_file: t
+                .secret_name
+                .as_ref()
+                .map(|_| sluice_contract::CLIENT_CERT_FILE.into()),
+            key_file: t
+                .secret_name
+                .as_ref()
+                .map(|_| sluice_contract::CLIENT_KEY_FILE.into()),
+        }),
         server: ServerSection {
             host: s.database.host.clone(),
             port: u16::try_from(s.database.port).map_err(|_| {
@@ -203,7 +219,22 @@ pub fn pooler_toml(pool: &ConnectionPool, limit: i64, inputs: &ConfigInputs) -> 
             password_file: Some(sluice_contract::SERVER_PASSWORD_FILE.into()),
             user: None,
             password: None,
-            tls: None,
+            tls: s.database.tls.as_ref().map(|t| sluice_contract::ServerTls {
+                sslmode: t.ssl_mode,
+                ca_file: t
+                    .ca_secret
+                    .as_ref()
+                    .map(|_| sluice_contract::SERVER_CA_FILE.into()),
+                cert_file: t
+                    .client_cert_secret
+                    .as_ref()
+                    .map(|_| sluice_contract::SERVER_CERT_FILE.into()),
+                key_file: t
+                    .client_cert_secret
+                    .as_ref()
+                    .map(|_| sluice_contract::SERVER_KEY_FILE.into()),
+                server_name: t.server_name.clone(),
+            }),
         },
         auth: AuthSection {
             method: AuthMethod::ScramSha256,
@@ -335,6 +366,10 @@ pub fn deployment(pool: &ConnectionPool, inputs: &RenderInputs) -> Result<Deploy
     if let Some(r) = &s.resources {
         container["resources"] = serde_json::to_value(r)?;
     }
+    let (tls_mounts, tls_volumes) = tls_volumes(pool);
+    if let Some(m) = container["volumeMounts"].as_array_mut() {
+        m.extend(tls_mounts);
+    }
     let mut pod_spec = json!({
         "serviceAccountName": service_account_name(pool),
         "automountServiceAccountToken": false,
@@ -370,6 +405,9 @@ pub fn deployment(pool: &ConnectionPool, inputs: &RenderInputs) -> Result<Deploy
             },
         ],
     });
+    if let Some(v) = pod_spec["volumes"].as_array_mut() {
+        v.extend(tls_volumes);
+    }
     if let Some(a) = &o.affinity {
         pod_spec["affinity"] = serde_json::to_value(a)?;
     }
@@ -402,6 +440,43 @@ pub fn deployment(pool: &ConnectionPool, inputs: &RenderInputs) -> Result<Deploy
         },
     }))?;
     with_spec_hash(dep)
+}
+
+/// The TLS volumes of the pooler pod and their mounts: what PostgreSQL's certificate is
+/// verified with and the pooler's client certificate (read once per config; a change
+/// rolls the config revision), and the certificate served to clients (a whole Secret
+/// volume, so the kubelet swaps renewed files in place and the pooler serves them to the
+/// next client).
+fn tls_volumes(pool: &ConnectionPool) -> (Vec<Value>, Vec<Value>) {
+    let (mut mounts, mut volumes) = (Vec::new(), Vec::new());
+    let server = pool.spec.database.tls.as_ref();
+    let mut sources = Vec::new();
+    if let Some(t) = server
+        && let Some(ca) = &t.ca_secret
+    {
+        sources.push(json!({ "secret": { "name": ca,
+            "items": [{ "key": t.ca_key(), "path": "ca.crt" }] } }));
+    }
+    if let Some(cert) = server.and_then(|t| t.client_cert_secret.as_ref()) {
+        sources.push(json!({ "secret": { "name": cert,
+            "items": [{ "key": "tls.crt", "path": "tls.crt" }, { "key": "tls.key", "path": "tls.key" }] } }));
+    }
+    if !sources.is_empty() {
+        volumes.push(json!({ "name": "server-tls",
+            "projected": { "defaultMode": 0o440, "sources": sources } }));
+        mounts.push(json!({ "name": "server-tls", "mountPath": sluice_contract::SERVER_TLS_DIR, "readOnly": true }));
+    }
+    if let Some(secret) = pool
+        .spec
+        .client_tls
+        .as_ref()
+        .and_then(|t| t.secret_name.as_ref())
+    {
+        volumes.push(json!({ "name": "client-tls",
+            "secret": { "secretName": secret, "defaultMode": 0o440 } }));
+        mounts.push(json!({ "name": "client-tls", "mountPath": sluice_contract::CLIENT_TLS_DIR, "readOnly": true }));
+    }
+    (mounts, volumes)
 }
 
 /// The Service clients connect to.
@@ -498,7 +573,7 @@ pub(crate) mod tests {
         RenderInputs {
             limit: 17,
             replicas: 2,
-            revision: secrets_revision("100", "101"),
+            revision: secrets_revision("100", "101", ""),
             default_image: "ghcr.io/sluice-dev/sluice-pooler:0.1.0".into(),
         }
     }

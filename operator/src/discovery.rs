@@ -32,6 +32,21 @@ pub struct Target {
     pub user: String,
     /// Its password.
     pub password: String,
+    /// TLS to it.
+    pub tls: TargetTls,
+}
+
+/// TLS to the database, with the material read from the pool's Secrets.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct TargetTls {
+    /// libpq's `sslmode`.
+    pub mode: sluice_contract::SslMode,
+    /// PEM CA bundle; `None`: the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate and key.
+    pub client_cert: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name verified instead of the host.
+    pub server_name: Option<String>,
 }
 
 impl std::fmt::Debug for Target {
@@ -92,14 +107,32 @@ pub async fn discover(target: &Target, timeout: Duration) -> Result<DatabaseLimi
             .password(&target.password)
             .application_name("sluice-operator")
             .connect_timeout(timeout);
-        let (client, conn) =
-            cfg.connect(tokio_postgres::NoTls)
-                .await
-                .map_err(|source| Error::Discovery {
-                    target: where_(target),
-                    source,
-                })?;
-        let conn = tokio::spawn(conn);
+        let failed = |source| Error::Discovery {
+            target: where_(target),
+            source,
+        };
+        let client = match tls_connector(&target.tls)? {
+            None => {
+                let (client, conn) = cfg
+                    .ssl_mode(tokio_postgres::config::SslMode::Disable)
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(failed)?;
+                (client, tokio::spawn(conn))
+            }
+            Some(tls) => {
+                // Verification is the rustls config's; tokio-postgres only needs to
+                // know whether plaintext is acceptable.
+                let mode = if target.tls.mode.requires_tls() {
+                    tokio_postgres::config::SslMode::Require
+                } else {
+                    tokio_postgres::config::SslMode::Prefer
+                };
+                let (client, conn) = cfg.ssl_mode(mode).connect(tls).await.map_err(failed)?;
+                (client, tokio::spawn(conn))
+            }
+        };
+        let (client, conn) = client;
         let max_connections = show(&client, target, "max_connections").await?.unwrap_or(0);
         let superuser_reserved = show(&client, target, "superuser_reserved_connections")
             .await?
@@ -122,6 +155,36 @@ pub async fn discover(target: &Target, timeout: Duration) -> Result<DatabaseLimi
             target: where_(target),
         }),
     }
+}
+
+/// The TLS connector for `tls`, as the pooler's (one rustls config per `sslmode`);
+/// `None` with `disable`.
+///
+/// # Errors
+/// [`Error::InvalidSpec`] when the CA or client certificate cannot be used.
+fn tls_connector(tls: &TargetTls) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>> {
+    use sluice_contract::rustls_config::{Material, client_config};
+    if tls.mode == sluice_contract::SslMode::Disable {
+        return Ok(None);
+    }
+    let verify_name = match &tls.server_name {
+        Some(n) => Some(
+            rustls::pki_types::ServerName::try_from(n.clone())
+                .map_err(|_| Error::InvalidSpec(format!("database.tls.serverName {n:?}")))?,
+        ),
+        None => None,
+    };
+    let material = Material {
+        ca_pem: tls.ca_pem.as_deref(),
+        client_cert: tls
+            .client_cert
+            .as_ref()
+            .map(|(c, k)| (c.as_slice(), k.as_slice())),
+        verify_name,
+    };
+    let config = client_config(tls.mode, &material)
+        .map_err(|e| Error::InvalidSpec(format!("database.tls: {e}")))?;
+    Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
 }
 
 /// `SHOW name` as an integer; `None` when the server does not know the parameter.
@@ -272,6 +335,62 @@ mod tests {
             database: "postgres".into(),
             user: SUPERUSER.0.into(),
             password: SUPERUSER.1.into(),
+            tls: TargetTls::default(),
+        }
+    }
+
+    /// Discovery speaks TLS as the pooler does: against a server that refuses
+    /// plaintext, `verify-full` with the CA works, and a wrong name, an unknown CA or
+    /// `disable` fail with an error naming the server and the reason.
+    #[tokio::test]
+    async fn discovery_uses_the_pools_tls_settings() {
+        use sluice_contract::SslMode;
+        use sluice_testkit::tls::TestCa;
+        let ca = TestCa::new("db CA").unwrap();
+        let leaf = ca.issue(&["db.internal", "127.0.0.1"]).unwrap();
+        let pg = TempPostgres::builder()
+            .max_connections(33)
+            .tls_only(&leaf.cert_pem, &leaf.key_pem)
+            .start()
+            .unwrap();
+        let with = |mode, ca_pem: &str, name: Option<&str>| Target {
+            tls: TargetTls {
+                mode,
+                ca_pem: Some(ca_pem.as_bytes().to_vec()),
+                client_cert: None,
+                server_name: name.map(str::to_string),
+            },
+            ..target(&pg)
+        };
+        for t in [
+            with(SslMode::VerifyFull, ca.pem(), None),
+            with(SslMode::VerifyFull, ca.pem(), Some("db.internal")),
+            with(SslMode::VerifyCa, ca.pem(), Some("elsewhere")),
+            with(SslMode::Require, "", None),
+            with(SslMode::Prefer, "", None),
+        ] {
+            let limits = discover(&t, Duration::from_secs(5)).await;
+            assert_eq!(limits.unwrap().max_connections, 33);
+        }
+        let other = TestCa::new("other").unwrap();
+        for (t, reason) in [
+            (
+                with(SslMode::VerifyFull, ca.pem(), Some("wrong.example")),
+                "wrong.example",
+            ),
+            (
+                with(SslMode::VerifyFull, other.pem(), None),
+                "UnknownIssuer",
+            ),
+            (with(SslMode::Disable, "", None), "no encryption"),
+        ] {
+            let e = discover(&t, Duration::from_secs(5)).await.unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("127.0.0.1:{}", pg.port())) && text.contains(reason),
+                "{text}"
+            );
+            assert_eq!(e.degraded_reason(), Some("DatabaseUnreachable"));
         }
     }
 

@@ -208,13 +208,18 @@ impl<'a> Reconciler<'a> {
             Ok(s) => s,
             Err(e) => return self.fail(e).await,
         };
+        let tls = match self.tls() {
+            Ok(t) => t,
+            Err(e) => return self.fail(e).await,
+        };
         let revision = desired::secrets_revision(
             creds.resource_version().as_deref().unwrap_or(""),
             users.resource_version().as_deref().unwrap_or(""),
+            &tls.revision,
         );
 
         // 2. The budget.
-        let limits = match self.limits(&creds).await {
+        let limits = match self.limits(&creds, &tls).await {
             Ok(l) => l,
             Err(e) => return self.fail(e).await,
         };

@@ -168,10 +168,13 @@ impl ProbePods for FakeProbe {
 
 struct FakeDiscovery {
     result: Mutex<std::result::Result<DatabaseLimits, String>>,
+    /// The last target asked.
+    last: Mutex<Option<Target>>,
 }
 
 impl Discover for FakeDiscovery {
     fn discover<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<DatabaseLimits>> {
+        *self.last.lock().unwrap() = Some(target.clone());
         let r = self.result.lock().unwrap().clone();
         let target = format!("{}:{}", target.host, target.port);
         Box::pin(async move { r.map_err(|_| Error::DiscoveryTimeout { target }) })
@@ -210,6 +213,7 @@ impl Harness {
         let probe = Arc::new(FakeProbe::default());
         let discovery = Arc::new(FakeDiscovery {
             result: Mutex::new(Ok(limits(60))),
+            last: Mutex::new(None),
         });
         let (caches, writers) = cache::caches();
         let ctx = Arc::new(Context::new(
@@ -608,6 +612,61 @@ async fn missing_secret_is_degraded_and_names_it() {
             .contains("default/app-db-credentials"),
         "{c}"
     );
+}
+
+#[tokio::test]
+async fn tls_secrets_are_checked_mounted_and_used_for_discovery() {
+    let h = Harness::new(Settings::default());
+    let mut p = h.api.get(POOL_PATH).unwrap();
+    p["spec"]["database"]["tls"] = json!({"sslMode": "verify-full", "caSecret": "db-ca"});
+    p["spec"]["clientTLS"] = json!({"mode": "require", "secretName": "pooler-tls"});
+    h.api.put(POOL_PATH, p);
+
+    // Neither Secret exists: Degraded, naming the first, and nothing written.
+    h.reconcile().await;
+    let w = writes(&h.api.take_log());
+    assert!(!w.iter().any(|p| p.contains("configmaps")), "{w:?}");
+    let c = h.condition("Degraded");
+    assert_eq!(c["reason"], "SecretNotFound", "{c}");
+    assert!(
+        c["message"].as_str().unwrap().contains("default/db-ca"),
+        "{c}"
+    );
+
+    // "LS0t" is base64 of "---".
+    h.api.put(
+        "/api/v1/namespaces/default/secrets/db-ca",
+        secret("db-ca", json!({"ca.crt": "LS0t"})),
+    );
+    // The client certificate Secret lacks its key.
+    h.api.put(
+        "/api/v1/namespaces/default/secrets/pooler-tls",
+        secret("pooler-tls", json!({"tls.crt": "LS0t"})),
+    );
+    h.reconcile().await;
+    let c = h.condition("Degraded");
+    assert_eq!(c["reason"], "SecretInvalid", "{c}");
+    assert!(c["message"].as_str().unwrap().contains("tls.key"), "{c}");
+
+    h.api.put(
+        "/api/v1/namespaces/default/secrets/pooler-tls",
+        secret("pooler-tls", json!({"tls.crt": "LS0t", "tls.key": "LS0t"})),
+    );
+    h.reconcile().await;
+    assert_eq!(h.condition("Degraded")["status"], "False");
+    let toml = h.api.get(CM_PATH).unwrap()["data"]["pooler.toml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        toml.contains(
+            "[server.tls]\nsslmode = \"verify-full\"\nca_file = \"/etc/sluice/server-tls/ca.crt\""
+        ) && toml.contains("[client_tls]\nmode = \"require\""),
+        "{toml}"
+    );
+    let target = h.discovery.last.lock().unwrap().clone().unwrap();
+    assert_eq!(target.tls.mode, sluice_contract::SslMode::VerifyFull);
+    assert_eq!(target.tls.ca_pem.as_deref(), Some(&b"---"[..]));
 }
 
 #[tokio::test]

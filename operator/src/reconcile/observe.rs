@@ -15,9 +15,17 @@ use super::{Reconciler, uid};
 use crate::budget::DatabaseLimits;
 use crate::cache;
 use crate::desired;
-use crate::discovery::Target;
+use crate::discovery::{Target, TargetTls};
 use crate::error::{Error, Result};
 use crate::resize;
+
+/// What the pool's TLS Secrets hold.
+pub(super) struct TlsMaterial {
+    /// resourceVersions of the Secrets the pooler reads once per config (empty without).
+    pub(super) revision: String,
+    /// For the operator's own connection to the database.
+    pub(super) target: TargetTls,
+}
 
 /// Children of one pool as observed.
 pub(super) struct Children {
@@ -65,14 +73,73 @@ impl Reconciler<'_> {
         })
     }
 
-    pub(super) async fn limits(&self, creds: &Secret) -> Result<DatabaseLimits> {
+    /// A key of `secret` (`what` names its role in errors).
+    fn secret_bytes(&self, secret: &Secret, key: &str) -> Result<Vec<u8>> {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|v| v.0.clone())
+            .ok_or_else(|| Error::MissingSecretKey {
+                namespace: self.ns.clone(),
+                name: secret.name_any(),
+                key: key.into(),
+            })
+    }
+
+    /// The pool's TLS Secrets, checked: each exists with the keys the pods mount.
+    ///
+    /// # Errors
+    /// [`Error::MissingSecret`] or [`Error::MissingSecretKey`] naming the first missing.
+    pub(super) fn tls(&self) -> Result<TlsMaterial> {
+        let spec = &self.pool.spec;
+        let mut revision = String::new();
+        let mut target = TargetTls::default();
+        if let Some(t) = &spec.database.tls {
+            target.mode = t.ssl_mode;
+            target.server_name = t.server_name.clone();
+            if let Some(name) = &t.ca_secret {
+                let s = self.secret(name)?;
+                target.ca_pem = Some(self.secret_bytes(&s, t.ca_key())?);
+                revision.push_str(&format!("ca={};", s.resource_version().unwrap_or_default()));
+            }
+            if let Some(name) = &t.client_cert_secret {
+                let s = self.secret(name)?;
+                target.client_cert = Some((
+                    self.secret_bytes(&s, "tls.crt")?,
+                    self.secret_bytes(&s, "tls.key")?,
+                ));
+                revision.push_str(&format!(
+                    "cert={};",
+                    s.resource_version().unwrap_or_default()
+                ));
+            }
+        }
+        // The certificate served to clients reloads itself: only checked here.
+        if let Some(name) = spec
+            .client_tls
+            .as_ref()
+            .and_then(|t| t.secret_name.as_ref())
+        {
+            let s = self.secret(name)?;
+            self.secret_bytes(&s, "tls.crt")?;
+            self.secret_bytes(&s, "tls.key")?;
+        }
+        Ok(TlsMaterial { revision, target })
+    }
+
+    pub(super) async fn limits(&self, creds: &Secret, tls: &TlsMaterial) -> Result<DatabaseLimits> {
         let db = &self.pool.spec.database;
         if let Some(max) = db.max_connections {
             return Ok(DatabaseLimits::from_spec(i64::from(max)));
         }
         let cache_key = (
             self.pool.metadata.generation,
-            creds.resource_version().unwrap_or_default(),
+            format!(
+                "{}/{}",
+                creds.resource_version().unwrap_or_default(),
+                tls.revision
+            ),
         );
         if let Some(c) = self
             .ctx
@@ -98,6 +165,7 @@ impl Reconciler<'_> {
             database: db.name.clone().unwrap_or_else(|| "postgres".into()),
             user: field("username")?,
             password: field("password")?,
+            tls: tls.target.clone(),
         };
         let limits = self.ctx.discovery.discover(&target).await?;
         self.ctx.memory.with(&uid(self.pool), |m| {

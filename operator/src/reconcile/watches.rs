@@ -23,7 +23,7 @@ use crate::desired;
 /// Trailing-edge debounce of reconcile triggers (see [`run_controller`]).
 const DEBOUNCE: Duration = Duration::from_secs(1);
 
-/// Pools that reference `secret` by name (credentials or users).
+/// Pools that reference `secret` by name (credentials, users or TLS).
 pub(super) fn pools_referencing(
     pools: &[Arc<ConnectionPool>],
     secret: &Secret,
@@ -33,9 +33,7 @@ pub(super) fn pools_referencing(
     pools
         .iter()
         .filter(|p| p.namespace() == ns)
-        .filter(|p| {
-            p.spec.database.credentials_secret == name || p.spec.client_auth.users_secret == name
-        })
+        .filter(|p| p.spec.secrets().any(|s| s == name))
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
 }
