@@ -37,6 +37,8 @@ pub struct Options {
     pub namespace: String,
     /// How to start the control plane (default: upstream defaults).
     pub control_plane: ControlPlaneOptions,
+    /// PEM certificate and key: PostgreSQL serves TLS and refuses plaintext over TCP.
+    pub pg_tls: Option<(String, String)>,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             install_crds: true,
             namespace: "sluice-e2e".into(),
             control_plane: ControlPlaneOptions::default(),
+            pg_tls: None,
         }
     }
 }
@@ -125,10 +128,12 @@ impl Fixture {
     /// # Errors
     /// When any part fails to start.
     pub async fn start_with(options: Options) -> Result<Self> {
-        let pg = TempPostgres::builder()
-            .max_connections(options.max_connections)
-            .listen_addresses("*")
-            .start()?;
+        let mut pg =
+            TempPostgres::builder().max_connections(options.max_connections).listen_addresses("*");
+        if let Some((cert, key)) = &options.pg_tls {
+            pg = pg.tls_only(cert.clone(), key.clone());
+        }
+        let pg = pg.start()?;
         let cp = ControlPlane::start_with(options.control_plane.clone()).await?;
         let client = cp.client().await?;
         let config = AgentConfig::new(cp.kubeconfig_path())
