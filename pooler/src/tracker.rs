@@ -292,6 +292,29 @@ impl Tracker {
         )
     }
 
+    /// Whether a Parse of server statement `name` the pooler injected is unanswered with
+    /// a sync point (Sync or a simple query) sent after it. A message after that point
+    /// cannot count on the statement: the Parse may fail, or be skipped, in a
+    /// transaction that ends before the message runs (a Parse refused in a failed
+    /// transaction, then `ROLLBACK`), while the client's statement still exists. (The
+    /// client's own Parse failing is different: its statement then does not exist, and
+    /// later messages are told so, as PostgreSQL tells them.)
+    pub fn parse_unsettled_across_sync(&self, name: &str) -> bool {
+        let mut sent = false;
+        for p in &self.queue {
+            match p {
+                Pending::Parse {
+                    name: Some(n),
+                    swallow: true,
+                    ..
+                } if &**n == name => sent = true,
+                Pending::Sync | Pending::Query | Pending::Injected if sent => return true,
+                _ => {}
+            }
+        }
+        false
+    }
+
     /// Server statements whose Parse is sent and not yet answered, oldest first.
     pub fn pending_parses(&self) -> impl Iterator<Item = &Arc<str>> {
         self.queue.iter().filter_map(|p| match p {

@@ -304,3 +304,42 @@ fn error_discards_messages_sent_after_it_until_sync() {
     assert!(!t.is_desynced());
     assert_eq!(t.forget_clients.len(), 2);
 }
+
+#[test]
+fn a_parse_in_flight_counts_only_until_the_next_sync_point() {
+    let mut t = Tracker::default();
+    t.push(Pending::Parse {
+        name: Some("s".into()),
+        client: None,
+        swallow: true,
+    });
+    t.push(Pending::Bind(None));
+    // Later in the same segment: if the Parse fails, the server skips these too.
+    assert!(!t.parse_unsettled_across_sync("s"));
+    assert!(!t.parse_unsettled_across_sync("other"));
+    t.push(Pending::Sync);
+    // After the Sync: a failed Parse would leave a later segment without it.
+    assert!(t.parse_unsettled_across_sync("s"));
+    assert_eq!(t.on_message(b'1', 0), Verdict::Drop);
+    assert!(
+        !t.parse_unsettled_across_sync("s"),
+        "answered: the statement exists"
+    );
+    let mut q = Tracker::default();
+    q.push(Pending::Parse {
+        name: Some("s".into()),
+        client: None,
+        swallow: true,
+    });
+    q.push(Pending::Query);
+    assert!(q.parse_unsettled_across_sync("s"));
+    // The client's own Parse: if it fails, its statement does not exist afterwards.
+    let mut own = Tracker::default();
+    own.push(Pending::Parse {
+        name: Some("s".into()),
+        client: Some("c".into()),
+        swallow: false,
+    });
+    own.push(Pending::Sync);
+    assert!(!own.parse_unsettled_across_sync("s"));
+}

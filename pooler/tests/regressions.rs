@@ -403,3 +403,62 @@ async fn drop_database_is_not_blocked_by_idle_server_connections() -> Result<()>
     }
     Ok(())
 }
+
+/// A statement prepared on demand inside a failed transaction (its Parse refused) is
+/// prepared again for a use after the transaction ends, rather than counted on: the
+/// later use once got the failed transaction's `25P02` (found by `make fuzz`, seed
+/// 10615030186817565271). PostgreSQL, directly, is the expected answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_statement_refused_in_a_failed_transaction_is_prepared_again_after_it() -> Result<()> {
+    let pg = postgres(20).await?;
+    // One server connection whose statement list holds one statement: preparing `s1`
+    // closes `s0` on it, so the next use of `s0` prepares it again, on demand.
+    let mut p = start(
+        &pg,
+        "connection_limit = 1\npool_mode = \"transaction\"\nmax_prepared_statements = 1",
+    )
+    .await?;
+    let direct: std::net::SocketAddr = format!("127.0.0.1:{}", pg.port()).parse()?;
+    let mut answers = Vec::new();
+    for addr in [direct, p.addr] {
+        let mut s = login(addr, APP_USER.0, APP_USER.1, APP_DB).await?;
+        for setup in [parse("s0", "select $1::int + 5"), parse("s1", "select 2")] {
+            let mut w = setup;
+            w.extend_from_slice(&sync());
+            s.write_all(&w).await?;
+            let (_, done) = read_until(&mut s, Duration::from_secs(10), |t, _| t == b'Z').await;
+            ensure!(done, "no answer to the setup");
+        }
+        let mut w = query("begin");
+        w.extend_from_slice(&query("select 1/0"));
+        w.extend_from_slice(&bind("", "s0", &[Some("7")]));
+        w.extend_from_slice(&execute("", 0));
+        w.extend_from_slice(&sync());
+        w.extend_from_slice(&query("rollback"));
+        w.extend_from_slice(&bind("", "s0", &[Some("49")]));
+        w.extend_from_slice(&execute("", 0));
+        w.extend_from_slice(&sync());
+        w.extend_from_slice(&query("select 'end'"));
+        s.write_all(&w).await?;
+        let mut z = 0;
+        let (got, done) = read_until(&mut s, Duration::from_secs(10), |t, _| {
+            z += usize::from(t == b'Z');
+            z == 6
+        })
+        .await;
+        ensure!(done, "{addr}: {got:?}");
+        let shape: Vec<String> = got
+            .iter()
+            .map(|(t, b)| match t {
+                b'E' => format!("E{}", fields(b).1),
+                b'Z' => format!("Z{}", b[0] as char),
+                t => (*t as char).to_string(),
+            })
+            .collect();
+        answers.push((shape, first_values(&got)));
+    }
+    assert_eq!(answers[1], answers[0], "through the pooler, then directly");
+    assert_eq!(answers[0].1, ["54", "end"]);
+    p.shutdown().await?;
+    Ok(())
+}

@@ -16,7 +16,9 @@ impl Session<'_> {
     fn prepare_on_server(&mut self, st: &Statement, client: Option<Arc<str>>) {
         let swallow = client.is_none();
         let sc = self.server.as_mut().expect("server held");
-        if sc.prepared.touch(&st.server_name) {
+        if sc.prepared.touch(&st.server_name)
+            && !self.tracker.parse_unsettled_across_sync(&st.server_name)
+        {
             return;
         }
         let cap = self.shared.config().max_prepared_statements;
