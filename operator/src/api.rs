@@ -139,10 +139,16 @@ fn default_client_tls_mode() -> ClientTlsMode {
 
 /// TLS between the pooler (and the operator's discovery) and the database.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-#[x_kube(validation = (
-    "!(self.sslMode in ['verify-ca', 'verify-full']) || has(self.caSecret) || (has(self.useSystemRoots) && self.useSystemRoots)",
-    "database.tls.sslMode verify-ca and verify-full need caSecret, or useSystemRoots: true for a certificate from a public CA"
-))]
+#[x_kube(
+    validation = (
+        "!(self.sslMode in ['verify-ca', 'verify-full']) || has(self.caSecret) || has(self.caConfigMap) || (has(self.useSystemRoots) && self.useSystemRoots)",
+        "database.tls.sslMode verify-ca and verify-full need caSecret or caConfigMap, or useSystemRoots: true for a certificate from a public CA"
+    ),
+    validation = (
+        "!(has(self.caSecret) && has(self.caConfigMap))",
+        "database.tls: set caSecret or caConfigMap, not both"
+    )
+)]
 #[serde(rename_all = "camelCase")]
 pub struct DatabaseTlsSpec {
     /// As libpq's `sslmode`: `disable`, `prefer` (default: TLS when the server offers
@@ -158,7 +164,12 @@ pub struct DatabaseTlsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = ("size(self) > 0", "database.tls.caSecret must not be empty"))]
     pub ca_secret: Option<String>,
-    /// Key of `caSecret` holding the PEM bundle (default `ca.crt`).
+    /// ConfigMap holding the CA bundle instead (key `caKey`), for example one that
+    /// trust-manager distributes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = ("size(self) > 0", "database.tls.caConfigMap must not be empty"))]
+    pub ca_config_map: Option<String>,
+    /// Key of `caSecret` or `caConfigMap` holding the PEM bundle (default `ca.crt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = ("size(self) > 0", "database.tls.caKey must not be empty"))]
     pub ca_key: Option<String>,

@@ -221,10 +221,8 @@ pub fn pooler_toml(pool: &ConnectionPool, limit: i64, inputs: &ConfigInputs) -> 
             password: None,
             tls: s.database.tls.as_ref().map(|t| sluice_contract::ServerTls {
                 sslmode: t.ssl_mode,
-                ca_file: t
-                    .ca_secret
-                    .as_ref()
-                    .map(|_| sluice_contract::SERVER_CA_FILE.into()),
+                ca_file: (t.ca_secret.is_some() || t.ca_config_map.is_some())
+                    .then(|| sluice_contract::SERVER_CA_FILE.into()),
                 cert_file: t
                     .client_cert_secret
                     .as_ref()
@@ -451,11 +449,13 @@ fn tls_volumes(pool: &ConnectionPool) -> (Vec<Value>, Vec<Value>) {
     let (mut mounts, mut volumes) = (Vec::new(), Vec::new());
     let server = pool.spec.database.tls.as_ref();
     let mut sources = Vec::new();
-    if let Some(t) = server
-        && let Some(ca) = &t.ca_secret
-    {
-        sources.push(json!({ "secret": { "name": ca,
-            "items": [{ "key": t.ca_key(), "path": "ca.crt" }] } }));
+    if let Some(t) = server {
+        let items = json!([{ "key": t.ca_key(), "path": "ca.crt" }]);
+        if let Some(ca) = &t.ca_secret {
+            sources.push(json!({ "secret": { "name": ca, "items": items } }));
+        } else if let Some(ca) = &t.ca_config_map {
+            sources.push(json!({ "configMap": { "name": ca, "items": items } }));
+        }
     }
     if let Some(cert) = server.and_then(|t| t.client_cert_secret.as_ref()) {
         sources.push(json!({ "secret": { "name": cert,

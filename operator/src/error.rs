@@ -26,6 +26,16 @@ pub enum Error {
         /// The missing key.
         key: String,
     },
+    /// A referenced ConfigMap does not exist, or lacks `key`.
+    #[error("ConfigMap {namespace}/{name} {}", key.as_ref().map_or("not found".to_string(), |k| format!("has no key {k:?}")))]
+    MissingConfigMap {
+        /// Namespace of the ConfigMap.
+        namespace: String,
+        /// Name of the ConfigMap.
+        name: String,
+        /// The missing key, when the ConfigMap exists.
+        key: Option<String>,
+    },
     /// The database could not be reached or queried.
     #[error("database discovery at {target}: {}", chain(source))]
     Discovery {
@@ -85,6 +95,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::MissingSecret { .. } => "missing_secret",
             Error::MissingSecretKey { .. } => "missing_secret_key",
+            Error::MissingConfigMap { .. } => "missing_config_map",
             Error::Discovery { .. } | Error::DiscoveryTimeout { .. } => "discovery",
             Error::BadSetting { .. } => "bad_setting",
             Error::Infeasible(_) => "budget_exceeded",
@@ -116,6 +127,8 @@ impl Error {
         match self {
             Error::MissingSecret { .. } => Some("SecretNotFound"),
             Error::MissingSecretKey { .. } => Some("SecretInvalid"),
+            Error::MissingConfigMap { key: None, .. } => Some("ConfigMapNotFound"),
+            Error::MissingConfigMap { key: Some(_), .. } => Some("ConfigMapInvalid"),
             Error::Discovery { .. } | Error::DiscoveryTimeout { .. } | Error::BadSetting { .. } => {
                 Some("DatabaseUnreachable")
             }

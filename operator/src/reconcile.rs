@@ -208,7 +208,7 @@ impl<'a> Reconciler<'a> {
             Ok(s) => s,
             Err(e) => return self.fail(e).await,
         };
-        let tls = match self.tls() {
+        let tls = match self.tls().await {
             Ok(t) => t,
             Err(e) => return self.fail(e).await,
         };

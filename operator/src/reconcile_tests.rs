@@ -667,6 +667,25 @@ async fn tls_secrets_are_checked_mounted_and_used_for_discovery() {
     let target = h.discovery.last.lock().unwrap().clone().unwrap();
     assert_eq!(target.tls.mode, sluice_contract::SslMode::VerifyFull);
     assert_eq!(target.tls.ca_pem.as_deref(), Some(&b"---"[..]));
+
+    // The CA from a ConfigMap (as trust-manager distributes it) instead.
+    let mut p = h.api.get(POOL_PATH).unwrap();
+    p["spec"]["database"]["tls"] = json!({"sslMode": "verify-full", "caConfigMap": "trust"});
+    p["metadata"]["generation"] = json!(2);
+    h.api.put(POOL_PATH, p);
+    h.reconcile().await;
+    let c = h.condition("Degraded");
+    assert_eq!(c["reason"], "ConfigMapNotFound", "{c}");
+    h.api.put(
+        "/api/v1/namespaces/default/configmaps/trust",
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "trust", "namespace": NS, "resourceVersion": "9"},
+               "data": {"ca.crt": "bundle"}}),
+    );
+    h.reconcile().await;
+    assert_eq!(h.condition("Degraded")["status"], "False");
+    let target = h.discovery.last.lock().unwrap().clone().unwrap();
+    assert_eq!(target.tls.ca_pem.as_deref(), Some(&b"bundle"[..]));
 }
 
 #[tokio::test]

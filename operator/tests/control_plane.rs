@@ -65,6 +65,35 @@ async fn operator_against_a_real_control_plane() {
             .contains("reservedConnections must be less than maxConnections"),
         "{err}"
     );
+    // TLS: verify-full needs a CA (or the system roots), one CA source at most, and a
+    // clientTLS that is on needs its certificate.
+    let mut tls = base.clone();
+    tls["database"]["reservedConnections"] = json!(5);
+    for (database_tls, client_tls, message) in [
+        (
+            json!({"sslMode": "verify-full"}),
+            json!(null),
+            "need caSecret or caConfigMap",
+        ),
+        (
+            json!({"sslMode": "verify-ca", "caSecret": "a", "caConfigMap": "b"}),
+            json!(null),
+            "set caSecret or caConfigMap, not both",
+        ),
+        (
+            json!({"sslMode": "require"}),
+            json!({"mode": "require"}),
+            "clientTLS.secretName is required",
+        ),
+    ] {
+        tls["database"]["tls"] = database_tls;
+        tls["clientTLS"] = client_tls;
+        let err = pools
+            .create(&PostParams::default(), &bad(tls.clone()))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(message), "{err}");
+    }
     let mut spec = base.clone();
     spec["database"]["reservedConnections"] = json!(5);
     spec["drainTimeout"] = json!("30 seconds");

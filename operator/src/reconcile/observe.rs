@@ -91,7 +91,7 @@ impl Reconciler<'_> {
     ///
     /// # Errors
     /// [`Error::MissingSecret`] or [`Error::MissingSecretKey`] naming the first missing.
-    pub(super) fn tls(&self) -> Result<TlsMaterial> {
+    pub(super) async fn tls(&self) -> Result<TlsMaterial> {
         let spec = &self.pool.spec;
         let mut revision = String::new();
         let mut target = TargetTls::default();
@@ -102,6 +102,37 @@ impl Reconciler<'_> {
                 let s = self.secret(name)?;
                 target.ca_pem = Some(self.secret_bytes(&s, t.ca_key())?);
                 revision.push_str(&format!("ca={};", s.resource_version().unwrap_or_default()));
+            } else if let Some(name) = &t.ca_config_map {
+                // Read when needed (the caches hold only the pools' own ConfigMaps).
+                self.ctx.metrics.api_request("get", "configmaps");
+                let missing = |key| Error::MissingConfigMap {
+                    namespace: self.ns.clone(),
+                    name: name.clone(),
+                    key,
+                };
+                let cm = self
+                    .api::<ConfigMap>()
+                    .get_opt(name)
+                    .await?
+                    .ok_or_else(|| missing(None))?;
+                let key = t.ca_key();
+                let pem = cm
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(key))
+                    .map(|v| v.as_bytes().to_vec())
+                    .or_else(|| {
+                        cm.binary_data
+                            .as_ref()
+                            .and_then(|d| d.get(key))
+                            .map(|v| v.0.clone())
+                    })
+                    .ok_or_else(|| missing(Some(key.to_string())))?;
+                target.ca_pem = Some(pem);
+                revision.push_str(&format!(
+                    "cacm={};",
+                    cm.resource_version().unwrap_or_default()
+                ));
             }
             if let Some(name) = &t.client_cert_secret {
                 let s = self.secret(name)?;
