@@ -333,8 +333,10 @@ pub struct ConnectionPoolStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `Progressing`, `Degraded`, `BudgetExceeded`.
+    /// `Ready`, `Progressing`, `Degraded`, `BudgetExceeded`, and kstatus's
+    /// `Reconciling` and `Stalled`; one per type.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Pooler pods that exist (for the scale subresource).
     #[serde(default)]

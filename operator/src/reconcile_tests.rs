@@ -471,6 +471,37 @@ async fn steady_state_makes_no_writes() {
     assert_eq!(h.ctx.metrics.api_requests_with_verb("delete"), 0);
 }
 
+/// Each step is its own event with its own note: the recorder once merged the
+/// second `ConfigUpdated` into the first and kept the first's note.
+#[tokio::test]
+async fn each_step_is_its_own_accurate_event() {
+    let h = Harness::new(Settings::default());
+    h.settled(2).await;
+    h.api.take_log();
+    h.set_replicas(4);
+    h.reconcile().await;
+    let log = h.api.take_log();
+    let created: Vec<(String, String)> = log
+        .iter()
+        .filter(|l| l.method == Method::POST && l.path.contains("events"))
+        .map(|l| {
+            (
+                l.body["reason"].as_str().unwrap_or("").to_string(),
+                l.body["note"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        created.contains(&("ConfigUpdated".into(), "connection_limit 17 -> 10".into())),
+        "{created:?}"
+    );
+    assert!(
+        !log.iter()
+            .any(|l| l.method == Method::PATCH && l.path.contains("events")),
+        "no event was merged into an earlier one"
+    );
+}
+
 #[tokio::test]
 async fn scale_up_lowers_the_limit_before_the_deployment_grows() {
     let h = Harness::new(Settings::default());

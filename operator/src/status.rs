@@ -16,6 +16,11 @@ pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 /// Condition types.
 pub const BUDGET_EXCEEDED: &str = "BudgetExceeded";
+/// kstatus: the operator is still working towards the spec (Flux, cli-utils and Argo CD
+/// read it as in progress).
+pub const RECONCILING: &str = "Reconciling";
+/// kstatus: the operator cannot make progress until something changes (read as failed).
+pub const STALLED: &str = "Stalled";
 
 /// What the reconcile found, in status terms.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -109,6 +114,24 @@ pub fn build(prev: Option<&ConnectionPoolStatus>, r: &Report, now: Time) -> Conn
     } else {
         ("NotReady", ready_reason)
     };
+    // kstatus: Stalled when the pool cannot be served as specified, else Reconciling
+    // while a resize, a rollout or pods are under way.
+    let stalled = b_on || d_on;
+    let (s_reason, s_msg) = if b_on {
+        (b_reason, b_msg.clone())
+    } else if d_on {
+        (d_reason, d_msg.clone())
+    } else {
+        ("AsExpected", String::new())
+    };
+    let reconciling = !stalled && (p_on || !ready);
+    let (r_reason, r_msg) = if !reconciling {
+        ("AsExpected", String::new())
+    } else if p_on {
+        (p_reason, p_msg.clone())
+    } else {
+        (ready_reason, ready_msg.clone())
+    };
     ConnectionPoolStatus {
         state: Some(state.into()),
         reason: Some(reason.into()),
@@ -118,6 +141,8 @@ pub fn build(prev: Option<&ConnectionPoolStatus>, r: &Report, now: Time) -> Conn
             condition(prev, PROGRESSING, p_on, p_reason, p_msg, g, &now),
             condition(prev, DEGRADED, d_on, d_reason, d_msg, g, &now),
             condition(prev, BUDGET_EXCEEDED, b_on, b_reason, b_msg, g, &now),
+            condition(prev, RECONCILING, reconciling, r_reason, r_msg, g, &now),
+            condition(prev, STALLED, stalled, s_reason, s_msg, g, &now),
         ],
         replicas: r.replicas,
         ready_replicas: r.ready_replicas,
@@ -220,6 +245,62 @@ mod tests {
         assert_eq!(
             state(&over),
             ("BudgetExceeded".into(), "BudgetExceeded".into())
+        );
+    }
+
+    #[test]
+    fn kstatus_conditions_follow_the_domain_ones() {
+        let ready = Report {
+            generation: Some(3),
+            desired_replicas: 2,
+            replicas: 2,
+            ready_replicas: 2,
+            ..Default::default()
+        };
+        let kstatus = |r: &Report| {
+            let s = build(None, r, t(1));
+            let get = |ty: &str| {
+                let c = s.conditions.iter().find(|c| c.type_ == ty).unwrap();
+                assert_eq!(c.observed_generation, Some(3));
+                (c.status.clone(), c.reason.clone())
+            };
+            (get(RECONCILING), get(STALLED))
+        };
+        let off = ("False".to_string(), "AsExpected".to_string());
+        assert_eq!(kstatus(&ready), (off.clone(), off.clone()), "current");
+        let resizing = Report {
+            progressing: Some(("LoweringLimit".into(), "waiting".into())),
+            ..ready.clone()
+        };
+        assert_eq!(
+            kstatus(&resizing),
+            (("True".into(), "LoweringLimit".into()), off.clone())
+        );
+        let starting = Report {
+            ready_replicas: 1,
+            ..ready.clone()
+        };
+        assert_eq!(
+            kstatus(&starting),
+            (("True".into(), "PodsNotReady".into()), off.clone())
+        );
+        let over = Report {
+            budget_exceeded: Some("too many".into()),
+            progressing: Some(("RollingOut".into(), String::new())),
+            ..ready.clone()
+        };
+        assert_eq!(
+            kstatus(&over),
+            (off.clone(), ("True".into(), "BudgetExceeded".into())),
+            "stalled, not in progress"
+        );
+        let degraded = Report {
+            degraded: Some(("SecretNotFound".into(), "x".into())),
+            ..ready
+        };
+        assert_eq!(
+            kstatus(&degraded),
+            (off, ("True".into(), "SecretNotFound".into()))
         );
     }
 }

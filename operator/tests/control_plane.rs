@@ -318,15 +318,21 @@ async fn operator_against_a_real_control_plane() {
         assert!(text.contains(col), "missing column {col}: {text}");
     }
 
-    // Deleting the pool garbage-collects its children.
+    // Deleting the pool (background, as kubectl does) garbage-collects its children and
+    // removes its metric series.
+    assert!(metrics.render().contains("pool=\"app\""));
     pools
-        .delete("app", &DeleteParams::foreground())
+        .delete("app", &DeleteParams::background())
         .await
         .unwrap();
     eventually("children collected", Duration::from_secs(60), || async {
         (cms.get_opt("app-config").await.ok()?.is_none()
             && deps.get_opt("app").await.ok()?.is_none())
         .then_some(())
+    })
+    .await;
+    eventually("metric series removed", Duration::from_secs(30), || async {
+        (!metrics.render().contains("pool=\"app\"")).then_some(())
     })
     .await;
 

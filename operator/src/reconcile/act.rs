@@ -239,11 +239,15 @@ impl Reconciler<'_> {
 
     pub(super) async fn event(&self, type_: EventType, reason: &str, note: String) {
         self.ctx.metrics.api_request("create", "events");
+        // The recorder merges events with the same reason and action into one series
+        // that keeps the first note: the action carries the step, so each distinct step
+        // is its own event and only a repeat of the same step counts up.
+        let action = event_action(&note);
         let ev = Event {
             type_,
             reason: reason.into(),
             note: Some(note),
-            action: "Reconcile".into(),
+            action,
             secondary: None,
         };
         if let Err(e) = self
@@ -255,6 +259,15 @@ impl Reconciler<'_> {
             tracing::warn!(pool = %key(self.pool), error = %e, "could not record event");
         }
     }
+}
+
+/// An event's `action` (at most 128 bytes): its note, cut on a character boundary.
+fn event_action(note: &str) -> String {
+    let mut end = note.len().min(128);
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    note[..end].to_string()
 }
 
 /// Fields that others might change on a child behind the spec-hash annotation's back and

@@ -136,10 +136,19 @@ pub async fn run_controller(
         .with_config(controller::Config::default().debounce(DEBOUNCE))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx.clone())
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::debug!(pool = %obj, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+        .for_each(|res| {
+            let ctx = ctx.clone();
+            async move {
+                match res {
+                    Ok((obj, _)) => tracing::debug!(pool = %obj, "reconciled"),
+                    // A pool deleted without a finalizer is never reconciled as deleted:
+                    // its children's deletions ask for it, and it is gone.
+                    Err(controller::Error::ObjectNotFound(obj)) => {
+                        ctx.metrics
+                            .forget_pool(obj.namespace.as_deref().unwrap_or_default(), &obj.name);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "reconcile error"),
+                }
             }
         })
         .await;

@@ -80,8 +80,10 @@ impl Pools {
     /// first opener checks the database's size before any other opens (see
     /// [`DatabaseSize`]).
     async fn open(&self, key: &PoolKey, cfg: &Config) -> Result<ServerConn, OpenFailed> {
-        let (turn, waited) = self.size.turn().await;
-        if waited && !self.limiter.keep_opening(key) {
+        let (turn, _) = self.size.turn().await;
+        // The slot was granted under the limit of that moment; a scout may have lowered
+        // it since (while this opener waited for it, or before this opener got here).
+        if !self.limiter.keep_opening(key) {
             return Err(OpenFailed {
                 error: Error::Server("the connection limit was lowered".into()),
                 transient: true,
