@@ -219,8 +219,16 @@ impl<'a> Reconciler<'a> {
         );
 
         // 2. The budget.
-        let limits = match self.limits(&creds, &tls).await {
-            Ok(l) => l,
+        // A database that cannot be reached still lets safe steps happen (a scale-down
+        // that lowers what the pods may hold), with the limits last discovered.
+        let (limits, unreachable) = match self.limits(&creds, &tls).await {
+            Ok(l) => (l, None),
+            Err(e) if e.degraded_reason() == Some("DatabaseUnreachable") => {
+                match self.last_limits() {
+                    Some(l) => (l, Some(e)),
+                    None => return self.fail(e).await,
+                }
+            }
             Err(e) => return self.fail(e).await,
         };
         let reserved = spec.database.reserved_connections.map(i64::from);
@@ -350,7 +358,7 @@ impl<'a> Reconciler<'a> {
             now: Timestamp::now(),
             ack_timeout: self.ctx.settings.ack_timeout,
         };
-        let d = match decide::decide(&world, hash_for) {
+        let mut d = match decide::decide(&world, hash_for) {
             Ok(d) => d,
             Err(Error::Infeasible(e))
                 if budget::per_replica_limit(share.share, i64::from(target_replicas)).is_ok() =>
@@ -371,6 +379,15 @@ impl<'a> Reconciler<'a> {
             Err(e @ Error::Infeasible(_)) => return self.blocked(&e, Some(budget)).await,
             Err(e) => return self.fail(e).await,
         };
+        if let Some(e) = unreachable {
+            if !decide::safe_without_discovery(&observed, target_replicas, d.committed) {
+                return self.fail(e).await;
+            }
+            d.report.degraded = Some((
+                "DatabaseUnreachable".into(),
+                format!("{e}; scaling down with the limits last discovered"),
+            ));
+        }
         // Committed before anything is written: the group's next reconcile counts it.
         self.ctx.commit(self.pool, &group, d.committed);
 

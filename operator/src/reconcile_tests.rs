@@ -742,6 +742,48 @@ async fn unreachable_database_is_degraded_and_keeps_config() {
     );
 }
 
+/// A database that cannot be reached does not freeze the pool: a scale-down (always
+/// safe) proceeds with the limits last discovered, while anything that could raise what
+/// the pods hold waits for the database.
+#[tokio::test]
+async fn a_scale_down_proceeds_while_the_database_is_unreachable() {
+    let h = Harness::new(Settings {
+        // Every reconcile asks the database.
+        discovery_interval: Duration::ZERO,
+        ..Settings::default()
+    });
+    h.settled(3).await;
+    assert_eq!((h.config_limit(), h.deployment_replicas()), (12, 3));
+    *h.discovery.result.lock().unwrap() = Err("down".into());
+    h.set_replicas(2);
+    h.reconcile().await;
+    assert_eq!(
+        (h.config_limit(), h.deployment_replicas()),
+        (12, 2),
+        "the Deployment shrinks, the limit stays"
+    );
+    let c = h.condition("Degraded");
+    assert_eq!(
+        (c["status"].as_str(), c["reason"].as_str()),
+        (Some("True"), Some("DatabaseUnreachable"))
+    );
+    // The removed pod is gone; raising the limit waits for the database.
+    h.api.remove(&format!("{PODS_PATH}/app-2"));
+    h.run_pods(2);
+    h.reconcile().await;
+    assert_eq!(h.config_limit(), 12);
+    // A scale-up waits too.
+    h.set_replicas(4);
+    h.reconcile().await;
+    assert_eq!((h.config_limit(), h.deployment_replicas()), (12, 2));
+    // The database is back: the pool converges.
+    *h.discovery.result.lock().unwrap() = Ok(limits(60));
+    h.settled(2).await;
+    h.reconcile().await;
+    assert_eq!((h.config_limit(), h.deployment_replicas()), (17, 2));
+    assert_eq!(h.condition("Degraded")["status"], "False");
+}
+
 #[tokio::test]
 async fn pods_that_do_not_acknowledge_are_deleted_after_the_timeout() {
     let h = Harness::new(Settings {

@@ -215,6 +215,20 @@ pub(super) fn decide(w: &World, hash_for: impl Fn(i64) -> String) -> Result<Deci
     })
 }
 
+/// Whether a decision made with stale limits (the database cannot be reached) may be
+/// carried out: a scale-down that does not raise what the pods may hold. Anything else
+/// waits for the database: it may have shrunk meanwhile.
+pub(super) fn safe_without_discovery(
+    observed: &Observed,
+    target_replicas: i32,
+    committed: i64,
+) -> bool {
+    let scaling_down = observed
+        .deployment_replicas
+        .is_some_and(|r| target_replicas < r);
+    scaling_down && committed <= resize::committed_as_is(observed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -432,5 +446,25 @@ mod tests {
         let b = d.report.budget.unwrap();
         assert_eq!((b.per_replica_limit, b.worst_case_total), (17, 51));
         assert_eq!(b.applied_config_hash.as_deref(), Some("h17"));
+    }
+
+    #[test]
+    fn without_discovery_only_a_scale_down_that_lowers_what_pods_hold_goes_ahead() {
+        let down = Case::new(2).running(3, 12, 600);
+        let d = down.decide();
+        assert!(safe_without_discovery(&down.observed, 2, d.committed));
+        assert!(
+            !safe_without_discovery(&down.observed, 2, d.committed + 100),
+            "never more than the pods hold now"
+        );
+        let up = Case::new(4).running(2, 17, 600);
+        let d = up.decide();
+        assert!(
+            !safe_without_discovery(&up.observed, 4, d.committed),
+            "a scale-up waits for the database, even its first, lowering step"
+        );
+        let same = Case::new(2).running(2, 17, 600);
+        let d = same.decide();
+        assert!(!safe_without_discovery(&same.observed, 2, d.committed));
     }
 }

@@ -14,6 +14,8 @@ use crate::budget::DatabaseLimits;
 #[derive(Clone, Debug)]
 pub(super) struct CachedLimits {
     pub(super) key: (Option<i64>, String),
+    /// The database they were read from (`host:port/db`).
+    pub(super) target: String,
     pub(super) at: Instant,
     pub(super) limits: DatabaseLimits,
 }

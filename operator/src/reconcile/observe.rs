@@ -202,11 +202,33 @@ impl Reconciler<'_> {
         self.ctx.memory.with(&uid(self.pool), |m| {
             m.limits = Some(CachedLimits {
                 key: cache_key,
+                target: self.database_target(),
                 at: Instant::now(),
                 limits,
             });
         });
         Ok(limits)
+    }
+
+    fn database_target(&self) -> String {
+        let db = &self.pool.spec.database;
+        format!(
+            "{}:{}/{}",
+            db.host,
+            db.port,
+            db.name.as_deref().unwrap_or("postgres")
+        )
+    }
+
+    /// The limits last discovered for the database the spec names now, however old.
+    pub(super) fn last_limits(&self) -> Option<DatabaseLimits> {
+        let target = self.database_target();
+        self.ctx
+            .memory
+            .peek(&uid(self.pool), |m| m.limits.clone())
+            .flatten()
+            .filter(|c| c.target == target)
+            .map(|c| c.limits)
     }
 
     pub(super) fn observe(&self) -> Children {
