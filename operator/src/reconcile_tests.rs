@@ -880,6 +880,57 @@ async fn manual_changes_that_break_the_budget_are_reverted() {
     );
 }
 
+/// Hand edits of what bounds the pods during a rollout (the strategy, minReadySeconds,
+/// the grace period, the selectors) are put back: with `maxSurge: 1` a rollout would run
+/// one pod more than the budget counts.
+#[tokio::test]
+async fn hand_edits_of_rollout_bounds_and_selectors_are_reverted() {
+    let svc_path = "/api/v1/namespaces/default/services/app";
+    let h = Harness::new(Settings::default());
+    h.settled(2).await;
+    let want_dep = h.api.get(DEP_PATH).unwrap();
+    let want_svc = h.api.get(svc_path).unwrap();
+    let edits: [(&str, &str, Value); 5] = [
+        (DEP_PATH, "/spec/strategy/rollingUpdate/maxSurge", json!(1)),
+        (DEP_PATH, "/spec/minReadySeconds", json!(0)),
+        (
+            DEP_PATH,
+            "/spec/template/spec/terminationGracePeriodSeconds",
+            json!(1),
+        ),
+        (DEP_PATH, "/spec/selector/matchLabels/extra", json!("x")),
+        (
+            svc_path,
+            "/spec/selector/app.kubernetes.io~1name",
+            json!("other"),
+        ),
+    ];
+    for (path, pointer, value) in edits {
+        let mut obj = h.api.get(path).unwrap();
+        let (parent, key) = pointer.rsplit_once('/').unwrap();
+        obj.pointer_mut(parent).unwrap()[key.replace("~1", "/")] = value.clone();
+        h.api.put(path, obj);
+        h.api.take_log();
+        h.reconcile().await;
+        let log = h.api.take_log();
+        assert!(
+            position(&log, Method::PATCH, path).is_some(),
+            "{pointer} not restored: {:?}",
+            writes(&log)
+        );
+        assert_eq!(
+            h.api.get(path).unwrap().pointer(pointer),
+            if path == DEP_PATH {
+                &want_dep
+            } else {
+                &want_svc
+            }
+            .pointer(pointer),
+            "{pointer}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_restarted_operator_resumes_a_resize_from_what_it_observes() {
     let mut h = Harness::new(Settings::default());

@@ -285,13 +285,32 @@ impl Drift for ConfigMap {
 }
 
 impl Drift for Deployment {
+    /// Replicas, and what bounds how many pods hold connections at once during a
+    /// rollout: the strategy (`maxSurge: 0`), `minReadySeconds`, the pods' grace period
+    /// and the selector.
     fn drifted_from(&self, desired: &Self) -> bool {
-        let replicas = |d: &Deployment| d.spec.as_ref().and_then(|s| s.replicas);
-        replicas(self) != replicas(desired)
+        let budget_fields = |d: &Deployment| {
+            let s = d.spec.as_ref();
+            (
+                s.and_then(|s| s.replicas),
+                s.and_then(|s| s.strategy.clone()),
+                s.and_then(|s| s.min_ready_seconds),
+                s.map(|s| s.selector.clone()),
+                s.and_then(|s| s.template.spec.as_ref())
+                    .and_then(|p| p.termination_grace_period_seconds),
+            )
+        };
+        budget_fields(self) != budget_fields(desired)
     }
 }
 
-impl Drift for Service {}
+impl Drift for Service {
+    /// The selector: clients must reach this pool's pods and no others.
+    fn drifted_from(&self, desired: &Self) -> bool {
+        let selector = |s: &Service| s.spec.as_ref().and_then(|s| s.selector.clone());
+        selector(self) != selector(desired)
+    }
+}
 impl Drift for PodDisruptionBudget {}
 impl Drift for ServiceAccount {}
 
