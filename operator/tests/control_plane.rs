@@ -225,6 +225,51 @@ async fn operator_against_a_real_control_plane() {
     })
     .await;
     assert_eq!(replicas, 2);
+
+    // The admission policy shipped in config/ (and the chart) refuses hand edits of what
+    // the budget depends on, from anyone but the operator (whose later writes go on).
+    let policy = std::fs::read_to_string(
+        std::path::PathBuf::from(
+            std::env::var_os("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+        )
+        .join("../config/policy/admission_policy.yaml"),
+    )
+    .unwrap()
+    .replace("name: budget-guard", "name: sluice-budget-guard")
+    .replace(
+        "system:serviceaccount:sluice-system:sluice-operator",
+        "system:serviceaccount:default:sluice-operator",
+    );
+    let kubectl = sluice_testkit::k8s_bin_dir().unwrap().join("kubectl");
+    let mut apply = std::process::Command::new(&kubectl)
+        .args(["--kubeconfig", cp.kubeconfig_path().to_str().unwrap()])
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut apply.stdin.take().unwrap(), policy.as_bytes()).unwrap();
+    assert!(apply.wait().unwrap().success(), "the policy applies");
+    let surge = json!({"spec": {"strategy": {"rollingUpdate": {"maxSurge": 1}}}});
+    let refused = eventually("hand edit refused", Duration::from_secs(30), || async {
+        match deps
+            .patch("app", &PatchParams::default(), &Patch::Merge(&surge))
+            .await
+        {
+            Err(e) => Some(e.to_string()),
+            Ok(_) => {
+                // Not loaded yet: put it back and try again.
+                let back = json!({"spec": {"strategy": {"rollingUpdate": {"maxSurge": 0}}}});
+                let _ = deps
+                    .patch("app", &PatchParams::default(), &Patch::Merge(&back))
+                    .await;
+                None
+            }
+        }
+    })
+    .await;
+    assert!(refused.contains("belongs to a ConnectionPool"), "{refused}");
     let p = eventually("status budget", Duration::from_secs(30), || async {
         let p = pools.get("app").await.ok()?;
         (p.status.as_ref()?.budget.as_ref()?.per_replica_limit == 17).then_some(p)
