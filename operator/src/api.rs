@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
+    Affinity, Container, EnvVar, LocalObjectReference, PodSecurityContext, ResourceRequirements,
+    Toleration, TopologySpreadConstraint, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
@@ -304,6 +305,23 @@ pub struct PodTemplateOverrides {
     /// Priority class of the pooler pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
+    /// Secrets to pull the pooler (and sidecar) images with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// Extra environment variables of the pooler container (for example `RUST_LOG`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Replaces the pod security context (default: non-root, UID 65532, seccomp
+    /// RuntimeDefault).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<PodSecurityContext>,
+    /// Containers run beside the pooler (log shippers, proxies, exporters).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sidecars: Vec<Container>,
+    /// Volumes for the sidecars (names must not clash with the pooler's: `config`,
+    /// `users`, `server-tls`, `client-tls`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
 }
 
 /// The Service in front of the pooler.

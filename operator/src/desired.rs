@@ -306,6 +306,11 @@ fn restart_hash(pool: &ConnectionPool) -> String {
     sha256_hex(key.as_bytes())[..16].to_string()
 }
 
+/// CPU request of a pooler container whose pool sets no `resources`.
+pub const DEFAULT_CPU_REQUEST: &str = "100m";
+/// Memory request of a pooler container whose pool sets no `resources`.
+pub const DEFAULT_MEMORY_REQUEST: &str = "64Mi";
+
 /// The pooler Deployment.
 ///
 /// # Errors
@@ -347,7 +352,9 @@ pub fn deployment(pool: &ConnectionPool, inputs: &RenderInputs) -> Result<Deploy
             { "name": "postgres", "containerPort": POSTGRES_PORT, "protocol": "TCP" },
             { "name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP" },
         ],
-        "readinessProbe": probe("/readyz", 2, 1),
+        // Ready after one good answer, unready after three bad ones in a row: a
+        // moment's hiccup does not take a pod out of the Service.
+        "readinessProbe": probe("/readyz", 3, 3),
         "livenessProbe": probe("/healthz", 10, 3),
         "securityContext": {
             "allowPrivilegeEscalation": false,
@@ -361,8 +368,15 @@ pub fn deployment(pool: &ConnectionPool, inputs: &RenderInputs) -> Result<Deploy
             { "name": "users", "mountPath": sluice_contract::USERS_DIR, "readOnly": true },
         ],
     });
-    if let Some(r) = &s.resources {
-        container["resources"] = serde_json::to_value(r)?;
+    container["resources"] = match &s.resources {
+        Some(r) => serde_json::to_value(r)?,
+        // Scheduled where a pooler fits; no limit, so a burst is not throttled.
+        None => {
+            json!({ "requests": { "cpu": DEFAULT_CPU_REQUEST, "memory": DEFAULT_MEMORY_REQUEST } })
+        }
+    };
+    if !o.env.is_empty() {
+        container["env"] = serde_json::to_value(&o.env)?;
     }
     let (tls_mounts, tls_volumes) = tls_volumes(pool);
     if let Some(m) = container["volumeMounts"].as_array_mut() {
@@ -405,6 +419,20 @@ pub fn deployment(pool: &ConnectionPool, inputs: &RenderInputs) -> Result<Deploy
     });
     if let Some(v) = pod_spec["volumes"].as_array_mut() {
         v.extend(tls_volumes);
+        for extra in &o.volumes {
+            v.push(serde_json::to_value(extra)?);
+        }
+    }
+    if let Some(c) = pod_spec["containers"].as_array_mut() {
+        for sidecar in &o.sidecars {
+            c.push(serde_json::to_value(sidecar)?);
+        }
+    }
+    if !o.image_pull_secrets.is_empty() {
+        pod_spec["imagePullSecrets"] = serde_json::to_value(&o.image_pull_secrets)?;
+    }
+    if let Some(sc) = &o.security_context {
+        pod_spec["securityContext"] = serde_json::to_value(sc)?;
     }
     if let Some(a) = &o.affinity {
         pod_spec["affinity"] = serde_json::to_value(a)?;
