@@ -166,10 +166,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Arc::new(HttpProbe::default()),
         settings,
     ));
-    metrics.set_ready(true);
     tracing::info!(namespace = ?args.namespace, leader_election = args.leader_election, "starting");
 
     if !args.leader_election {
+        // Ready once every watch cache has its first full list: before that, a
+        // reconcile would see children missing that exist.
+        let (ready_ctx, ready_metrics) = (ctx.clone(), metrics.clone());
+        tokio::spawn(async move {
+            if ready_ctx.caches_ready().await.is_ok() {
+                ready_metrics.set_ready(true);
+                tracing::info!("caches synced; ready");
+            }
+        });
         tokio::select! {
             _ = run_controller(ctx, writers, args.namespace, shutdown_signal()) => {}
             r = server => r.context("metrics server")?.context("metrics server")?,
@@ -193,6 +201,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()
         .await
         .context("creating the lease manager")?;
+    // A standby is ready (it is healthy, and a rolling update of the operator must be
+    // able to proceed); the leader's reconciles wait for its caches themselves.
+    metrics.set_ready(true);
     let (mut leader, lease_task) = manager.watch().await;
     tracing::info!(lease = %format!("{lease_ns}/sluice-operator"), %identity, "waiting for leadership");
     tokio::select! {

@@ -116,6 +116,16 @@ impl Context {
     }
 }
 
+impl Context {
+    /// Waits until every watch cache has its first full list.
+    ///
+    /// # Errors
+    /// [`Error::CacheClosed`] when a watch ended for good.
+    pub async fn caches_ready(&self) -> Result<()> {
+        self.caches.ready().await
+    }
+}
+
 fn uid(pool: &ConnectionPool) -> String {
     pool.uid().unwrap_or_else(|| key(pool))
 }
