@@ -13,8 +13,9 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
 /// Parameters the pooler carries for clients: those PostgreSQL reports with
-/// ParameterStatus (so a `SET` is seen), plus `extra_float_digits`, which drivers send at
-/// startup.
+/// ParameterStatus (so a `SET` is seen), plus `extra_float_digits` and
+/// `client_min_messages`, which drivers send at startup (not reported: a later `SET` of
+/// them in transaction mode is the client's to undo, as with PgBouncer).
 pub const TRACKED: &[&str] = &[
     "application_name",
     "client_encoding",
@@ -23,6 +24,7 @@ pub const TRACKED: &[&str] = &[
     "TimeZone",
     "standard_conforming_strings",
     "extra_float_digits",
+    "client_min_messages",
 ];
 
 /// Startup packet keys that are not session parameters.
@@ -97,6 +99,13 @@ impl Params {
         for (name, value) in self.iter() {
             if server.get(name) != Some(value) {
                 sql.push_str(&format!("SET {name} TO '{}';", value.replace('\'', "''")));
+            }
+        }
+        // A parameter another client set that this one never asked for (those PostgreSQL
+        // does not report, which a client's values then lack): back to the default.
+        for (name, _) in server.iter() {
+            if self.get(name).is_none() {
+                sql.push_str(&format!("RESET {name};"));
             }
         }
         (!sql.is_empty()).then_some(sql)
@@ -288,6 +297,25 @@ mod tests {
         assert_eq!(canonical("client_encoding", "'utf-8'"), "UTF8");
         assert_eq!(canonical("client_encoding", "sql_ascii"), "SQL_ASCII");
         assert_eq!(canonical("application_name", "utf-8"), "utf-8");
+    }
+
+    #[test]
+    fn a_parameter_one_client_set_is_reset_for_the_next() {
+        let login = Params::from_reported([("client_encoding", "UTF8")]);
+        let mut a = login.clone();
+        a.set("client_min_messages", "warning");
+        a.set("extra_float_digits", "0");
+        assert_eq!(
+            a.sql_to_apply_over(&login).as_deref(),
+            Some("SET client_min_messages TO 'warning';SET extra_float_digits TO '0';")
+        );
+        // The connection now has a's values; b asked for neither.
+        let b = login.clone();
+        assert_eq!(
+            b.sql_to_apply_over(&a).as_deref(),
+            Some("RESET client_min_messages;RESET extra_float_digits;")
+        );
+        assert_eq!(login.sql_to_apply_over(&login), None);
     }
 
     #[test]

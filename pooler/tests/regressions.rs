@@ -237,6 +237,8 @@ async fn startup_parameters_follow_their_client() -> Result<()> {
             &[
                 ("application_name", "alpha"),
                 ("options", "-c DateStyle=SQL,\\ DMY"),
+                ("client_min_messages", "warning"),
+                ("extra_float_digits", "0"),
             ],
         )
         .await?;
@@ -261,6 +263,26 @@ async fn startup_parameters_follow_their_client() -> Result<()> {
             ["ISO, MDY"],
             "{mode}"
         );
+        // Parameters PostgreSQL does not report follow their client too: set for A,
+        // back to the defaults for B on the same server connection.
+        for _ in 0..2 {
+            assert_eq!(
+                values(&mut a, "show client_min_messages").await?,
+                ["warning"],
+                "{mode}"
+            );
+            assert_eq!(values(&mut a, "select 0.1::float8::text").await?, ["0.1"]);
+            assert_eq!(
+                values(&mut b, "show client_min_messages").await?,
+                ["notice"],
+                "{mode}"
+            );
+            assert_eq!(
+                values(&mut b, "show extra_float_digits").await?,
+                ["1"],
+                "{mode}"
+            );
+        }
         // A's SET stays A's.
         values(&mut a, "set client_encoding = 'LATIN1'").await?;
         assert_eq!(
