@@ -114,6 +114,27 @@ impl Stream {
         Ok(())
     }
 
+    /// The next whole message (at most `max` bytes), reading into `buf` as needed;
+    /// `None` when the peer closed the connection first. For the login exchanges; the
+    /// session's hot path reads in bulk.
+    ///
+    /// # Errors
+    /// A read error, or a length [`crate::protocol::split_frame`] refuses.
+    pub async fn read_frame(
+        &mut self,
+        buf: &mut bytes::BytesMut,
+        max: usize,
+    ) -> crate::error::Result<Option<crate::protocol::Frame>> {
+        loop {
+            if let Some(f) = crate::protocol::split_frame(buf, max)? {
+                return Ok(Some(f));
+            }
+            if self.read_buf(buf).await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
     /// Whether an idle connection has something to say or was closed (it must not be
     /// reused then). Reads without waiting; what it reads is lost.
     pub fn readable_now(&mut self) -> bool {

@@ -28,10 +28,6 @@ const POOLER: &[(&str, &str)] = &[
         "pg_terminate_backend(get_server_pid()): the pooler's process id is not a backend's",
     ),
     (
-        "TestLogListeners.test_log_listener_0",
-        "startup parameter client_min_messages is refused: the pooler carries only the parameters PostgreSQL reports",
-    ),
-    (
         "test_pool_config_persistence",
         "flaky on this machine: one unexpected connection_lost() in 100 acquisitions with \
          max_queries=1; it failed against PostgreSQL directly too (CI, 2026-12-06)",

@@ -20,8 +20,7 @@ use crate::error::{Error, Result};
 use crate::params::Params;
 use crate::protocol::{
     Authentication, BackendKeyData, ErrorFields, Frame, ParameterStatus, PasswordMessage,
-    ReadyForQuery, ResponseScanner, SaslInitialResponse, SaslResponse, TxStatus, split_frame,
-    startup_message,
+    ReadyForQuery, ResponseScanner, SaslInitialResponse, SaslResponse, TxStatus, startup_message,
 };
 
 /// Bound on single server messages read during login/reset (the hot path does not buffer
@@ -113,14 +112,10 @@ pub struct ServerConn {
 }
 
 async fn read_frame(stream: &mut Stream, buf: &mut BytesMut) -> Result<Frame> {
-    loop {
-        if let Some(f) = split_frame(buf, MAX_SERVER_CONTROL_MESSAGE)? {
-            return Ok(f);
-        }
-        if stream.read_buf(buf).await? == 0 {
-            return Err(Error::Server("server closed the connection".into()));
-        }
-    }
+    stream
+        .read_frame(buf, MAX_SERVER_CONTROL_MESSAGE)
+        .await?
+        .ok_or_else(|| Error::Server("server closed the connection".into()))
 }
 
 /// SSLRequest: the magic number PostgreSQL answers with `S` (TLS follows) or `N`.

@@ -18,8 +18,7 @@ use crate::pool::login_params;
 use crate::pool::{Checkout, PoolKey};
 use crate::protocol::{
     Authentication, BackendKeyData, Frame, ParameterStatus, PasswordMessage, ReadyForQuery,
-    SaslInitialResponse, SaslResponse, Startup, StartupMessage, TxStatus, split_frame,
-    split_startup,
+    SaslInitialResponse, SaslResponse, Startup, StartupMessage, TxStatus, split_startup,
 };
 use crate::state::{CancelSlot, Shared};
 
@@ -34,14 +33,10 @@ const MAX_AUTH_MESSAGE: usize = 8 * 1024;
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 async fn read_frame(stream: &mut Stream, buf: &mut BytesMut, max: usize) -> Result<Frame> {
-    loop {
-        if let Some(f) = split_frame(buf, max)? {
-            return Ok(f);
-        }
-        if stream.read_buf(buf).await? == 0 {
-            return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()));
-        }
-    }
+    stream
+        .read_frame(buf, max)
+        .await?
+        .ok_or_else(|| Error::Io(std::io::ErrorKind::UnexpectedEof.into()))
 }
 
 pub(super) struct Login<'a> {
