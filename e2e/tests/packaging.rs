@@ -102,13 +102,14 @@ fn helm_values_are_validated() -> Result<()> {
 
 #[test]
 fn helm_leader_election_follows_replicas() -> Result<()> {
-    let one = helm_template(&[])?;
+    let one = helm_template(&["--set", "replicaCount=1"])?;
     ensure!(!one.contains("--leader-election"), "one replica: no leader election");
-    let two = helm_template(&["--set", "replicaCount=2"])?;
+    let two = helm_template(&[])?;
     ensure!(
         two.contains("--leader-election") && two.contains("leader-election"),
-        "two replicas: leader election + Lease RBAC"
+        "two replicas (the default): leader election + Lease RBAC"
     );
+    ensure!(two.contains("kind: PodDisruptionBudget"), "and a PodDisruptionBudget");
     Ok(())
 }
 
@@ -138,10 +139,15 @@ fn chart_and_kustomize_rbac_are_equal() -> Result<()> {
     let mut chart = rules_of(&chart_docs, "ClusterRole");
     chart.extend(rules_of(&chart_docs, "Role"));
     chart.sort_by_key(|r| r.to_string());
-    let kustomize = rules_of(
+    let mut kustomize = rules_of(
         &docs(&std::fs::read_to_string(root().join("config/rbac/role.yaml"))?)?,
         "ClusterRole",
     );
+    kustomize.extend(rules_of(
+        &docs(&std::fs::read_to_string(root().join("config/rbac/leader_election_role.yaml"))?)?,
+        "Role",
+    ));
+    kustomize.sort_by_key(|r| r.to_string());
     ensure!(!kustomize.is_empty(), "config/rbac/role.yaml has rules");
     ensure!(
         chart == kustomize,
