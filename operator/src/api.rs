@@ -203,6 +203,7 @@ impl ConnectionPoolSpec {
         [
             Some(self.database.credentials_secret.as_str()),
             Some(self.client_auth.users_secret.as_str()),
+            self.database.discovery_credentials_secret.as_deref(),
             tls.and_then(|t| t.ca_secret.as_deref()),
             tls.and_then(|t| t.client_cert_secret.as_deref()),
             self.client_tls
@@ -240,6 +241,13 @@ pub struct DatabaseSpec {
     /// Secret with keys `username` and `password`, used by the pooler and the operator.
     #[x_kube(validation = ("size(self) > 0", "database.credentialsSecret must not be empty"))]
     pub credentials_secret: String,
+    /// Secret (`username`, `password`) of the role the operator reads the database's
+    /// limits with, instead of `credentialsSecret`: a role of its own (for example one
+    /// granted `pg_monitor`; `SHOW max_connections` needs no privilege beyond LOGIN)
+    /// keeps discovery working while the pool's role is at its connection limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = ("size(self) > 0", "database.discoveryCredentialsSecret must not be empty"))]
+    pub discovery_credentials_secret: Option<String>,
     /// Overrides the discovered `max_connections`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = ("self >= 1", "database.maxConnections must be at least 1"))]

@@ -231,7 +231,14 @@ impl<'a> Reconciler<'a> {
         // 2. The budget.
         // A database that cannot be reached still lets safe steps happen (a scale-down
         // that lowers what the pods may hold), with the limits last discovered.
-        let (limits, unreachable) = match self.limits(&creds, &tls).await {
+        let discovery_creds = match &spec.database.discovery_credentials_secret {
+            Some(name) => match self.secret(name) {
+                Ok(s) => s,
+                Err(e) => return self.fail(e).await,
+            },
+            None => creds.clone(),
+        };
+        let (limits, unreachable) = match self.limits(&discovery_creds, &tls).await {
             Ok(l) => (l, None),
             Err(e) if e.degraded_reason() == Some("DatabaseUnreachable") => {
                 match self.last_limits() {

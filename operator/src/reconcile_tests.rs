@@ -719,6 +719,44 @@ async fn tls_secrets_are_checked_mounted_and_used_for_discovery() {
     assert_eq!(target.tls.ca_pem.as_deref(), Some(&b"bundle"[..]));
 }
 
+/// Discovery may log in as a role of its own, so it is not refused while the pool's
+/// role is at its connection limit.
+#[tokio::test]
+async fn discovery_uses_its_own_credentials_when_given() {
+    let h = Harness::new(Settings::default());
+    let mut p = h.api.get(POOL_PATH).unwrap();
+    p["spec"]["database"]["discoveryCredentialsSecret"] = json!("monitor");
+    h.api.put(POOL_PATH, p);
+    h.reconcile().await;
+    let c = h.condition("Degraded");
+    assert_eq!(c["reason"], "SecretNotFound", "{c}");
+    assert!(
+        c["message"].as_str().unwrap().contains("default/monitor"),
+        "{c}"
+    );
+    // "bW9uaXRvcg==" = "monitor"
+    h.api.put(
+        "/api/v1/namespaces/default/secrets/monitor",
+        secret(
+            "monitor",
+            json!({"username": "bW9uaXRvcg==", "password": "cGFzcw=="}),
+        ),
+    );
+    h.reconcile().await;
+    assert_eq!(h.condition("Degraded")["status"], "False");
+    let target = h.discovery.last.lock().unwrap().clone().unwrap();
+    assert_eq!(target.user, "monitor");
+    // The pooler still logs in with credentialsSecret.
+    let toml = h.api.get(CM_PATH).unwrap()["data"]["pooler.toml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        toml.contains("user_file = \"/etc/sluice/server/username\""),
+        "{toml}"
+    );
+}
+
 #[tokio::test]
 async fn unreachable_database_is_degraded_and_keeps_config() {
     let h = Harness::new(Settings::default());
