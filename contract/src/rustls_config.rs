@@ -94,8 +94,8 @@ pub fn client_config(
             .build()
             .map_err(|e| TlsConfigError(format!("TLS roots: {e}")))?;
         match (mode, &m.verify_name) {
-            (SslMode::VerifyCa, _) => Arc::new(AnyName(webpki)),
-            (_, Some(name)) => Arc::new(FixedName(webpki, name.clone())),
+            (SslMode::VerifyCa, _) => Arc::new(Chain(webpki, NameCheck::None)),
+            (_, Some(name)) => Arc::new(Chain(webpki, NameCheck::Fixed(name.clone()))),
             _ => webpki,
         }
     } else {
@@ -141,51 +141,20 @@ pub fn explain(e: &std::io::Error, roots: &str) -> String {
     }
 }
 
-/// `verify-full` against a configured name rather than the connection's.
+/// How [`Chain`] checks the certificate's name.
 #[derive(Debug)]
-struct FixedName(Arc<WebPkiServerVerifier>, ServerName<'static>);
-
-impl ServerCertVerifier for FixedName {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.0
-            .verify_server_cert(end_entity, intermediates, &self.1, ocsp, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
+enum NameCheck {
+    /// `verify-ca`: not at all.
+    None,
+    /// `verify-full` against a configured name rather than the connection's.
+    Fixed(ServerName<'static>),
 }
 
-/// `verify-ca`: the chain is verified, the host name is not.
+/// The certificate chain verified by webpki, the name as [`NameCheck`] says.
 #[derive(Debug)]
-struct AnyName(Arc<WebPkiServerVerifier>);
+struct Chain(Arc<WebPkiServerVerifier>, NameCheck);
 
-impl ServerCertVerifier for AnyName {
+impl ServerCertVerifier for Chain {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -194,15 +163,24 @@ impl ServerCertVerifier for AnyName {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        // The chain is checked before the name: a name error means the chain was good.
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
+        match &self.1 {
+            NameCheck::Fixed(name) => {
+                self.0
+                    .verify_server_cert(end_entity, intermediates, name, ocsp, now)
+            }
+            // The chain is checked before the name: a name error means the chain was good.
+            NameCheck::None => {
+                match self
+                    .0
+                    .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+                {
+                    Err(rustls::Error::InvalidCertificate(
+                        CertificateError::NotValidForName
+                        | CertificateError::NotValidForNameContext { .. },
+                    )) => Ok(ServerCertVerified::assertion()),
+                    other => other,
+                }
+            }
         }
     }
 

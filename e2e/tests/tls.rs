@@ -7,20 +7,16 @@
 //! a plaintext login is refused, and a renewed certificate Secret is served to the
 //! next client without a restart.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
 use sluice_e2e::agent::BRIDGE_IP;
 use sluice_e2e::fixture::{CLIENT_PASSWORD, Fixture, Options};
-use sluice_testkit::tls::{Issued, TestCa};
+use sluice_testkit::tls::{Issued, TestCa, der, served_certificate};
 use sluice_testkit::{APP_DB, APP_USER};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const POOL: &str = "orders";
 
@@ -46,27 +42,6 @@ async fn psql(ip: &str, dns: &str, extra: &str, sql: &str) -> Result<(bool, Stri
     let text =
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     Ok((out.status.success(), text.trim().to_string()))
-}
-
-/// The certificate the pool serves after an SSLRequest.
-async fn served(ip: &str, ca_pem: &str, dns: &str) -> Result<Vec<u8>> {
-    let mut tcp = tokio::net::TcpStream::connect((ip, 6432)).await?;
-    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
-    let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer).await?;
-    ensure!(answer[0] == b'S', "SSLRequest answered {:?}", answer[0] as char);
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes())?)?;
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from(dns.to_string())?, tcp)
-        .await?;
-    Ok(tls.get_ref().1.peer_certificates().context("no certificate")?[0].to_vec())
 }
 
 #[tokio::test]
@@ -125,10 +100,7 @@ async fn tls_on_both_sides_through_the_service() -> Result<()> {
     // A renewed certificate (cert-manager rewrites the Secret) is served to the next
     // client without a restart.
     let pods_before = fx.pooler_pods().await?;
-    ensure!(
-        served(&ip, pooler_ca.pem(), &dns).await?
-            == CertificateDer::from_pem_slice(first.cert_pem.as_bytes())?.to_vec()
-    );
+    ensure!(served_certificate((&ip, 6432), pooler_ca.pem(), &dns).await? == der(&first.cert_pem)?);
     let second = pooler_ca.issue(&names)?;
     secrets
         .patch(
@@ -139,12 +111,16 @@ async fn tls_on_both_sides_through_the_service() -> Result<()> {
             ),
         )
         .await?;
-    let want = CertificateDer::from_pem_slice(second.cert_pem.as_bytes())?.to_vec();
+    let want = der(&second.cert_pem)?;
     let start = Instant::now();
     // Each pod renews on its own: ask until both served it (the Service spreads).
     let mut renewed = 0;
     while start.elapsed() < Duration::from_secs(60) && renewed < 6 {
-        renewed = if served(&ip, pooler_ca.pem(), &dns).await? == want { renewed + 1 } else { 0 };
+        renewed = if served_certificate((&ip, 6432), pooler_ca.pem(), &dns).await? == want {
+            renewed + 1
+        } else {
+            0
+        };
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     ensure!(renewed >= 6, "the renewed certificate was not served within 60 s");

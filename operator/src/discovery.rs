@@ -111,7 +111,7 @@ pub async fn discover(target: &Target, timeout: Duration) -> Result<DatabaseLimi
             target: where_(target),
             source,
         };
-        let client = match tls_connector(&target.tls)? {
+        let (client, conn) = match tls_connector(&target.tls)? {
             None => {
                 let (client, conn) = cfg
                     .ssl_mode(tokio_postgres::config::SslMode::Disable)
@@ -132,7 +132,6 @@ pub async fn discover(target: &Target, timeout: Duration) -> Result<DatabaseLimi
                 (client, tokio::spawn(conn))
             }
         };
-        let (client, conn) = client;
         let max_connections = show(&client, target, "max_connections").await?.unwrap_or(0);
         let superuser_reserved = show(&client, target, "superuser_reserved_connections")
             .await?

@@ -18,32 +18,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use common::{config_text, start_with_text};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use sluice_testkit::tls::TestCa;
+use rustls::pki_types::ServerName;
+use sluice_testkit::tls::{TestCa, client_config, der, served_certificate};
 use sluice_testkit::{APP_DB, APP_USER, TempPostgres};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// A rustls client config trusting `ca_pem`, with `alpn` offered.
-fn client_config(ca_pem: &str, alpn: Option<&[u8]>) -> Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(c?)?;
-    }
-    let mut c = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    if let Some(p) = alpn {
-        c.alpn_protocols = vec![p.to_vec()];
-    }
-    Ok(c)
-}
 
 /// Logs in with tokio-postgres; `Err` carries the server's (or pooler's) error.
 async fn connect_tls(
@@ -190,34 +169,6 @@ async fn server_tls_verifies_as_sslmode_says_and_names_host_and_reason() -> Resu
     Ok(())
 }
 
-/// Opens TLS to the pooler after an SSLRequest and returns the certificate it served.
-async fn served_certificate(port: u16, ca_pem: &str) -> Result<Vec<u8>> {
-    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await?;
-    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
-    let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer).await?;
-    ensure!(
-        answer[0] == b'S',
-        "SSLRequest answered {:?}",
-        answer[0] as char
-    );
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(ca_pem, None)?));
-    let tls = connector
-        .connect(ServerName::try_from("localhost")?, tcp)
-        .await?;
-    let cert = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .context("no certificate")?[0]
-        .to_vec();
-    Ok(cert)
-}
-
-fn der(pem: &str) -> Result<Vec<u8>> {
-    Ok(CertificateDer::from_pem_slice(pem.as_bytes())?.to_vec())
-}
-
 #[tokio::test]
 async fn clients_log_in_over_tls_and_plaintext_is_refused_when_required() -> Result<()> {
     let pg = TempPostgres::start_default()?;
@@ -288,7 +239,10 @@ async fn clients_log_in_over_tls_and_plaintext_is_refused_when_required() -> Res
 
     // A rotated certificate (a Secret volume swaps the files) is served to the next
     // client, without a restart.
-    ensure!(served_certificate(port, ca.pem()).await? == der(&first.cert_pem)?);
+    ensure!(
+        served_certificate(("127.0.0.1", port), ca.pem(), "localhost").await?
+            == der(&first.cert_pem)?
+    );
     let second = ca.issue(&["localhost", "127.0.0.1"])?;
     write(dir.path(), "tls.key.new", &second.key_pem)?;
     write(dir.path(), "tls.crt.new", &second.cert_pem)?;
@@ -297,7 +251,7 @@ async fn clients_log_in_over_tls_and_plaintext_is_refused_when_required() -> Res
     let want = der(&second.cert_pem)?;
     let mut served = Vec::new();
     for _ in 0..40 {
-        served = served_certificate(port, ca.pem()).await?;
+        served = served_certificate(("127.0.0.1", port), ca.pem(), "localhost").await?;
         if served == want {
             break;
         }

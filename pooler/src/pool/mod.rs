@@ -225,14 +225,12 @@ impl Pools {
                         continue;
                     }
                     if now.saturating_duration_since(c.created) >= cfg.server_lifetime {
-                        let created = c.created;
-                        close_all(self.limiter.release(key, c, created, false));
+                        self.close(key, c);
                         continue;
                     }
                     if idle >= cfg.server_check_delay && !c.check().await {
                         tracing::info!(id = c.id, "server connection failed its check; replacing");
-                        let created = c.created;
-                        close_all(self.limiter.release(key, c, created, false));
+                        self.close(key, c);
                         continue;
                     }
                     return Ok((c, now - start));
