@@ -1,8 +1,6 @@
 //! One server connection to PostgreSQL: login, reset, health check.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -31,61 +29,6 @@ pub const SERVER_BUF: usize = 64 * 1024;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Names of statements prepared on one server connection, least recently used first out.
-#[derive(Debug, Default)]
-pub struct PreparedLru {
-    map: HashMap<Arc<str>, u64>,
-    tick: u64,
-}
-
-impl PreparedLru {
-    /// Whether `name` is prepared; marks it used.
-    pub fn touch(&mut self, name: &Arc<str>) -> bool {
-        self.tick += 1;
-        match self.map.get_mut(name) {
-            Some(t) => {
-                *t = self.tick;
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Records `name`; returns the least recently used name to close when over `cap`.
-    pub fn insert(&mut self, name: Arc<str>, cap: usize) -> Option<Arc<str>> {
-        self.tick += 1;
-        self.map.insert(name.clone(), self.tick);
-        if self.map.len() <= cap {
-            return None;
-        }
-        let victim = self
-            .map
-            .iter()
-            .filter(|(n, _)| **n != name)
-            .min_by_key(|(_, t)| **t)?
-            .0
-            .clone();
-        self.map.remove(&victim);
-        Some(victim)
-    }
-
-    pub fn remove(&mut self, name: &str) {
-        self.map.remove(name);
-    }
-
-    pub fn clear(&mut self) {
-        self.map.clear();
-    }
-
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-}
-
 /// How long a closing connection may take to be let go by the server before its slot
 /// is freed anyway.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -98,7 +41,7 @@ pub fn login_params(list: &[ParameterStatus]) -> Params {
 /// A logged-in server connection.
 #[derive(Debug)]
 pub struct ServerConn {
-    pub id: u64,
+    pub(super) id: u64,
     pub stream: Stream,
     pub buf: BytesMut,
     pub scanner: ResponseScanner,
@@ -107,8 +50,8 @@ pub struct ServerConn {
     pub params: Vec<ParameterStatus>,
     /// The tracked session parameters in force on this connection now.
     pub session_params: Params,
-    pub created: Instant,
-    pub prepared: PreparedLru,
+    pub(super) created: Instant,
+    pub prepared: crate::prepared::PreparedLru,
 }
 
 async fn read_frame(stream: &mut Stream, buf: &mut BytesMut) -> Result<Frame> {
@@ -254,7 +197,7 @@ impl ServerConn {
             session_params: login_params(&params),
             params,
             created: Instant::now(),
-            prepared: PreparedLru::default(),
+            prepared: crate::prepared::PreparedLru::default(),
         })
     }
 
@@ -374,21 +317,4 @@ fn first_column(body: &[u8]) -> Option<&str> {
     let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
     let len = usize::try_from(len).ok()?;
     std::str::from_utf8(body.get(6..6 + len)?).ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lru_evicts_least_recent() {
-        let mut l = PreparedLru::default();
-        let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) = ("a".into(), "b".into(), "c".into());
-        assert_eq!(l.insert(a.clone(), 2), None);
-        assert_eq!(l.insert(b.clone(), 2), None);
-        assert!(l.touch(&a));
-        assert_eq!(l.insert(c.clone(), 2), Some(b.clone()));
-        assert!(!l.touch(&b));
-        assert_eq!(l.len(), 2);
-    }
 }

@@ -42,9 +42,6 @@ const IDLE_BUF: usize = 1024;
 /// for a resynchronisation barrier to come back.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A Flush message.
-const FLUSH: [u8; 5] = [b'H', 0, 0, 0, 4];
-
 /// Serves one client connection to its end.
 pub async fn serve_client(tcp: tokio::net::TcpStream, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
@@ -268,7 +265,7 @@ impl<'a> Session<'a> {
                         // them and ends the session without committing. A Flush (which
                         // commits nothing) brings their answers; the connection, not at
                         // a Sync, is then closed, which rolls them back as on PostgreSQL.
-                        self.to_server.extend_from_slice(&FLUSH);
+                        self.to_server.extend_from_slice(&crate::prepared::FLUSH);
                     }
                     break;
                 }

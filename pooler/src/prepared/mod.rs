@@ -3,8 +3,8 @@
 //! A client's named statement `s1` becomes a pooler-wide server name derived from a
 //! hash of its query text and parameter types, so the same name always means the same
 //! statement on every server connection. Statements are prepared on demand on whichever
-//! connection the client holds ([`crate::pool::PreparedLru`] bounds them per
-//! connection); the extra responses of injected messages are swallowed and the responses
+//! connection the client holds ([`PreparedLru`] bounds them per connection, and
+//! [`Rewriter`] rewrites the client's messages); the extra responses of injected messages are swallowed and the responses
 //! of messages answered by the pooler itself are synthesised, in order, by
 //! [`crate::tracker::Tracker`].
 
@@ -15,6 +15,11 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use crate::protocol::Parse;
+
+mod lru;
+mod rewrite;
+pub use lru::PreparedLru;
+pub use rewrite::{FLUSH, Rewriter, Step, needs_server};
 
 /// A client statement mapped to its server statement.
 #[derive(Debug, PartialEq, Eq)]
