@@ -4,18 +4,23 @@
 //! The controller ([`crate::run_controller`]) feeds each [`Writer`] from its watch stream and
 //! uses the same stream as a reconcile trigger; tests fill the writers by hand.
 //!
+//! Secrets are the exception: all of them are watched as metadata only (so memory does
+//! not grow with every Secret in the cluster), and a pool's own Secrets are read by GET
+//! into [`SecretData`] when their resourceVersion changes.
+//!
 //! # Guarantees
 //! - [`Caches::ready`] resolves only after every cache has seen its first full list, so a
 //!   reconcile never mistakes "not listed yet" for "absent" (which could roll a config that
 //!   ignores a resize in flight).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Resource;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 
 use crate::error::{Error, Result};
@@ -23,7 +28,10 @@ use crate::error::{Error, Result};
 /// Read handles of the caches.
 #[derive(Clone)]
 pub struct Caches {
-    pub(crate) secrets: Store<Secret>,
+    /// Every Secret's metadata (annotations and managed fields dropped).
+    pub(crate) secrets: Store<PartialObjectMeta<Secret>>,
+    /// The Secrets pools reference, whole.
+    pub(crate) secret_data: SecretData,
     pub(crate) config_maps: Store<ConfigMap>,
     pub(crate) deployments: Store<Deployment>,
     pub(crate) services: Store<Service>,
@@ -34,7 +42,7 @@ pub struct Caches {
 
 /// Write handles of the caches, consumed by the watches that keep them current.
 pub struct CacheWriters {
-    pub(crate) secrets: Writer<Secret>,
+    pub(crate) secrets: Writer<PartialObjectMeta<Secret>>,
     pub(crate) config_maps: Writer<ConfigMap>,
     pub(crate) deployments: Writer<Deployment>,
     pub(crate) services: Writer<Service>,
@@ -55,6 +63,7 @@ pub fn caches() -> (Caches, CacheWriters) {
     (
         Caches {
             secrets,
+            secret_data: SecretData::default(),
             config_maps,
             deployments,
             services,
@@ -92,6 +101,58 @@ impl Caches {
             .map_err(closed)?;
         self.pods.wait_until_ready().await.map_err(closed)?;
         Ok(())
+    }
+}
+
+/// Whole Secrets read by GET, each kept while its resourceVersion is the one the
+/// metadata watch reports; memory grows with the Secrets pools reference only.
+#[derive(Clone, Default)]
+pub struct SecretData(Arc<Mutex<HashMap<NamespacedName, Arc<Secret>>>>);
+
+/// (namespace, name)
+type NamespacedName = (String, String);
+
+impl SecretData {
+    /// The kept copy of `namespace/name` when it is at `resource_version` (never for an
+    /// object without one).
+    pub(crate) fn get(
+        &self,
+        namespace: &str,
+        name: &str,
+        resource_version: Option<&str>,
+    ) -> Option<Arc<Secret>> {
+        let rv = resource_version?;
+        let map = self.0.lock().expect("secret data lock");
+        let s = map.get(&(namespace.to_string(), name.to_string()))?;
+        (s.metadata.resource_version.as_deref() == Some(rv)).then(|| s.clone())
+    }
+
+    /// Keeps `secret` (read whole), replacing an older copy.
+    pub(crate) fn put(&self, secret: Secret) -> Arc<Secret> {
+        let key = (
+            secret.metadata.namespace.clone().unwrap_or_default(),
+            secret.metadata.name.clone().unwrap_or_default(),
+        );
+        let s = Arc::new(secret);
+        self.0
+            .lock()
+            .expect("secret data lock")
+            .insert(key, s.clone());
+        s
+    }
+
+    /// Drops the copies of Secrets the metadata watch no longer lists.
+    pub(crate) fn retain_listed(&self, listed: &Store<PartialObjectMeta<Secret>>) {
+        self.0
+            .lock()
+            .expect("secret data lock")
+            .retain(|(ns, name), _| listed.get(&ObjectRef::new(name).within(ns)).is_some());
+    }
+
+    /// How many Secrets are kept whole.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.0.lock().expect("secret data lock").len()
     }
 }
 

@@ -210,11 +210,11 @@ impl<'a> Reconciler<'a> {
             return self.fail(e).await;
         }
         // 1. Secrets (their resourceVersions make the config revision).
-        let creds = match self.secret(&spec.database.credentials_secret) {
+        let creds = match self.secret(&spec.database.credentials_secret).await {
             Ok(s) => s,
             Err(e) => return self.fail(e).await,
         };
-        let users = match self.secret(&spec.client_auth.users_secret) {
+        let users = match self.secret(&spec.client_auth.users_secret).await {
             Ok(s) => s,
             Err(e) => return self.fail(e).await,
         };
@@ -232,7 +232,7 @@ impl<'a> Reconciler<'a> {
         // A database that cannot be reached still lets safe steps happen (a scale-down
         // that lowers what the pods may hold), with the limits last discovered.
         let discovery_creds = match &spec.database.discovery_credentials_secret {
-            Some(name) => match self.secret(name) {
+            Some(name) => match self.secret(name).await {
                 Ok(s) => s,
                 Err(e) => return self.fail(e).await,
             },

@@ -198,9 +198,14 @@ fn limits(max: i64) -> DatabaseLimits {
     }
 }
 
+/// A Secret with a fresh resourceVersion, as an API server gives each write.
 fn secret(name: &str, data: Value) -> Value {
+    static RV: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1000);
+    let rv = RV
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        .to_string();
     json!({"apiVersion": "v1", "kind": "Secret",
-           "metadata": {"name": name, "namespace": NS, "resourceVersion": "7"}, "data": data})
+           "metadata": {"name": name, "namespace": NS, "resourceVersion": rv}, "data": data})
 }
 
 impl Harness {
@@ -283,7 +288,11 @@ impl Harness {
         }
         let api = &self.api;
         let mut w = self.writers.lock().unwrap();
-        relist(api, &mut w.secrets, "/api/v1/namespaces/default/secrets/");
+        relist::<kube::core::PartialObjectMeta<Secret>>(
+            api,
+            &mut w.secrets,
+            "/api/v1/namespaces/default/secrets/",
+        );
         relist(
             api,
             &mut w.config_maps,
@@ -880,9 +889,59 @@ fn secrets_map_to_the_pools_that_reference_them() {
     let mut s = Secret::default();
     s.metadata.name = Some("app-users".into());
     s.metadata.namespace = Some("default".into());
-    assert_eq!(pools_referencing(std::slice::from_ref(&pool), &s).len(), 1);
+    let meta = |s: &Secret| {
+        use kube::core::PartialObjectMetaExt;
+        s.metadata.clone().into_response_partial::<Secret>()
+    };
+    assert_eq!(
+        pools_referencing(std::slice::from_ref(&pool), &meta(&s)).len(),
+        1
+    );
     s.metadata.namespace = Some("other".into());
-    assert!(pools_referencing(&[pool], &s).is_empty());
+    assert!(pools_referencing(&[pool], &meta(&s)).is_empty());
+}
+
+#[tokio::test]
+async fn only_the_secrets_pools_reference_are_read_whole_and_only_when_changed() {
+    let h = Harness::new(Settings::default());
+    for i in 0..50 {
+        h.api.put(
+            &format!("/api/v1/namespaces/default/secrets/unrelated-{i}"),
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": format!("unrelated-{i}"), "namespace": "default",
+                                "resourceVersion": "7"},
+                   "data": {"big": "AAAA"}}),
+        );
+    }
+    for path in [
+        "/api/v1/namespaces/default/secrets/app-db-credentials",
+        "/api/v1/namespaces/default/secrets/app-users",
+    ] {
+        let mut s = h.api.get(path).unwrap();
+        s["metadata"]["resourceVersion"] = json!("5");
+        h.api.put(path, s);
+    }
+    h.reconcile().await;
+    let secret_gets = |log: &[Logged]| {
+        log.iter()
+            .filter(|l| l.method == Method::GET && l.path.contains("/secrets/"))
+            .map(|l| l.path.clone())
+            .collect::<Vec<_>>()
+    };
+    let gets = secret_gets(&h.api.take_log());
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    assert!(gets.iter().all(|p| !p.contains("unrelated")));
+    assert_eq!(h.ctx.caches.secret_data.len(), 2);
+    // Unchanged: served from what was read.
+    h.reconcile().await;
+    assert!(secret_gets(&h.api.take_log()).is_empty());
+    // Changed (a new resourceVersion): read again.
+    let path = "/api/v1/namespaces/default/secrets/app-users";
+    let mut s = h.api.get(path).unwrap();
+    s["metadata"]["resourceVersion"] = json!("6");
+    h.api.put(path, s);
+    h.reconcile().await;
+    assert_eq!(secret_gets(&h.api.take_log()), vec![path.to_string()]);
 }
 
 #[tokio::test]

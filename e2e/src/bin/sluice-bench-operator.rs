@@ -2,10 +2,13 @@
 //! the node agent. Creates N ConnectionPools at once (1 replica each, one shared
 //! PostgreSQL with a large budget), measures the time until all are Ready, the
 //! operator's CPU seconds and peak RSS, the API requests it made per pool, and
-//! then the mutating requests it makes in 60 s of steady state.
+//! then the mutating requests it makes in 60 s of steady state. First it creates
+//! unrelated Secrets (4 KiB each, applied as `kubectl apply` leaves them) and measures
+//! how much the operator's resident memory grows with them.
 //!
 //! Usage: sluice-bench-operator [REPORT.md]   (env POOLS, default 200; STEADY_SECS,
-//! default 60; CONTROLLER_MANAGER_QPS, default 0 = the controller-manager's own 20)
+//! default 60; CONTROLLER_MANAGER_QPS, default 0 = the controller-manager's own 20;
+//! UNRELATED_SECRETS, default 5000)
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
@@ -45,6 +48,52 @@ fn peak_rss_mib(pid: u32) -> Result<f64> {
         .trim()
         .parse()?;
     Ok(kib / 1024.0)
+}
+
+/// Resident set now (VmRSS) in MiB.
+fn rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .context("VmRSS")?
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()?;
+    Ok(kib / 1024.0)
+}
+
+/// Creates `n` Secrets no pool references, each with 4 KiB of data and the
+/// `last-applied-configuration` annotation `kubectl apply` leaves (a second copy).
+async fn create_unrelated_secrets(fx: &Fixture, n: usize) -> Result<()> {
+    use k8s_openapi::api::core::v1::Secret;
+    let api: kube::Api<Secret> = kube::Api::namespaced(fx.client.clone(), &fx.ns);
+    let value = "x".repeat(4096);
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            let value = value.clone();
+            async move {
+                let name = format!("unrelated-{i:05}");
+                let body = serde_json::json!({
+                    "apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": name},
+                    "stringData": {"payload": value},
+                });
+                let mut secret: Secret = serde_json::from_value(body.clone())?;
+                secret.metadata.annotations = Some(BTreeMap::from([(
+                    "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+                    body.to_string(),
+                )]));
+                api.create(&Default::default(), &secret).await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(())
 }
 
 /// `sluice_operator_api_requests_total` by `verb resource`.
@@ -169,6 +218,20 @@ async fn main() -> Result<()> {
     .await?;
     fx.create_secrets().await?;
     let pid = fx.operator_pid().context("operator runs")?;
+    let unrelated = env_num("UNRELATED_SECRETS", 5000) as usize;
+    eprintln!("[bench-operator] creating {unrelated} unrelated Secrets");
+    let rss_before = rss_mib(pid)?;
+    let t = Instant::now();
+    create_unrelated_secrets(&fx, unrelated).await?;
+    // The operator's watch has them a moment after the last create.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_secrets = rss_mib(pid)?;
+    eprintln!(
+        "[bench-operator] {unrelated} Secrets in {:.1}s; operator RSS {rss_before:.1} -> {rss_secrets:.1} MiB",
+        t.elapsed().as_secs_f64()
+    );
+    let secrets_mib = unrelated as f64 * 2.0 * 4096.0 / (1024.0 * 1024.0);
+    let grew = rss_secrets - rss_before;
     let metrics = fx.operator_metrics_addr();
     let cpu0 = cpu_secs(pid)?;
     let req0 = api_requests(&metrics).await.unwrap_or_default();
@@ -236,8 +299,11 @@ async fn main() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(steady)).await;
     let req2 = api_requests(&metrics).await?;
     let rss = peak_rss_mib(pid)?;
-    let (converge_all, _, converge_parts) = delta(&req0, &req1);
-    let per_pool = converge_all / pools as f64;
+    let (converge_all, converge_writes, converge_parts) = delta(&req0, &req1);
+    let per_pool = converge_writes / pools as f64;
+    // Reads: one GET per child the first time (an object of that name must not be
+    // adopted) and one per referenced Secret whose resourceVersion changed.
+    let reads_per_pool = (converge_all - converge_writes) / pools as f64;
     let (_, steady_writes, steady_parts) = delta(&req1, &req2);
     let secs =
         |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.1} s", d.as_secs_f64()));
@@ -257,8 +323,9 @@ async fn main() -> Result<()> {
          | time until all {pools} pods existed (controller-manager) | {} | - |\n\
          | time of the operator's last request while converging (then {QUIET_SECS} s quiet) | {} | - |\n\
          | operator CPU while converging | {:.1} s | - |\n\
+         | operator RSS growth from {unrelated} unrelated Secrets ({secrets_mib:.0} MiB of data and annotations) | {grew:.1} MiB ({rss_before:.1} → {rss_secrets:.1}) | ≤ 25 % of their size {} |\n\
          | operator peak RSS | {:.1} MiB | ≤ 150 MiB {} |\n\
-         | API requests per pool to converge | {:.1} | ≤ 10 {} |\n\
+         | API writes per pool to converge (and reads: {reads_per_pool:.1}) | {:.1} | ≤ 10 {} |\n\
          | mutating API requests in {steady} s of steady state | {} | 0 {} |\n\n\
          Requests while converging: {converge_parts}.  \n\
          Requests in steady state: {steady_parts}.\n",
@@ -273,6 +340,7 @@ async fn main() -> Result<()> {
             "never quiet".to_string()
         },
         cpu1 - cpu0,
+        mark(grew <= 0.25 * secrets_mib),
         rss,
         mark(rss <= 150.0),
         per_pool,

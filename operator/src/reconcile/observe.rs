@@ -3,6 +3,7 @@
 //! the pods' `/status`.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Instant;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -62,15 +63,29 @@ impl Reconciler<'_> {
         })
     }
 
-    /// The Secret from the cache.
+    /// The Secret `name`: its metadata from the cache, its data read by GET when its
+    /// resourceVersion changed since the last read (only referenced Secrets are kept).
     ///
     /// # Errors
-    /// [`Error::MissingSecret`] when it does not exist.
-    pub(super) fn secret(&self, name: &str) -> Result<Secret> {
-        cache::get(&self.ctx.caches.secrets, &self.ns, name).ok_or_else(|| Error::MissingSecret {
+    /// [`Error::MissingSecret`] when it does not exist; API errors of the read.
+    pub(super) async fn secret(&self, name: &str) -> Result<Arc<Secret>> {
+        let missing = || Error::MissingSecret {
             namespace: self.ns.clone(),
             name: name.into(),
-        })
+        };
+        let meta = cache::get(&self.ctx.caches.secrets, &self.ns, name).ok_or_else(missing)?;
+        let data = &self.ctx.caches.secret_data;
+        if let Some(s) = data.get(&self.ns, name, meta.metadata.resource_version.as_deref()) {
+            return Ok(s);
+        }
+        self.ctx.metrics.api_request("get", "secrets");
+        let s = self
+            .api::<Secret>()
+            .get_opt(name)
+            .await?
+            .ok_or_else(missing)?;
+        data.retain_listed(&self.ctx.caches.secrets);
+        Ok(data.put(s))
     }
 
     /// A key of `secret` (`what` names its role in errors).
@@ -99,7 +114,7 @@ impl Reconciler<'_> {
             target.mode = t.ssl_mode;
             target.server_name = t.server_name.clone();
             if let Some(name) = &t.ca_secret {
-                let s = self.secret(name)?;
+                let s = self.secret(name).await?;
                 target.ca_pem = Some(self.secret_bytes(&s, t.ca_key())?);
                 revision.push_str(&format!("ca={};", s.resource_version().unwrap_or_default()));
             } else if let Some(name) = &t.ca_config_map {
@@ -135,7 +150,7 @@ impl Reconciler<'_> {
                 ));
             }
             if let Some(name) = &t.client_cert_secret {
-                let s = self.secret(name)?;
+                let s = self.secret(name).await?;
                 target.client_cert = Some((
                     self.secret_bytes(&s, "tls.crt")?,
                     self.secret_bytes(&s, "tls.key")?,
@@ -152,7 +167,7 @@ impl Reconciler<'_> {
             .as_ref()
             .and_then(|t| t.secret_name.as_ref())
         {
-            let s = self.secret(name)?;
+            let s = self.secret(name).await?;
             self.secret_bytes(&s, "tls.crt")?;
             self.secret_bytes(&s, "tls.key")?;
         }

@@ -9,6 +9,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -26,7 +27,7 @@ const DEBOUNCE: Duration = Duration::from_secs(1);
 /// Pools that reference `secret` by name (credentials, users or TLS).
 pub(super) fn pools_referencing(
     pools: &[Arc<ConnectionPool>],
-    secret: &Secret,
+    secret: &PartialObjectMeta<Secret>,
 ) -> Vec<ObjectRef<ConnectionPool>> {
     let ns = secret.namespace();
     let name = secret.name_any();
@@ -128,7 +129,26 @@ pub async fn run_controller(
             |p| pool_of_pod(&p),
         )
         .watches_stream(
-            cached(scoped::<Secret>(&client, &namespace), all, w.secrets),
+            // Metadata only: the pools' own Secrets are read whole when they change
+            // (see `Reconciler::secret`), so memory does not grow with every Secret.
+            watcher(
+                scoped::<PartialObjectMeta<Secret>>(&client, &namespace),
+                all,
+            )
+            .default_backoff()
+            .modify(|s| {
+                // Only the name and resourceVersion are read; annotations may even hold
+                // a copy of the data (`last-applied-configuration`).
+                let m = &mut s.metadata;
+                *m = kube::core::ObjectMeta {
+                    name: m.name.take(),
+                    namespace: m.namespace.take(),
+                    resource_version: m.resource_version.take(),
+                    ..Default::default()
+                };
+            })
+            .reflect(w.secrets)
+            .touched_objects(),
             move |secret| pools_referencing(&store.state(), &secret),
         )
         // Child and pod events come in bursts while a pool starts or rolls; one reconcile
