@@ -304,3 +304,115 @@ mod tests {
         );
     }
 }
+
+/// The Argo CD health check's test data (`docs/argocd/.../testdata`) carries statuses
+/// rendered here, from the operator's own messages, so the check is tested against what
+/// the operator really writes. `UPDATE_GOLDEN=1` rewrites them.
+#[cfg(test)]
+mod argocd_testdata {
+    use super::*;
+    use crate::budget::Infeasible;
+    use crate::error::Error;
+    use crate::resize::{Phase, Plan};
+
+    fn dir() -> std::path::PathBuf {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../docs/argocd/sluice.dev/ConnectionPool/testdata")
+    }
+
+    fn report(ready: i32) -> Report {
+        Report {
+            generation: Some(4),
+            selector: "sluice.dev/pool=app".into(),
+            desired_replicas: 2,
+            replicas: 2,
+            ready_replicas: ready,
+            ..Default::default()
+        }
+    }
+
+    /// Each testdata file and the report whose status it carries.
+    fn cases() -> Vec<(&'static str, Report)> {
+        let lowering = Plan {
+            config_limit: 12,
+            deployment_replicas: 2,
+            phase: Phase::LoweringLimit,
+            unacknowledged: vec!["app-a".into(), "app-b".into()],
+            over_limit: vec![],
+            awaiting_removal: vec![],
+            target_limit: 12,
+        };
+        let too_many = Infeasible::TooManyReplicas {
+            replicas: 2,
+            extra: 1,
+            needed: 3,
+            available: 2,
+        };
+        let missing = Error::MissingSecret {
+            namespace: "default".into(),
+            name: "app-db-credentials".into(),
+        };
+        let (_, reason) = missing.condition().expect("a pool condition");
+        vec![
+            ("healthy.yaml", report(2)),
+            ("not_ready.yaml", report(1)),
+            (
+                "progressing.yaml",
+                Report {
+                    progressing: Some((lowering.phase.reason().into(), lowering.message())),
+                    ..report(2)
+                },
+            ),
+            (
+                "degraded.yaml",
+                Report {
+                    degraded: Some((reason.into(), missing.to_string())),
+                    ..report(0)
+                },
+            ),
+            (
+                "budget_exceeded.yaml",
+                Report {
+                    budget_exceeded: Some(too_many.to_string()),
+                    ..report(0)
+                },
+            ),
+            // Healthy at generation 2 while the spec is at 3.
+            (
+                "generation_lag.yaml",
+                Report {
+                    generation: Some(2),
+                    ..report(2)
+                },
+            ),
+        ]
+    }
+
+    #[test]
+    fn argocd_testdata_carries_the_statuses_the_operator_writes() {
+        let now = Time(k8s_openapi::jiff::Timestamp::from_second(1_767_225_600).unwrap());
+        let mut stale = Vec::new();
+        for (file, r) in cases() {
+            let path = dir().join(file);
+            let text = std::fs::read_to_string(&path).unwrap();
+            let mut obj: serde_json::Value = serde_yaml::from_str(&text).unwrap();
+            let status = serde_json::to_value(build(None, &r, now.clone())).unwrap();
+            // The spec's generation: the status's, but one ahead where the case is a lag.
+            let generation = r.generation.unwrap() + i64::from(file == "generation_lag.yaml");
+            if obj["status"] == status && obj["metadata"]["generation"] == generation {
+                continue;
+            }
+            if std::env::var_os("UPDATE_GOLDEN").is_some() {
+                obj["status"] = status;
+                obj["metadata"]["generation"] = generation.into();
+                std::fs::write(&path, serde_yaml::to_string(&obj).unwrap()).unwrap();
+            } else {
+                stale.push(file);
+            }
+        }
+        assert!(
+            stale.is_empty(),
+            "{stale:?} differ from the operator's statuses; rerun with UPDATE_GOLDEN=1"
+        );
+    }
+}
