@@ -9,7 +9,7 @@ export SLUICE_BIN_DIR ?= $(SLUICE_CACHE)/bin
 export PATH := $(SLUICE_BIN_DIR):$(PATH)
 CARGO ?= cargo
 
-.PHONY: help build tools lint fmt unit e2e compat test fuzz crds bench bench-build bench-pooler bench-operator demo images clean-cache
+.PHONY: help build tools node-deps lint fmt unit e2e compat test fuzz crds bench bench-build bench-pooler bench-operator demo images clean-cache
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -27,7 +27,10 @@ lint: ## rustfmt check and clippy -D warnings on all targets
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-unit: tools ## Unit and integration tests (real PostgreSQL; the operator and testkit also start a real control plane)
+node-deps: ## Install the Node packages of the @neondatabase/serverless and Prisma tests (npm ci from compat/neon's lockfile, once per lockfile)
+	bash compat/neon/setup.sh
+
+unit: tools node-deps ## Unit and integration tests (real PostgreSQL, real Node drivers; the operator and testkit also start a real control plane)
 	$(CARGO) test -p sluice-testkit -p sluice-pooler -p sluice-operator
 
 e2e: tools build ## End-to-end tests against the real control plane and node agent (prints their figures)

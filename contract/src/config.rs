@@ -57,6 +57,9 @@ pub mod defaults {
     pub const MAX_PREPARED_STATEMENTS: usize = 100;
     pub const MAX_CLIENT_MEMORY: usize = 128 * 1024 * 1024;
     pub const SERVER_PORT: u16 = 5432;
+    pub const HTTP_LISTEN_ADDR: &str = "0.0.0.0:8080";
+    pub const HTTP_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
+    pub const HTTP_MAX_RESPONSE_BYTES: usize = 10 * 1024 * 1024;
 }
 
 /// The whole file. Unknown keys are an error: a typo must not silently change behaviour.
@@ -122,6 +125,10 @@ pub struct PoolerConfig {
     /// TLS towards clients; absent: plaintext only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_tls: Option<ClientTls>,
+    /// The HTTP and WebSocket front door (`@neondatabase/serverless`'s protocol); absent:
+    /// off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSection>,
     pub server: ServerSection,
     #[serde(default)]
     pub auth: AuthSection,
@@ -194,6 +201,38 @@ impl BudgetBasis {
         let left = u64::from(self.budget.saturating_sub(shrink));
         let scaled = limit as u64 * left / u64::from(self.budget);
         usize::try_from(scaled).unwrap_or(usize::MAX).min(limit)
+    }
+}
+
+/// `[http]`: PostgreSQL over HTTP (`POST /sql`) and WebSocket, served with the client TLS
+/// certificate when `[client_tls]` has one.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Where it listens (`ip:port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_addr: Option<String>,
+    /// Bound on one request body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_bytes: Option<usize>,
+    /// Bound on one response's rows (the query fails with 54000 beyond it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_response_bytes: Option<usize>,
+}
+
+impl HttpSection {
+    pub fn listen_addr(&self) -> &str {
+        self.listen_addr
+            .as_deref()
+            .unwrap_or(defaults::HTTP_LISTEN_ADDR)
+    }
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_request_bytes
+            .unwrap_or(defaults::HTTP_MAX_REQUEST_BYTES)
+    }
+    pub fn max_response_bytes(&self) -> usize {
+        self.max_response_bytes
+            .unwrap_or(defaults::HTTP_MAX_RESPONSE_BYTES)
     }
 }
 
@@ -338,6 +377,11 @@ mod tests {
                 mode: crate::ClientTlsMode::Require,
                 cert_file: Some("/etc/sluice/tls/tls.crt".into()),
                 key_file: Some("/etc/sluice/tls/tls.key".into()),
+            }),
+            http: Some(HttpSection {
+                listen_addr: Some("0.0.0.0:8080".into()),
+                max_response_bytes: Some(1 << 20),
+                ..Default::default()
             }),
             server: ServerSection {
                 host: "db.example.svc".into(),

@@ -13,7 +13,8 @@ mod status;
 mod tls;
 
 pub use config::{
-    AuthMethod, AuthSection, BudgetBasis, PoolMode, PoolerConfig, ServerSection, defaults,
+    AuthMethod, AuthSection, BudgetBasis, HttpSection, PoolMode, PoolerConfig, ServerSection,
+    defaults,
 };
 pub use duration::{ConfigDuration, DurationError, MAX_DURATION};
 pub use status::{Clients, PoolStatus, ServerConnections, Status};
@@ -25,6 +26,8 @@ use sha2::{Digest, Sha256};
 pub const POSTGRES_PORT: u16 = 6432;
 /// Port of the admin API: `/healthz`, `/readyz`, `/status`, `/metrics` (named `admin`).
 pub const ADMIN_PORT: u16 = 9930;
+/// The pooler's HTTP and WebSocket port (container port and Service port `http`).
+pub const HTTP_PORT: u16 = 8080;
 /// ConfigMap key holding `pooler.toml`.
 pub const CONFIG_KEY: &str = "pooler.toml";
 /// Mount point of the pod's config volume: [`CONFIG_KEY`] and the server credentials.

@@ -111,6 +111,35 @@ pub struct ConnectionPoolSpec {
     /// TLS between clients and the pooler (absent: plaintext only).
     #[serde(default, rename = "clientTLS", skip_serializing_if = "Option::is_none")]
     pub client_tls: Option<ClientTlsSpec>,
+    /// PostgreSQL over HTTP and WebSocket for serverless and edge functions (the
+    /// protocol of `@neondatabase/serverless`), on the pod and Service port `http`;
+    /// served with the `clientTLS` certificate when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSpec>,
+}
+
+/// The HTTP and WebSocket front door.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpSpec {
+    /// Serve it (default true when `http` is given).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The Service's `http` port (default 8080; the pods listen on 8080).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = ("self >= 1 && self <= 65535", "http.port must be between 1 and 65535"))]
+    pub port: Option<i32>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl ConnectionPoolSpec {
+    /// Whether the HTTP front door is on.
+    pub fn http_enabled(&self) -> bool {
+        self.http.as_ref().is_some_and(|h| h.enabled)
+    }
 }
 
 /// TLS between clients and the pooler.

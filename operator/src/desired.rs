@@ -28,6 +28,8 @@ use crate::error::{Error, Result};
 pub const POSTGRES_PORT: i32 = sluice_contract::POSTGRES_PORT as i32;
 /// Port of the pooler's admin HTTP API.
 pub const ADMIN_PORT: i32 = sluice_contract::ADMIN_PORT as i32;
+/// The pooler's HTTP and WebSocket port (`http`).
+pub const HTTP_PORT: i32 = sluice_contract::HTTP_PORT as i32;
 pub use sluice_contract::CONFIG_KEY;
 /// Annotation with the hash of what the operator set on a child.
 pub const SPEC_HASH_ANNOTATION: &str = "sluice.dev/spec-hash";
@@ -209,6 +211,10 @@ pub fn pooler_toml(pool: &ConnectionPool, limit: i64, inputs: &ConfigInputs) -> 
                 .as_ref()
                 .map(|_| sluice_contract::CLIENT_KEY_FILE.into()),
         }),
+        http: s.http_enabled().then(|| sluice_contract::HttpSection {
+            listen_addr: Some(format!("0.0.0.0:{HTTP_PORT}")),
+            ..Default::default()
+        }),
         server: ServerSection {
             host: s.database.host.clone(),
             port: u16::try_from(s.database.port).map_err(|_| {
@@ -297,12 +303,16 @@ pub fn config_map(pool: &ConnectionPool, limit: i64, inputs: &ConfigInputs) -> R
 }
 
 /// Hash of the settings that need a pooler restart (docs/interfaces.md: `pool_mode`,
-/// listen and admin addresses).
+/// listen, admin and HTTP addresses).
 fn restart_hash(pool: &ConnectionPool) -> String {
-    let key = format!(
+    let mut key = format!(
         "pool_mode={};listen={POSTGRES_PORT};admin={ADMIN_PORT}",
         pool.spec.pool_mode.as_str()
     );
+    // Added only when on, so pools without it keep the hash (and their pods) they had.
+    if pool.spec.http_enabled() {
+        key.push_str(&format!(";http={HTTP_PORT}"));
+    }
     sha256_hex(key.as_bytes())[..16].to_string()
 }
 
@@ -344,14 +354,18 @@ pub fn deployment(pool: &ConnectionPool, inputs: &RenderInputs) -> Result<Deploy
             "timeoutSeconds": 2,
         })
     };
+    let mut ports = vec![
+        json!({ "name": "postgres", "containerPort": POSTGRES_PORT, "protocol": "TCP" }),
+        json!({ "name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP" }),
+    ];
+    if s.http_enabled() {
+        ports.push(json!({ "name": "http", "containerPort": HTTP_PORT, "protocol": "TCP" }));
+    }
     let mut container = json!({
         "name": "pooler",
         "image": s.image.clone().unwrap_or_else(|| inputs.default_image.clone()),
         "args": ["--config", sluice_contract::CONFIG_PATH],
-        "ports": [
-            { "name": "postgres", "containerPort": POSTGRES_PORT, "protocol": "TCP" },
-            { "name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP" },
-        ],
+        "ports": ports,
         // Ready after one good answer, unready after three bad ones in a row: a
         // moment's hiccup does not take a pod out of the Service.
         "readinessProbe": probe("/readyz", 3, 3),
@@ -513,6 +527,20 @@ fn tls_volumes(pool: &ConnectionPool) -> (Vec<Value>, Vec<Value>) {
 /// Only on serialization failure.
 pub fn service(pool: &ConnectionPool) -> Result<Service> {
     let o = pool.spec.service.clone().unwrap_or_default();
+    let mut ports = vec![json!({
+        "name": "postgres",
+        "port": o.port.unwrap_or(POSTGRES_PORT),
+        "targetPort": "postgres",
+        "protocol": "TCP",
+    })];
+    if let Some(h) = pool.spec.http.as_ref().filter(|h| h.enabled) {
+        ports.push(json!({
+            "name": "http",
+            "port": h.port.unwrap_or(HTTP_PORT),
+            "targetPort": "http",
+            "protocol": "TCP",
+        }));
+    }
     let svc: Service = serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Service",
@@ -520,12 +548,7 @@ pub fn service(pool: &ConnectionPool) -> Result<Service> {
         "spec": {
             "type": o.type_.as_deref().unwrap_or("ClusterIP"),
             "selector": selector_labels(pool),
-            "ports": [{
-                "name": "postgres",
-                "port": o.port.unwrap_or(POSTGRES_PORT),
-                "targetPort": "postgres",
-                "protocol": "TCP",
-            }],
+            "ports": ports,
         },
     }))?;
     with_spec_hash(svc)

@@ -15,7 +15,7 @@ mod status;
 
 pub use api::{
     BudgetSource, BudgetStatus, CRD_PATHS, ClientAuthSpec, ConnectionPool, ConnectionPoolSpec,
-    ConnectionPoolStatus, DatabaseSpec, PodTemplateOverrides, PoolMode, ResizeStatus,
+    ConnectionPoolStatus, DatabaseSpec, HttpSpec, PodTemplateOverrides, PoolMode, ResizeStatus,
     ServiceOverrides, crd_yaml,
 };
 pub use budget::{Budget, DatabaseLimits, Infeasible, ROLLOUT_EXTRA_PODS};

@@ -65,6 +65,8 @@ pub struct Config {
     pub users: HashMap<String, Secret>,
     /// TLS towards clients.
     pub client_tls: ClientTlsConfig,
+    /// The HTTP and WebSocket front door, when on.
+    pub http: Option<sluice_contract::HttpSection>,
     /// Lowercase hex SHA-256 of the config file bytes.
     pub hash: String,
 }
@@ -160,7 +162,11 @@ impl Config {
                 ));
             }
         }
-        for addr in [&raw.listen_addr, &raw.admin_addr] {
+        let http_addr = raw.http.as_ref().map(|h| h.listen_addr().to_string());
+        for addr in [&raw.listen_addr, &raw.admin_addr]
+            .into_iter()
+            .chain(&http_addr)
+        {
             if addr.parse::<std::net::SocketAddr>().is_err() {
                 return Err(Error::Config(format!(
                     "invalid address {addr:?} (want ip:port)"
@@ -194,6 +200,7 @@ impl Config {
             auth_method: raw.auth.method,
             users,
             client_tls: ClientTlsConfig::new(raw.client_tls.as_ref())?,
+            http: raw.http,
             hash: config_hash(bytes),
         })
     }

@@ -69,6 +69,17 @@ pub enum Error {
     /// A plaintext login to a pool whose `client_tls` mode is `require`.
     #[error("this pooler requires TLS: connect with sslmode=require or stronger")]
     TlsRequired,
+    /// An HTTP request the front door cannot run (missing header, bad JSON, ...).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// An HTTP request body beyond `max_request_bytes`, or a response's rows beyond
+    /// `max_response_bytes`.
+    #[error("the {what} exceeds {bound} ({max} bytes)")]
+    HttpTooLarge {
+        what: &'static str,
+        bound: &'static str,
+        max: usize,
+    },
     /// The server closed the connection right after sending its own ErrorResponse
     /// (e.g. FATAL on `pg_terminate_backend`), which the client already has.
     #[error("server ended the session: {0}")]
@@ -84,6 +95,8 @@ impl Error {
             | Error::TooLarge { .. }
             | Error::BadStartupLength(_)
             | Error::UnsupportedStartupParameter(_) => "protocol",
+            Error::BadRequest(_) => "bad_request",
+            Error::HttpTooLarge { .. } => "too_large",
             Error::AuthFailed(_) | Error::AuthUnsupported(_) | Error::TlsRequired => "auth",
             Error::ClientTls(_) => "tls",
             Error::PoolTimeout { .. } => "pool_timeout",
@@ -123,6 +136,15 @@ impl ClientError {
             message: message.into(),
         }
     }
+
+    /// An ERROR (the request fails; nothing ends) with the given SQLSTATE and message.
+    pub fn error(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            severity: "ERROR",
+            code,
+            message: message.into(),
+        }
+    }
 }
 
 impl Error {
@@ -140,6 +162,8 @@ impl Error {
                 ClientError::fatal("08P01", self.to_string())
             }
             Error::AuthFailed(_) => ClientError::fatal("28P01", self.to_string()),
+            Error::BadRequest(m) => ClientError::error("08P01", m.clone()),
+            Error::HttpTooLarge { .. } => ClientError::error("54000", self.to_string()),
             Error::AuthUnsupported(m) => {
                 ClientError::fatal("28000", format!("unsupported authentication: {m}"))
             }

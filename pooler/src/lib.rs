@@ -7,6 +7,7 @@ mod admin;
 mod auth;
 mod config;
 mod error;
+mod http;
 mod memory;
 mod metrics;
 mod params;
@@ -67,6 +68,8 @@ impl Options {
 pub struct Bound {
     listener: TcpListener,
     admin: TcpListener,
+    /// The HTTP front door, when `[http]` is on.
+    http: Option<TcpListener>,
     shared: Arc<Shared>,
     options: Options,
 }
@@ -85,6 +88,10 @@ pub async fn bind(options: Options) -> Result<Bound> {
     }
     let listener = TcpListener::bind(&cfg.listen_addr).await?;
     let admin = TcpListener::bind(&cfg.admin_addr).await?;
+    let http = match &cfg.http {
+        Some(h) => Some(TcpListener::bind(h.listen_addr()).await?),
+        None => None,
+    };
     tracing::info!(
         listen = %listener.local_addr()?, admin = %admin.local_addr()?,
         config_hash = %cfg.hash, connection_limit = cfg.connection_limit,
@@ -94,6 +101,7 @@ pub async fn bind(options: Options) -> Result<Bound> {
     Ok(Bound {
         listener,
         admin,
+        http,
         shared,
         options,
     })
@@ -114,6 +122,11 @@ impl Bound {
             .expect("bound socket has an address")
     }
 
+    /// Where the HTTP front door listens, when on.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// The shared state (for tests and embedding).
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
@@ -124,9 +137,16 @@ impl Bound {
         let Bound {
             listener,
             admin,
+            http,
             shared,
             options,
         } = self;
+        let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+        let http_task = http.map(|l| {
+            tokio::spawn(http::serve(l, shared.clone(), async move {
+                let _ = http_stopped.await;
+            }))
+        });
         let admin_task = tokio::spawn({
             let router = admin::router(shared.clone());
             async move {
@@ -137,7 +157,14 @@ impl Bound {
         });
         let reload_task = tokio::spawn(reload_loop(options, shared.clone()));
         let reaper_task = tokio::spawn(reaper_loop(shared.clone()));
-        server::serve(listener, shared, shutdown).await;
+        server::serve(listener, shared, async move {
+            shutdown.await;
+            let _ = http_stop.send(());
+        })
+        .await;
+        if let Some(t) = http_task {
+            let _ = t.await;
+        }
         reload_task.abort();
         reaper_task.abort();
         admin_task.abort();

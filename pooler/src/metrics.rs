@@ -31,6 +31,18 @@ pub struct ErrorLabels {
     pub kind: String,
 }
 
+/// Labels of the HTTP front door's series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `ok`, `sql_error` (PostgreSQL's error), or the error kind (`auth`,
+    /// `pool_timeout`, `bad_request`, `too_large`, ...).
+    pub outcome: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
 /// Every metric the pooler exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -47,6 +59,10 @@ pub struct Metrics {
     pub transactions: Family<PoolLabels, Counter>,
     pub pool_timeouts: Counter,
     pub errors: Family<ErrorLabels, Counter>,
+    pub http_requests: Family<OutcomeLabels, Counter>,
+    pub http_request_seconds: Family<OutcomeLabels, Histogram, fn() -> Histogram>,
+    pub websocket_sessions: Gauge,
+    pub websocket_sessions_total: Counter,
 }
 
 impl Default for Metrics {
@@ -70,6 +86,10 @@ impl Metrics {
             transactions: Family::default(),
             pool_timeouts: Counter::default(),
             errors: Family::default(),
+            http_requests: Family::default(),
+            http_request_seconds: Family::new_with_constructor(latency_histogram),
+            websocket_sessions: Gauge::default(),
+            websocket_sessions_total: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("clients", "Client connections per pool", m.clients.clone());
@@ -123,7 +143,49 @@ impl Metrics {
             "Client sessions ended by an error, by kind",
             m.errors.clone(),
         );
+        registry.register(
+            "http_requests",
+            "HTTP /sql requests, by outcome",
+            m.http_requests.clone(),
+        );
+        registry.register(
+            "http_request_seconds",
+            "HTTP /sql request latency, by outcome",
+            m.http_request_seconds.clone(),
+        );
+        registry.register(
+            "websocket_sessions",
+            "WebSocket sessions open",
+            m.websocket_sessions.clone(),
+        );
+        registry.register(
+            "websocket_sessions_opened",
+            "WebSocket sessions opened",
+            m.websocket_sessions_total.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Counts an HTTP request and its latency.
+    pub fn http_request(&self, outcome: &str, took: std::time::Duration) {
+        let l = OutcomeLabels {
+            outcome: outcome.to_string(),
+        };
+        self.http_requests.get_or_create(&l).inc();
+        self.http_request_seconds
+            .get_or_create(&l)
+            .observe(took.as_secs_f64());
+    }
+
+    /// A WebSocket session starts.
+    pub fn websocket_opened(&self) {
+        self.websocket_sessions.inc();
+        self.websocket_sessions_total.inc();
+    }
+
+    /// A WebSocket session ended.
+    pub fn websocket_closed(&self) {
+        self.websocket_sessions.dec();
     }
 
     /// Counts a session-ending error.

@@ -9,6 +9,7 @@ use tokio::task::JoinSet;
 
 use crate::session::serve_client;
 use crate::state::Shared;
+use crate::stream::Stream;
 
 /// Accepts clients on `listener` until `shutdown` resolves, then drains: stops
 /// accepting, tells every session (each closes at its next idle point), and waits up
@@ -19,8 +20,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
     loop {
         tokio::select! {
             r = listener.accept() => match r {
-                Ok((stream, _)) => {
-                    sessions.spawn(serve_client(stream, shared.clone()));
+                Ok((tcp, _)) => {
+                    let _ = tcp.set_nodelay(true);
+                    sessions.spawn(serve_client(Stream::Plain(tcp), shared.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");

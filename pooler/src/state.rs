@@ -40,6 +40,8 @@ pub struct Shared {
     admitted: AtomicBool,
     /// Random per process: admission tokens are made from it.
     pub admission_nonce: String,
+    /// Cleartext passwords (HTTP, WebSocket) checked against the users' secrets.
+    pub passwords: crate::auth::PasswordCheck,
 }
 
 impl Shared {
@@ -62,6 +64,7 @@ impl Shared {
             max_message,
             schema_epoch: AtomicU64::new(0),
             memory,
+            passwords: crate::auth::PasswordCheck::default(),
         }
     }
 

@@ -1,4 +1,5 @@
-//! A connection to a client or a server: plain TCP, or TLS over it.
+//! A connection to a client or a server: plain TCP, TLS over it, or a WebSocket (a
+//! client of the HTTP front door).
 
 use std::future::Future;
 use std::io;
@@ -18,6 +19,8 @@ pub enum Stream {
     Accepted(Box<server::TlsStream<TcpStream>>),
     /// TLS the pooler opened (to PostgreSQL).
     Connected(Box<client::TlsStream<TcpStream>>),
+    /// A WebSocket client (see [`crate::http`]).
+    WebSocket(Box<crate::http::WsIo>),
     /// A TLS handshake failed on it: nothing more may be sent or received.
     Closed,
 }
@@ -28,16 +31,32 @@ impl Stream {
             Stream::Plain(s) => Ok(s),
             Stream::Accepted(s) => Ok(s.get_ref().0),
             Stream::Connected(s) => Ok(s.get_ref().0),
-            Stream::Closed => Err(closed()),
+            Stream::WebSocket(_) | Stream::Closed => Err(closed()),
         }
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.tcp()?.local_addr()
+        match self {
+            Stream::WebSocket(w) => Ok(w.local),
+            _ => self.tcp()?.local_addr(),
+        }
     }
 
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.tcp()?.peer_addr()
+        match self {
+            Stream::WebSocket(w) => Ok(w.peer),
+            _ => self.tcp()?.peer_addr(),
+        }
+    }
+
+    /// Whether TLS can still be started on it (a plain TCP connection).
+    pub fn can_start_tls(&self) -> bool {
+        matches!(self, Stream::Plain(_))
+    }
+
+    /// Whether the client came through the WebSocket front door.
+    pub fn is_websocket(&self) -> bool {
+        matches!(self, Stream::WebSocket(_))
     }
 
     /// The first byte the peer sent, without consuming it; `None` at end of stream.
@@ -61,9 +80,13 @@ impl Stream {
         }
     }
 
-    /// Whether the bytes travel in TLS.
+    /// Whether the bytes travel in TLS (for a WebSocket: its HTTP connection).
     pub fn is_tls(&self) -> bool {
-        matches!(self, Stream::Accepted(_) | Stream::Connected(_))
+        match self {
+            Stream::Accepted(_) | Stream::Connected(_) => true,
+            Stream::WebSocket(w) => w.secure,
+            Stream::Plain(_) | Stream::Closed => false,
+        }
     }
 
     /// Accepts a client's TLS handshake on this plain stream.
@@ -101,14 +124,14 @@ impl Stream {
         }
     }
 
-    /// Writes all of `bytes` and, over TLS, flushes the records rustls holds (a plain
-    /// write_all could leave them in its buffer until the next write).
+    /// Writes all of `bytes` and, over TLS or a WebSocket, flushes what the layer holds
+    /// (a plain write_all could leave it in its buffer until the next write).
     ///
     /// # Errors
     /// The write's error.
     pub async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.write_all(bytes).await?;
-        if self.is_tls() {
+        if !matches!(self, Stream::Plain(_)) {
             self.flush().await?;
         }
         Ok(())
@@ -160,6 +183,7 @@ impl AsyncRead for Stream {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::WebSocket(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::Closed => Poll::Ready(Err(closed())),
         }
     }
@@ -175,6 +199,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::WebSocket(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::Closed => Poll::Ready(Err(closed())),
         }
     }
@@ -188,6 +213,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::WebSocket(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             Stream::Closed => Poll::Ready(Err(closed())),
         }
     }
@@ -197,6 +223,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::Accepted(s) => s.is_write_vectored(),
             Stream::Connected(s) => s.is_write_vectored(),
+            Stream::WebSocket(_) => false,
             Stream::Closed => false,
         }
     }
@@ -206,6 +233,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::WebSocket(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::Closed => Poll::Ready(Ok(())),
         }
     }
@@ -215,6 +243,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::WebSocket(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::Closed => Poll::Ready(Ok(())),
         }
     }

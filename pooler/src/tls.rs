@@ -123,6 +123,8 @@ pub struct ClientTlsConfig {
     pub mode: ClientTlsMode,
     /// `None` with `mode = disable`.
     acceptor: Option<TlsAcceptor>,
+    /// The same certificate for the HTTP front door (ALPN `http/1.1`).
+    http_acceptor: Option<TlsAcceptor>,
 }
 
 impl std::fmt::Debug for ClientTlsConfig {
@@ -145,6 +147,7 @@ impl ClientTlsConfig {
             return Ok(Self {
                 mode: t.mode,
                 acceptor: None,
+                http_acceptor: None,
             });
         }
         let (Some(cert), Some(key)) = (&t.cert_file, &t.key_file) else {
@@ -153,23 +156,32 @@ impl ClientTlsConfig {
             ));
         };
         let provider = provider();
-        let resolver = Reloading::new(cert.into(), key.into(), provider.clone())?;
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Error::Config(format!("client TLS: {e}")))?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(resolver));
-        // Clients that offer ALPN must offer PostgreSQL's; direct TLS requires it.
-        config.alpn_protocols = vec![ALPN.to_vec()];
+        let resolver = Arc::new(Reloading::new(cert.into(), key.into(), provider.clone())?);
+        let acceptor = |alpn: &[u8]| {
+            let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| Error::Config(format!("client TLS: {e}")))?
+                .with_no_client_auth()
+                .with_cert_resolver(resolver.clone());
+            config.alpn_protocols = vec![alpn.to_vec()];
+            Ok::<_, Error>(TlsAcceptor::from(Arc::new(config)))
+        };
         Ok(Self {
             mode: t.mode,
-            acceptor: Some(TlsAcceptor::from(Arc::new(config))),
+            // Clients that offer ALPN must offer PostgreSQL's; direct TLS requires it.
+            acceptor: Some(acceptor(ALPN)?),
+            http_acceptor: Some(acceptor(b"http/1.1")?),
         })
     }
 
     /// The acceptor, unless TLS is off.
     pub fn acceptor(&self) -> Option<&TlsAcceptor> {
         self.acceptor.as_ref()
+    }
+
+    /// The HTTP front door's acceptor (same certificate), unless TLS is off.
+    pub fn http_acceptor(&self) -> Option<&TlsAcceptor> {
+        self.http_acceptor.as_ref()
     }
 }
 

@@ -1,5 +1,6 @@
 //! The one small HTTP client of the tests: HTTP/1.0 requests to the admin endpoints of the
-//! pooler (`/status`, `/metrics`, `/readyz`, `/admit`) and the operator.
+//! pooler (`/status`, `/metrics`, `/readyz`, `/admit`) and the operator, and to the
+//! pooler's HTTP front door (`POST /sql` with its headers).
 
 use std::time::Duration;
 
@@ -15,11 +16,27 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// # Errors
 /// When the connection fails, the answer is not HTTP, or it takes over 5 s.
 pub async fn request(addr: &str, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
+    request_with(addr, method, path, &[], body, TIMEOUT).await
+}
+
+/// As [`request`], with extra `headers` and a bound of `timeout`.
+///
+/// # Errors
+/// As [`request`].
+pub async fn request_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+    timeout: Duration,
+) -> Result<(u16, String)> {
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
         s.write_all(
             format!(
-                "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
+                "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{extra}Content-Length: {}\r\n\r\n{body}",
                 body.len()
             )
             .as_bytes(),
@@ -32,7 +49,7 @@ pub async fn request(addr: &str, method: &str, path: &str, body: &str) -> Result
         let code: u16 = head.split_whitespace().nth(1).context("no status code")?.parse()?;
         Ok::<_, anyhow::Error>((code, body.to_string()))
     };
-    tokio::time::timeout(TIMEOUT, exchange)
+    tokio::time::timeout(timeout, exchange)
         .await
         .with_context(|| format!("{method} {addr}{path} timed out"))?
 }

@@ -3,9 +3,11 @@
 //! Secrets are never logged: [`Secret`]'s `Debug` is redacted.
 
 mod md5;
+mod password;
 mod scram;
 
 pub use md5::{md5_client_response, verify_md5};
+pub use password::PasswordCheck;
 pub use scram::{ScramServer, ScramVerifier};
 
 /// A user's stored secret: a plain password, a SCRAM verifier or an md5 hash.

@@ -1,6 +1,7 @@
 //! Startup and authentication: SSL/GSS probes answered, CancelRequests passed on, the
 //! startup packet read, the client authenticated (SCRAM-SHA-256 or md5) and greeted with
-//! the server's parameters and its own cancel key.
+//! the server's parameters and its own cancel key. WebSocket clients send their password
+//! in the clear (see [`authenticate`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,7 +90,9 @@ pub(super) async fn login<'a>(
                         return Err(Error::Protocol("data after encryption request".into()));
                     }
                     match tls.acceptor() {
-                        Some(acceptor) if matches!(request, Startup::Ssl) && !stream.is_tls() => {
+                        Some(acceptor)
+                            if matches!(request, Startup::Ssl) && stream.can_start_tls() =>
+                        {
                             stream.send(b"S").await?;
                             stream
                                 .accept(acceptor)
@@ -128,7 +131,7 @@ pub(super) async fn login<'a>(
             .unwrap_or_else(|| user.clone());
         let wanted = params::from_startup(&params, &cfg.ignore_startup_parameters)
             .map_err(|u| Error::UnsupportedStartupParameter(u.0))?;
-        authenticate(stream, buf, &cfg, &user).await?;
+        authenticate(stream, buf, shared, &cfg, &user).await?;
         Ok::<_, Error>(Some((cfg, user, database, wanted)))
     };
     let (cfg, user, database, wanted) = match tokio::time::timeout(LOGIN_TIMEOUT, phase).await {
@@ -193,10 +196,27 @@ pub(super) async fn login<'a>(
 async fn authenticate(
     stream: &mut Stream,
     buf: &mut BytesMut,
+    shared: &Shared,
     cfg: &Config,
     user: &str,
 ) -> Result<()> {
     let secret = cfg.users.get(user);
+    if stream.is_websocket() {
+        // As Neon's proxy does: `@neondatabase/serverless` sends its password right
+        // after the startup message, before any request for it, and so can only
+        // answer a request for the password in the clear (the WebSocket is the
+        // channel to protect: wss, or inside the cluster).
+        stream
+            .send(&Authentication::CleartextPassword.encode())
+            .await?;
+        let f = read_frame(stream, buf, MAX_AUTH_MESSAGE).await?;
+        let pw = PasswordMessage::decode(&f)?;
+        let pw = String::from_utf8(pw.password).map_err(|_| Error::AuthFailed(user.to_string()))?;
+        if !shared.passwords.verify(user, secret, &pw).await {
+            return Err(Error::AuthFailed(user.to_string()));
+        }
+        return Ok(());
+    }
     match cfg.auth_method {
         AuthMethod::ScramSha256 => {
             let sasl = Authentication::Sasl {

@@ -42,10 +42,8 @@ const IDLE_BUF: usize = 1024;
 /// for a resynchronisation barrier to come back.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves one client connection to its end.
-pub async fn serve_client(tcp: tokio::net::TcpStream, shared: Arc<Shared>) {
-    let _ = tcp.set_nodelay(true);
-    let mut stream = Stream::Plain(tcp);
+/// Serves one client connection (TCP, or a WebSocket of the HTTP front door) to its end.
+pub async fn serve_client(mut stream: Stream, shared: Arc<Shared>) {
     let n = shared.clients.fetch_add(1, Ordering::SeqCst) + 1;
     let drain = shared.drain_signal();
     let mut buf = BytesMut::with_capacity(login::LOGIN_BUF);

@@ -18,6 +18,8 @@ use tokio::task::JoinHandle;
 pub struct Pooler {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The HTTP front door, when the config has `[http]`.
+    pub http: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     pub config_path: PathBuf,
     pub dir: tempfile::TempDir,
@@ -62,12 +64,14 @@ pub async fn start_with_text(text: &str) -> Result<Pooler> {
         .context("binding pooler")?;
     let (tx, rx) = oneshot::channel::<()>();
     let (addr, admin, shared) = (bound.addr(), bound.admin_addr(), bound.shared());
+    let http = bound.http_addr();
     let task = tokio::spawn(bound.serve(async move {
         let _ = rx.await;
     }));
     Ok(Pooler {
         addr,
         admin,
+        http,
         shared,
         config_path,
         dir,
