@@ -33,7 +33,7 @@ node-deps: ## Install the Node packages of the @neondatabase/serverless and Pris
 unit: tools node-deps ## Unit and integration tests (real PostgreSQL, real Node drivers; the operator and testkit also start a real control plane)
 	$(CARGO) test -p sluice-testkit -p sluice-pooler -p sluice-operator
 
-e2e: tools build ## End-to-end tests against the real control plane and node agent (prints their figures)
+e2e: tools build node-deps ## End-to-end tests against the real control plane and node agent (prints their figures)
 	$(CARGO) test -p sluice-e2e -- --test-threads=1 --nocapture
 
 compat: ## asyncpg's own test suite (pinned, fetched from PyPI) directly and through the pooler in both modes (~5 min)

@@ -196,7 +196,12 @@ impl Network {
             .output()
             .context("running ip")?;
         let err = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() && !err.contains("File exists") {
+        // Already there: another port of the same Service added it (iproute2 says
+        // "File exists" or "Address already assigned" depending on its version).
+        if !out.status.success()
+            && !err.contains("File exists")
+            && !err.contains("already assigned")
+        {
             bail!("ip addr add {addr}/32 dev {dev}: {}", err.trim());
         }
         Ok(())

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod http;
+pub mod neon;
 mod postgres;
 pub mod tls;
 
