@@ -59,7 +59,7 @@ bench: ## Benchmarks: pooler vs PgBouncer, and the operator at scale; writes doc
 # One release build for both benchmarks: building the pooler alone would unify features
 # differently and rebuild it.
 bench-build:
-	$(CARGO) build -q --release -p sluice-operator -p sluice-pooler -p sluice-e2e --bin sluice-operator --bin sluice-pooler --bin sluice-bench-operator
+	$(CARGO) build -q --release -p sluice-operator -p sluice-pooler -p sluice-e2e --bin sluice-operator --bin sluice-pooler --bin sluice-bench-operator --bin sluice-bench-http
 
 bench-pooler: bench-build ## Pooler vs PgBouncer vs PostgreSQL (pgbench; ~10 min)
 	mkdir -p "$(SLUICE_CACHE)/bench"

@@ -6,6 +6,8 @@
 # Usage: e2e/bench/pooler.sh [REPORT.md]
 # Env:   ROUNDS (3)  DURATION seconds per pgbench run (6)  IDLE_CLIENTS (10000)
 #        SLUICE_POOLER (path to a release sluice-pooler; built if unset)
+#        SLUICE_BENCH_HTTP (the HTTP load generator; next to SLUICE_POOLER if unset)
+#        HTTP_CLIENTS ("10 100": the front door's rows; "" skips them)
 #        BENCH_TARGETS ("postgres pgbouncer sluice"; fewer for a quick check)
 #        BENCH_SCENARIOS (all; e.g. "c10 c100" for a quick check; IDLE_CLIENTS=0 skips idle)
 #        SLUICE_WORKER_THREADS (1: one core, like single-threaded PgBouncer; pgbench and
@@ -36,6 +38,9 @@ if [[ -z ${SLUICE_POOLER:-} && " ${BENCH_TARGETS:-sluice} " == *" sluice "* ]]; 
   make -s -C "$ROOT" bench-build
   SLUICE_POOLER=$CARGO_TARGET_DIR/release/sluice-pooler
 fi
+
+SLUICE_BENCH_HTTP=${SLUICE_BENCH_HTTP:-$(dirname "${SLUICE_POOLER:-$CARGO_TARGET_DIR/release/sluice-pooler}")/sluice-bench-http}
+read -r -a HTTP_CLIENTS <<<"${HTTP_CLIENTS-10 100}"
 
 ulimit -n "$(ulimit -Hn)" || true
 (( $(ulimit -n) >= IDLE_CLIENTS + 1000 )) || log "fd limit $(ulimit -n) is below $IDLE_CLIENTS idle clients; that test will hold fewer"
@@ -108,6 +113,7 @@ start_pgbouncer() {
 # --- Sluice (transaction mode, limit 20, SCRAM to clients) ------------------
 SLUICE_PORT=$(free_port)
 SLUICE_ADMIN=$(free_port)
+SLUICE_HTTP=$(free_port)
 cat > "$W/pooler.toml" <<EOF
 listen_addr = "127.0.0.1:$SLUICE_PORT"
 admin_addr = "127.0.0.1:$SLUICE_ADMIN"
@@ -127,6 +133,9 @@ method = "scram-sha-256"
 
 [auth.users]
 $USER_NAME = "$PASSWORD"
+
+[http]
+listen_addr = "127.0.0.1:$SLUICE_HTTP"
 EOF
 start_sluice() {
   RUST_LOG=warn "$SLUICE_POOLER" --config "$W/pooler.toml" >"$W/sluice.log" 2>&1 &
@@ -209,6 +218,34 @@ for round in $(seq "$ROUNDS"); do
     done
   done
 done
+
+# --- the HTTP front door: POST /sql against the same query over TCP -----------
+# The same load generator for both: CLIENTS connections run pgbench's -S query for
+# DURATION seconds, as POST /sql on keep-alive HTTP/1.1 (what neon() sends) and over TCP
+# with a prepared statement; Sluice's CPU per 10k requests from /proc.
+declare -A HRES
+run_http() {
+  local mode=$1 clients=$2 t0 t1 out
+  t0=$(cpu_ticks "$SLUICE_PID")
+  if [[ $mode == http ]]; then
+    out=$("$SLUICE_BENCH_HTTP" http "127.0.0.1:$SLUICE_HTTP" "postgresql://$USER_NAME:$PASSWORD@127.0.0.1/$DB" "$clients" "$DURATION" 2>&1) || { log "http/$mode/$clients failed: $out"; return; }
+  else
+    out=$("$SLUICE_BENCH_HTTP" tcp "host=127.0.0.1 port=$SLUICE_PORT user=$USER_NAME password=$PASSWORD dbname=$DB" "$clients" "$DURATION" 2>&1) || { log "http/$mode/$clients failed: $out"; return; }
+  fi
+  t1=$(cpu_ticks "$SLUICE_PID")
+  local n tps p50 p99 errors cpu
+  read -r n tps p50 p99 errors <<<"$out"
+  cpu=$(awk -v d=$((t1 - t0)) -v tck="$TCK" -v n="$n" 'BEGIN{ if (n > 0) printf "%.3f", d / tck / n * 10000; else print "-" }')
+  log "http/$mode/$clients: tps=$tps p50=${p50}ms p99=${p99}ms cpu/10k=${cpu}s errors=$errors"
+  HRES[$mode|$clients]+="$tps:$p50:$p99:$cpu "
+}
+if has_target sluice && ((${#HTTP_CLIENTS[@]})); then
+  for round in $(seq "$ROUNDS"); do
+    for c in "${HTTP_CLIENTS[@]}"; do
+      if (( round % 2 )); then run_http tcp "$c"; run_http http "$c"; else run_http http "$c"; run_http tcp "$c"; fi
+    done
+  done
+fi
 
 # --- idle clients: RSS growth per client ------------------------------------
 printf '\\sleep 600 s\n' > "$W/idle.sql"
@@ -295,6 +332,21 @@ mark() { awk -v r="${1%×}" -v t="$2" -v dir="$3" 'BEGIN{ if (r !~ /^[0-9.]+$/) 
     label="$clients clients, -M $mode${extra:+ $extra}"
     echo "| $label | $pg | $pb | $sl | $r $m | $tgt | $p99b / $p99s | $rp | $cpub / $cpus | $rc |"
   done
+  if ((${#HTTP_CLIENTS[@]})) && has_target sluice; then
+    echo
+    echo "#### The HTTP front door"
+    echo
+    echo "pgbench's -S query through Sluice from one load generator (\`sluice-bench-http\`): as \`POST /sql\` on keep-alive HTTP/1.1 connections with Neon's headers (what \`neon()\` sends: parse, bind, execute and a JSON answer per request), and over TCP with a prepared statement. Medians of $ROUNDS rounds, ${DURATION}s each."
+    echo
+    echo "| clients | TCP TPS | HTTP TPS | HTTP/TCP | p50 ms (TCP / HTTP) | p99 ms (TCP / HTTP) | CPU s/10k (TCP / HTTP) |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|"
+    for c in "${HTTP_CLIENTS[@]}"; do
+      hf() { echo "${HRES[$1|$c]:-}" | tr ' ' '\n' | grep ':' | cut -d: -f"$2" | tr '\n' ' ' | median; }
+      tt=$(hf tcp 1); ht=$(hf http 1)
+      ratio=$(awk -v a="$ht" -v b="$tt" 'BEGIN{ if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b > 0) printf "%.2f×", a / b; else print "-" }')
+      echo "| $c | $(whole "$tt") | $(whole "$ht") | $ratio | $(hf tcp 2) / $(hf http 2) | $(hf tcp 3) / $(hf http 3) | $(hf tcp 4) / $(hf http 4) |"
+    done
+  fi
   IFS=: read -r kb_b n_b rss_b <<<"$IDLE_BOUNCER"
   IFS=: read -r kb_s n_s rss_s <<<"$IDLE_SLUICE"
   echo
