@@ -69,6 +69,9 @@ pub enum Error {
     /// A plaintext login to a pool whose `client_tls` mode is `require`.
     #[error("this pooler requires TLS: connect with sslmode=require or stronger")]
     TlsRequired,
+    /// Too many cleartext password checks are waiting (a flood of logins).
+    #[error("too many logins in progress; retry")]
+    LoginsBusy,
     /// An HTTP request the front door cannot run (missing header, bad JSON, ...).
     #[error("bad request: {0}")]
     BadRequest(String),
@@ -100,7 +103,7 @@ impl Error {
             Error::AuthFailed(_) | Error::AuthUnsupported(_) | Error::TlsRequired => "auth",
             Error::ClientTls(_) => "tls",
             Error::PoolTimeout { .. } => "pool_timeout",
-            Error::TooManyClients(_) => "too_many_clients",
+            Error::TooManyClients(_) | Error::LoginsBusy => "too_many_clients",
             Error::OutOfMemory { .. } => "memory",
             Error::ShuttingDown => "shutdown",
             Error::ServerError(_)
@@ -167,7 +170,7 @@ impl Error {
             Error::AuthUnsupported(m) => {
                 ClientError::fatal("28000", format!("unsupported authentication: {m}"))
             }
-            Error::PoolTimeout { .. } | Error::TooManyClients(_) => {
+            Error::PoolTimeout { .. } | Error::TooManyClients(_) | Error::LoginsBusy => {
                 ClientError::fatal("53300", self.to_string())
             }
             Error::OutOfMemory { .. } => ClientError::fatal("53200", self.to_string()),

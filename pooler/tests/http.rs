@@ -280,3 +280,78 @@ async fn two_hundred_http_clients_never_exceed_the_connection_limit() -> Result<
     assert_eq!(ok + timed_out, 200);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_leave_no_session_state_behind() -> Result<()> {
+    let pg = postgres(20).await?;
+    // One server connection: every request and client below shares it.
+    let p = start(&pg, &format!("connection_limit = 1\n{HTTP}")).await?;
+    let q = |sql: &str| json!({ "query": sql });
+    post(
+        &p,
+        &[],
+        &q("select set_config('search_path', 'nowhere', false)"),
+    )
+    .await?;
+    post(&p, &[], &q("select pg_advisory_lock(42)")).await?;
+    post(&p, &[], &q("create temp table scratch (x int)")).await?;
+    post(&p, &[], &q("prepare mine as select 1")).await?;
+    let (_, got) = post(&p, &[], &q("show search_path")).await?;
+    assert_eq!(got["rows"], json!([["\"$user\", public"]]));
+    let (_, got) = post(&p, &[], &q("select count(*) from pg_prepared_statements")).await?;
+    assert_eq!(got["rows"], json!([["0"]]), "{got}");
+    let (_, got) = post(&p, &[], &q("select to_regclass('scratch') is null")).await?;
+    assert_eq!(got["rows"], json!([["t"]]));
+    let direct = sluice_testkit::connect(&pg.app_conn_str()).await?;
+    let free: bool = direct
+        .query_one("select pg_try_advisory_lock(42)", &[])
+        .await?
+        .get(0);
+    assert!(free, "the advisory lock was released");
+
+    // A TCP client's shared statement survives an HTTP DEALLOCATE ALL on its connection.
+    let c = p.connect().await?;
+    let st = c.prepare("select $1::int + 1").await?;
+    assert_eq!(c.query_one(&st, &[&1i32]).await?.get::<_, i32>(0), 2);
+    let (code, _) = post(&p, &[], &q("deallocate all")).await?;
+    assert_eq!(code, 200);
+    assert_eq!(c.query_one(&st, &[&2i32]).await?.get::<_, i32>(0), 3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_query_leaves_no_backend_running() -> Result<()> {
+    let pg = postgres(20).await?;
+    let p = start(&pg, &format!("connection_limit = 2\n{HTTP}")).await?;
+    let su = sluice_testkit::connect(&pg.conn_str(SUPERUSER.0, SUPERUSER.1, "postgres")).await?;
+    for _ in 0..3 {
+        let r = sluice_testkit::http::request_with(
+            &p.http.unwrap().to_string(),
+            "POST",
+            "/sql",
+            &[(
+                "Neon-Connection-String",
+                &conn_string(APP_USER.0, APP_USER.1),
+            )],
+            &json!({"query": "select pg_sleep(60)"}).to_string(),
+            Duration::from_millis(500),
+        )
+        .await;
+        assert!(r.is_err(), "the client gave up");
+    }
+    let sleeping = || async {
+        su.query_one(
+            "select count(*) from pg_stat_activity where query like 'select pg_sleep(60)%' and state = 'active'",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(-1)
+    };
+    assert!(
+        eventually(10, || async { sleeping().await == 0 }).await,
+        "statements of clients that left still run"
+    );
+    assert!(backends(&su).await? <= 2);
+    Ok(())
+}

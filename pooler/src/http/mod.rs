@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -40,7 +41,7 @@ use crate::session::serve_client;
 use crate::state::Shared;
 use crate::stream::Stream;
 
-/// Time allowed for a TLS handshake on the HTTP port.
+/// Time allowed for a TLS handshake on the HTTP port, and for a request's headers.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves HTTP on `listener` until `shutdown` resolves, then lets requests and WebSocket
@@ -48,12 +49,18 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// point, as TCP clients do).
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
     let tasks = TaskTracker::new();
+    // Open HTTP connections, idle ones included, are bounded as clients are.
+    let connections = Arc::new(Semaphore::new(shared.config().max_client_connections));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((tcp, peer)) => {
-                    tasks.spawn(connection(tcp, peer, shared.clone(), tasks.clone()));
+                    let Ok(permit) = connections.clone().try_acquire_owned() else {
+                        tracing::warn!("http: max_client_connections connections open; refusing one");
+                        continue;
+                    };
+                    tasks.spawn(connection(tcp, peer, shared.clone(), tasks.clone(), permit));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "http accept failed");
@@ -81,10 +88,17 @@ struct Conn {
     tasks: TaskTracker,
 }
 
-async fn connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, tasks: TaskTracker) {
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    tasks: TaskTracker,
+    _permit: OwnedSemaphorePermit,
+) {
     let _ = tcp.set_nodelay(true);
     let Ok(local) = tcp.local_addr() else { return };
     let acceptor = shared.config().client_tls.http_acceptor().cloned();
+    let drain = shared.drain_signal();
     let conn = Conn {
         shared,
         local,
@@ -92,26 +106,36 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, tasks
         secure: acceptor.is_some(),
         tasks,
     };
-    let service = hyper::service::service_fn(move |req| handle(req, conn.clone()));
-    let http = hyper::server::conn::http1::Builder::new();
-    let served = match acceptor {
+    match acceptor {
         Some(acceptor) => {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => {
-                    http.serve_connection(TokioIo::new(tls), service)
-                        .with_upgrades()
-                        .await
-                }
-                _ => return,
+            if let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                serve_http(TokioIo::new(tls), conn, drain).await;
             }
         }
-        None => {
-            http.serve_connection(TokioIo::new(tcp), service)
-                .with_upgrades()
-                .await
+        None => serve_http(TokioIo::new(tcp), conn, drain).await,
+    }
+}
+
+/// HTTP/1.1 on one connection until it ends; on drain, ends after the request in flight.
+async fn serve_http<I>(io: TokioIo<I>, conn: Conn, mut drain: tokio::sync::watch::Receiver<bool>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| handle(req, conn.clone()));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT);
+    let served = http.serve_connection(io, service).with_upgrades();
+    tokio::pin!(served);
+    let res = tokio::select! {
+        r = served.as_mut() => r,
+        _ = async { drain.wait_for(|d| *d).await.map(|_| ()) } => {
+            served.as_mut().graceful_shutdown();
+            served.await
         }
     };
-    if let Err(e) = served {
+    if let Err(e) = res {
         tracing::debug!(error = %e, "http connection ended");
     }
 }
@@ -142,10 +166,27 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
 }
 
 fn error_body(e: &Error) -> Value {
+    if let Error::ServerError(raw) = e {
+        // PostgreSQL's own answer (an unknown database, ...), with all its fields.
+        return sql::error_json(&crate::protocol::error_fields(raw));
+    }
     let ce = e.to_client().unwrap_or_else(|| {
         crate::error::ClientError::error("58000", "the request failed in the pooler")
     });
     sql::client_error_json(&ce)
+}
+
+/// Cancels the statement running on a server connection unless disarmed: a request
+/// whose client left (its future dropped) must not leave a backend running beyond
+/// the slot it gave back.
+struct CancelOnDrop(Option<(SocketAddr, crate::protocol::BackendKeyData)>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some((addr, key)) = self.0.take() {
+            tokio::spawn(crate::pool::send_cancel(addr, key));
+        }
+    }
 }
 
 /// Counts the request as a client of its pool while it runs.
@@ -208,6 +249,20 @@ async fn run_sql(
     let cfg = shared.config();
     let http = cfg.http.clone().unwrap_or_default();
     let (parts, body) = req.into_parts();
+    // Who it is first: bodies are read only for authenticated clients within
+    // max_client_connections.
+    let head = sql::parse_head(&parts.headers)?;
+    let login = &head.login;
+    let secret = cfg.users.get(&login.user);
+    if !shared
+        .passwords
+        .verify(&login.user, secret, &login.password)
+        .await?
+    {
+        return Err(Error::AuthFailed(login.user.clone()));
+    }
+    let key = PoolKey::new(&login.database, &login.user);
+    let _client = ClientSlot::take(shared, &key)?;
     let max_request = http.max_request_bytes();
     let body = axum::body::to_bytes(Body::new(body), max_request)
         .await
@@ -216,18 +271,10 @@ async fn run_sql(
             bound: "max_request_bytes",
             max: max_request,
         })?;
-    let req = sql::parse(&parts.headers, &body)?;
-    let login = &req.login;
-    let secret = cfg.users.get(&login.user);
-    if !shared
-        .passwords
-        .verify(&login.user, secret, &login.password)
-        .await
-    {
-        return Err(Error::AuthFailed(login.user.clone()));
-    }
-    let key = PoolKey::new(&login.database, &login.user);
-    let _client = ClientSlot::take(shared, &key)?;
+    let mut lease = shared.memory.lease();
+    lease.resize(body.len(), "an HTTP request")?;
+    let req = sql::parse_body(head, &body)?;
+    drop(body);
     let (mut conn, waited) = match shared.pools.acquire(&key, &cfg).await {
         Ok(c) => c,
         Err(e) => {
@@ -243,18 +290,25 @@ async fn run_sql(
         .pools
         .params(&key)
         .map_or_else(|| login_params(&conn.params), |p| login_params(&p));
-    if let Err(e) = reset_params(&mut conn, &defaults).await {
-        conn.discard();
-        return Err(e);
-    }
+    // Closed (politely, by the guard) when not known to be clean.
+    reset_params(&mut conn, &defaults).await?;
     let labels = crate::metrics::PoolLabels::from(&key);
     shared
         .metrics
         .queries
         .get_or_create(&labels)
         .inc_by(req.statements.len() as u64);
-    match exec::run(&mut conn, &req, http.max_response_bytes()).await {
-        Ok(outcome) => {
+    let mut cancel = CancelOnDrop(Some((conn.addr, conn.key)));
+    let ran = exec::run(&mut conn, &req, http.max_response_bytes(), &mut lease).await;
+    match ran {
+        Ok((outcome, effects)) => {
+            cancel.0 = None;
+            if effects.dropped_statements {
+                conn.prepared.clear();
+            }
+            if effects.schema_changed {
+                shared.schema_changed();
+            }
             conn.release(true, &cfg);
             Ok(match outcome {
                 exec::Outcome::Failed(fields) => Err(fields),
@@ -269,13 +323,9 @@ async fn run_sql(
                 }
             })
         }
-        Err(e) => {
-            // Output may still be coming: the statement is cancelled and the
-            // connection closed (the guard closes it on drop).
-            tokio::spawn(crate::pool::send_cancel(conn.addr, conn.key));
-            drop(conn);
-            Err(e)
-        }
+        // Output may still be coming: the statement is cancelled (the guard) and the
+        // connection closed (its guard).
+        Err(e) => Err(e),
     }
 }
 
@@ -312,13 +362,25 @@ fn websocket(mut req: Request<Incoming>, conn: Conn) -> Response<Body> {
             return;
         };
         let max = shared.max_message + 1024;
+        // Small buffers: an idle WebSocket costs about what an idle TCP client does.
         let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0)
+            .max_write_buffer_size(max)
             .max_message_size(Some(max))
             .max_frame_size(Some(max));
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
-        let io = WsIo::new(ws, conn.local, conn.peer, conn.secure);
+        // Cancel keys name the PostgreSQL port: a CancelRequest for this session that
+        // lands on another replica is forwarded there.
+        let pg_port = shared
+            .config()
+            .listen_addr
+            .parse::<SocketAddr>()
+            .map_or(conn.local.port(), |a| a.port());
+        let local = SocketAddr::new(conn.local.ip(), pg_port);
+        let io = WsIo::new(ws, local, conn.peer, conn.secure);
         shared.metrics.websocket_opened();
         serve_client(Stream::WebSocket(Box::new(io)), shared.clone()).await;
         shared.metrics.websocket_closed();

@@ -138,6 +138,19 @@ pub fn login(conn: &str) -> Result<Login, Error> {
         d if d.is_empty() => user.clone(),
         d => d,
     };
+    // A startup packet cannot carry them: a NUL would end the name and start another
+    // parameter in the server's startup packet.
+    for (what, v) in [
+        ("user", &user),
+        ("password", &password),
+        ("database", &database),
+    ] {
+        if v.chars().any(char::is_control) {
+            return Err(bad(format!(
+                "Neon-Connection-String: the {what} holds a control character"
+            )));
+        }
+    }
     Ok(Login {
         user,
         password,
@@ -145,54 +158,85 @@ pub fn login(conn: &str) -> Result<Login, Error> {
     })
 }
 
-/// Parses a request.
+/// What the headers say: who logs in, and how.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Head {
+    pub login: Login,
+    pub array_mode: bool,
+    /// For a batch.
+    pub batch: BatchOptions,
+}
+
+/// Parses the headers (checked, and the login verified, before the body is read).
 ///
 /// # Errors
 /// [`Error::BadRequest`] naming what is wrong.
-pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<SqlRequest, Error> {
+pub fn parse_head(headers: &HeaderMap) -> Result<Head, Error> {
     let conn = header(headers, "neon-connection-string")?
         .ok_or_else(|| bad("the Neon-Connection-String header is missing"))?;
-    let login = login(conn)?;
-    let array_mode = flag(headers, "neon-array-mode")?.unwrap_or(false);
-    let body: Body = serde_json::from_slice(body).map_err(|e| bad(format!("request body: {e}")))?;
-    let (batch, statements) = match (body.query, body.queries) {
-        (Some(query), None) => {
-            let params = body.params.into_iter().map(param).collect();
-            (None, vec![Statement { query, params }])
+    let isolation = match header(headers, "neon-batch-isolation-level")? {
+        None => None,
+        Some("ReadUncommitted") => Some("READ UNCOMMITTED"),
+        Some("ReadCommitted") => Some("READ COMMITTED"),
+        Some("RepeatableRead") => Some("REPEATABLE READ"),
+        Some("Serializable") => Some("SERIALIZABLE"),
+        Some(other) => {
+            return Err(bad(format!("unknown Neon-Batch-Isolation-Level {other:?}")));
         }
+    };
+    Ok(Head {
+        login: login(conn)?,
+        array_mode: flag(headers, "neon-array-mode")?.unwrap_or(false),
+        batch: BatchOptions {
+            isolation,
+            read_only: flag(headers, "neon-batch-read-only")?,
+            deferrable: flag(headers, "neon-batch-deferrable")?,
+        },
+    })
+}
+
+/// Parses the body of a request with `head`.
+///
+/// # Errors
+/// [`Error::BadRequest`] naming what is wrong.
+pub fn parse_body(head: Head, body: &[u8]) -> Result<SqlRequest, Error> {
+    let body: Body = serde_json::from_slice(body).map_err(|e| bad(format!("request body: {e}")))?;
+    let params = |p: Vec<Value>| p.into_iter().map(param).collect();
+    let (batch, statements) = match (body.query, body.queries) {
+        (Some(query), None) => (
+            None,
+            vec![Statement {
+                query,
+                params: params(body.params),
+            }],
+        ),
         (None, Some(queries)) => {
-            let isolation = match header(headers, "neon-batch-isolation-level")? {
-                None => None,
-                Some("ReadUncommitted") => Some("READ UNCOMMITTED"),
-                Some("ReadCommitted") => Some("READ COMMITTED"),
-                Some("RepeatableRead") => Some("REPEATABLE READ"),
-                Some("Serializable") => Some("SERIALIZABLE"),
-                Some(other) => {
-                    return Err(bad(format!("unknown Neon-Batch-Isolation-Level {other:?}")));
-                }
-            };
-            let options = BatchOptions {
-                isolation,
-                read_only: flag(headers, "neon-batch-read-only")?,
-                deferrable: flag(headers, "neon-batch-deferrable")?,
-            };
             let statements = queries
                 .into_iter()
                 .map(|q| Statement {
                     query: q.query,
-                    params: q.params.into_iter().map(param).collect(),
+                    params: params(q.params),
                 })
                 .collect();
-            (Some(options), statements)
+            (Some(head.batch), statements)
         }
         _ => return Err(bad("the body needs either \"query\" or \"queries\"")),
     };
     Ok(SqlRequest {
-        login,
-        array_mode,
+        login: head.login,
+        array_mode: head.array_mode,
         batch,
         statements,
     })
+}
+
+/// Parses a whole request.
+///
+/// # Errors
+/// [`Error::BadRequest`] naming what is wrong.
+#[cfg(test)]
+pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<SqlRequest, Error> {
+    parse_body(parse_head(headers)?, body)
 }
 
 /// One column of a result.

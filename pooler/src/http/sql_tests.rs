@@ -70,7 +70,15 @@ fn a_batch_with_its_transaction_options() {
 fn bad_requests_say_what_is_wrong() {
     let conn = [("Neon-Connection-String", "postgresql://app:pw@h/db")];
     type Case<'a> = (&'a [(&'a str, &'a str)], &'a [u8], &'a str);
-    let cases: [Case; 6] = [
+    let cases: [Case; 7] = [
+        (
+            &[(
+                "Neon-Connection-String",
+                "postgresql://app:pw@h/app%00user%00postgres",
+            )],
+            br#"{"query":"select 1"}"#,
+            "control character",
+        ),
         (
             &[],
             br#"{"query":"select 1"}"#,

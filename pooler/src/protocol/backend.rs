@@ -206,6 +206,24 @@ impl ErrorFields {
     }
 }
 
+/// Every field of a whole ErrorResponse message (`raw`: tag, length, body) as (type,
+/// value); what does not parse is left out.
+pub fn error_fields(raw: &[u8]) -> Vec<(u8, String)> {
+    let mut out = Vec::new();
+    let mut body = raw.get(5..).unwrap_or_default();
+    while let Some((&t, rest)) = body.split_first() {
+        if t == 0 {
+            break;
+        }
+        let Some(end) = rest.iter().position(|&c| c == 0) else {
+            break;
+        };
+        out.push((t, String::from_utf8_lossy(&rest[..end]).into_owned()));
+        body = &rest[end + 1..];
+    }
+    out
+}
+
 /// ErrorResponse (`E`) for a pooler-generated error.
 pub fn error_response(e: &ClientError) -> Bytes {
     let mut body = BytesMut::new();
@@ -269,6 +287,9 @@ mod tests {
     fn error_response_fields() {
         let e = ClientError::fatal("53300", "too many");
         let f = ErrorFields::decode(&frame(error_response(&e))).unwrap();
+        let all = error_fields(&error_response(&e));
+        assert!(all.contains(&(b'C', e.code.to_string())), "{all:?}");
+        assert!(all.contains(&(b'M', e.message.clone())), "{all:?}");
         assert_eq!(
             (f.severity.as_str(), f.code.as_str(), f.message.as_str()),
             ("FATAL", "53300", "too many")

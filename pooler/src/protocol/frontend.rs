@@ -150,8 +150,10 @@ pub fn startup_message(params: &[(&str, &str)]) -> Bytes {
     b.freeze()
 }
 
+/// Writes `s` NUL-terminated. A NUL inside `s` (which no decoded message holds) ends it
+/// there: it must never start another field, as in a startup packet's next parameter.
 fn put_cstr(b: &mut BytesMut, s: &str) {
-    b.put_slice(s.as_bytes());
+    b.put_slice(s.split('\0').next().unwrap_or_default().as_bytes());
     b.put_u8(0);
 }
 

@@ -13,7 +13,7 @@ mod fuzz;
 
 pub use backend::{
     Authentication, BackendKeyData, ErrorFields, ParameterStatus, ReadyForQuery, TxStatus,
-    close_complete, error_response, parse_complete,
+    close_complete, error_fields, error_response, parse_complete,
 };
 pub use frame::{Frame, split_frame, split_startup};
 pub use frontend::{

@@ -212,7 +212,7 @@ async fn authenticate(
         let f = read_frame(stream, buf, MAX_AUTH_MESSAGE).await?;
         let pw = PasswordMessage::decode(&f)?;
         let pw = String::from_utf8(pw.password).map_err(|_| Error::AuthFailed(user.to_string()))?;
-        if !shared.passwords.verify(user, secret, &pw).await {
+        if !shared.passwords.verify(user, secret, &pw).await? {
             return Err(Error::AuthFailed(user.to_string()));
         }
         return Ok(());
