@@ -8,7 +8,8 @@
 //! Towards clients: tokio-postgres with rustls and psql with `sslmode=verify-full` log
 //! in through the pooler; a plaintext login to a `require` pooler is refused; a rotated
 //! certificate is served to the next client without a restart; direct TLS (PostgreSQL
-//! 17's `sslnegotiation=direct`, ALPN `postgresql`) works.
+//! 17's `sslnegotiation=direct`, ALPN `postgresql`) works; the HTTP front door serves
+//! HTTPS with the same certificate.
 
 mod common;
 
@@ -320,4 +321,55 @@ async fn clients_log_in_over_tls_and_plaintext_is_refused_when_required() -> Res
         .await?;
     p.shutdown().await?;
     Ok(())
+}
+
+#[tokio::test]
+async fn the_http_front_door_serves_https_with_the_client_certificate() -> Result<()> {
+    let pg = tokio::task::spawn_blocking(|| TempPostgres::builder().start()).await??;
+    let ca = TestCa::new("pooler CA")?;
+    let cert = ca.issue(&["localhost", "127.0.0.1"])?;
+    let dir = tempfile::tempdir()?;
+    let (c, k) = (
+        write(dir.path(), "tls.crt", &cert.cert_pem)?,
+        write(dir.path(), "tls.key", &cert.key_pem)?,
+    );
+    let text = format!(
+        "{}[client_tls]\nmode = \"allow\"\ncert_file = \"{c}\"\nkey_file = \"{k}\"\n\
+         [http]\nlisten_addr = \"127.0.0.1:0\"\n",
+        config_text(&pg, "connection_limit = 2")
+    );
+    let mut p = start_with_text(&text).await?;
+    let http = p.http.context("http on")?;
+    let body = r#"{"query":"select 41 + 1 as n","params":[]}"#;
+    let request = format!(
+        "POST /sql HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Neon-Connection-String: postgresql://{}:{}@localhost/{APP_DB}\r\n\
+         Neon-Array-Mode: true\r\nContent-Length: {}\r\n\r\n{body}",
+        APP_USER.0,
+        APP_USER.1,
+        body.len()
+    );
+    // HTTPS, verified against the CA, with ALPN http/1.1 as fetch() offers it.
+    let tcp = TcpStream::connect(http).await?;
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::new(client_config(ca.pem(), Some(b"http/1.1"))?));
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost")?, tcp)
+        .await?;
+    tls.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer);
+    ensure!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    ensure!(answer.contains(r#""rows":[["42"]]"#), "{answer}");
+    // Plain HTTP to the TLS port gets no answer.
+    let mut tcp = TcpStream::connect(http).await?;
+    tcp.write_all(request.as_bytes()).await?;
+    let mut plain = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut plain)).await;
+    ensure!(
+        !String::from_utf8_lossy(&plain).contains("200 OK"),
+        "plain HTTP was served"
+    );
+    p.shutdown().await
 }
