@@ -9,7 +9,7 @@ export SLUICE_BIN_DIR ?= $(SLUICE_CACHE)/bin
 export PATH := $(SLUICE_BIN_DIR):$(PATH)
 CARGO ?= cargo
 
-.PHONY: help build tools node-deps lint fmt unit e2e compat test fuzz crds bench bench-build bench-pooler bench-operator demo images clean-cache
+.PHONY: help build tools node-deps lint fmt unit e2e compat test fuzz crds bench bench-build bench-build-musl bench-pooler bench-operator demo images clean-cache
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -61,9 +61,18 @@ bench: ## Benchmarks: pooler vs PgBouncer, and the operator at scale; writes doc
 bench-build:
 	$(CARGO) build -q --release -p sluice-operator -p sluice-pooler -p sluice-e2e --bin sluice-operator --bin sluice-pooler --bin sluice-bench-operator --bin sluice-bench-http
 
-bench-pooler: bench-build ## Pooler vs PgBouncer vs PostgreSQL (pgbench; ~10 min)
+bench-pooler: bench-build bench-build-musl ## Pooler (glibc and musl builds) vs PgBouncer 1.25 (../shared/anchors or PGBOUNCER=) and 1.18 vs PostgreSQL (pgbench; ~15 min)
 	mkdir -p "$(SLUICE_CACHE)/bench"
-	SLUICE_POOLER="$(CARGO_TARGET_DIR)/release/sluice-pooler" bash e2e/bench/pooler.sh "$(SLUICE_CACHE)/bench/pooler.md"
+	SLUICE_POOLER="$(CARGO_TARGET_DIR)/release/sluice-pooler" \
+	  SLUICE_POOLER_MUSL="$(CARGO_TARGET_DIR)/$(MUSL_TARGET)/release/sluice-pooler" \
+	  bash e2e/bench/pooler.sh "$(SLUICE_CACHE)/bench/pooler.md"
+
+# The static pooler the container image runs (`make images`), measured next to the glibc one.
+MUSL_TARGET := x86_64-unknown-linux-musl
+bench-build-musl:
+	command -v musl-gcc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq musl-tools >/dev/null
+	rustup target list --installed | grep -qx $(MUSL_TARGET) || rustup target add $(MUSL_TARGET)
+	$(CARGO) build -q --release --target $(MUSL_TARGET) -p sluice-pooler --bin sluice-pooler
 
 bench-operator: tools bench-build ## 200 ConnectionPools on the real control plane (~4 min)
 	mkdir -p "$(SLUICE_CACHE)/bench"

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# make bench-pooler: sluice-pooler side by side with PgBouncer (the reference)
-# and PostgreSQL itself (the ceiling), in one run on one machine, interleaved
-# and repeated; prints medians and Sluice/PgBouncer ratios.
+# make bench-pooler: sluice-pooler side by side with PgBouncer (the reference: 1.25 from
+# ../shared/anchors or PGBOUNCER=, else Debian's 1.18; Debian's as a second column when
+# 1.25 is the reference) and PostgreSQL itself (the ceiling), and the static musl build
+# of the pooler next to the glibc one, in one run on one machine, interleaved and
+# repeated; prints medians and Sluice/PgBouncer ratios, CPU per transaction first.
 #
 # Usage: e2e/bench/pooler.sh [REPORT.md]
 # Env:   ROUNDS (3)  DURATION seconds per pgbench run (6)  IDLE_CLIENTS (10000)
 #        SLUICE_POOLER (path to a release sluice-pooler; built if unset)
+#        SLUICE_POOLER_MUSL (the static musl build, as in the image; its rows are left
+#        out when unset or missing)
+#        PGBOUNCER (the reference PgBouncer; default ../shared/anchors/pgbouncer-1.25.2)
 #        SLUICE_BENCH_HTTP (the HTTP load generator; next to SLUICE_POOLER if unset)
 #        HTTP_CLIENTS ("10 100": the front door's rows; "" skips them)
 #        BENCH_TARGETS ("postgres pgbouncer sluice"; fewer for a quick check)
@@ -29,9 +34,16 @@ USER_NAME=app PASSWORD=app-secret DB=app
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 if ! command -v pgbouncer >/dev/null; then
-  log "installing pgbouncer (Debian package)"
+  log "installing pgbouncer (Debian package; also brings the libraries 1.25 needs)"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
 fi
+DEBIAN_BOUNCER=$(command -v pgbouncer)
+REF_BOUNCER=${PGBOUNCER:-$(cd "$ROOT/.." && pwd)/shared/anchors/pgbouncer-1.25.2}
+[[ -x $REF_BOUNCER ]] && "$REF_BOUNCER" --version >/dev/null 2>&1 || REF_BOUNCER=$DEBIAN_BOUNCER
+REF_VERSION=$("$REF_BOUNCER" --version | head -1 | awk '{print $2}')
+DEB_VERSION=$("$DEBIAN_BOUNCER" --version | head -1 | awk '{print $2}')
+# Protocol-level prepared statements in transaction mode came with 1.21.
+bouncer_prepares() { awk -v v="$1" 'BEGIN{ split(v, a, "."); exit !(a[1] > 1 || a[2] >= 21) }'; }
 if [[ -z ${SLUICE_POOLER:-} && " ${BENCH_TARGETS:-sluice} " == *" sluice "* ]]; then
   log "building sluice-pooler (release)"
   # `make bench-build`, so this and `make bench-operator` share one build
@@ -84,14 +96,17 @@ log "pgbench -i -s 10"
 pgbench -q -i -s 10 -h 127.0.0.1 -p "$PG_PORT" -U "$USER_NAME" "$DB" >/dev/null 2>&1
 
 # --- PgBouncer (transaction mode, pool 20, SCRAM to clients) ----------------
-BOUNCER_PORT=$(free_port)
+# The same prepared-statement cache size as Sluice's max_prepared_statements default.
+PREPARED=100
 printf '"%s" "%s"\n' "$USER_NAME" "$PASSWORD" > "$W/userlist.txt"
-cat > "$W/pgbouncer.ini" <<EOF
+# bouncer_ini NAME PORT VERSION: the config of one PgBouncer.
+bouncer_ini() {
+  cat > "$W/$1.ini" <<EOF
 [databases]
 $DB = host=127.0.0.1 port=$PG_PORT dbname=$DB
 [pgbouncer]
 listen_addr = 127.0.0.1
-listen_port = $BOUNCER_PORT
+listen_port = $2
 unix_socket_dir =
 auth_type = scram-sha-256
 auth_file = $W/userlist.txt
@@ -99,15 +114,24 @@ pool_mode = transaction
 default_pool_size = $POOL
 max_db_connections = $POOL
 max_client_conn = $((IDLE_CLIENTS + 1000))
-logfile = $W/pgbouncer.log
+logfile = $W/$1.log
 log_connections = 0
 log_disconnections = 0
 EOF
-chown nobody "$W"/pgbouncer.ini "$W"/userlist.txt 2>/dev/null || true
+  bouncer_prepares "$3" && echo "max_prepared_statements = $PREPARED" >> "$W/$1.ini"
+  chown nobody "$W/$1.ini" 2>/dev/null || true
+}
+BOUNCER_PORT=$(free_port); bouncer_ini pgbouncer "$BOUNCER_PORT" "$REF_VERSION"
+DEB_PORT=$(free_port); bouncer_ini pgbouncer118 "$DEB_PORT" "$DEB_VERSION"
+chown nobody "$W"/userlist.txt 2>/dev/null || true
 
 start_pgbouncer() {
-  "${AS_NOBODY[@]}" pgbouncer "$W/pgbouncer.ini" >/dev/null 2>&1 &
+  "${AS_NOBODY[@]}" "$REF_BOUNCER" "$W/pgbouncer.ini" >/dev/null 2>&1 &
   BOUNCER_PID=$!; PIDS+=("$BOUNCER_PID"); wait_port "$BOUNCER_PORT"
+}
+start_pgbouncer118() {
+  "${AS_NOBODY[@]}" "$DEBIAN_BOUNCER" "$W/pgbouncer118.ini" >/dev/null 2>&1 &
+  DEB_PID=$!; PIDS+=("$DEB_PID"); wait_port "$DEB_PORT"
 }
 
 # --- Sluice (transaction mode, limit 20, SCRAM to clients) ------------------
@@ -141,16 +165,29 @@ start_sluice() {
   RUST_LOG=warn "$SLUICE_POOLER" --config "$W/pooler.toml" >"$W/sluice.log" 2>&1 &
   SLUICE_PID=$!; PIDS+=("$SLUICE_PID"); wait_port "$SLUICE_PORT"
 }
+# The musl build: the same config on ports of its own.
+MUSL_PORT=$(free_port)
+sed -e "s/127.0.0.1:$SLUICE_PORT/127.0.0.1:$MUSL_PORT/" -e "s/127.0.0.1:$SLUICE_ADMIN/127.0.0.1:$(free_port)/" \
+    -e "s/127.0.0.1:$SLUICE_HTTP/127.0.0.1:$(free_port)/" "$W/pooler.toml" > "$W/pooler-musl.toml"
+start_sluice_musl() {
+  RUST_LOG=warn "$SLUICE_POOLER_MUSL" --config "$W/pooler-musl.toml" >"$W/sluice-musl.log" 2>&1 &
+  MUSL_PID=$!; PIDS+=("$MUSL_PID"); wait_port "$MUSL_PORT"
+}
 
 stop_pid() { kill "$1" 2>/dev/null || true; for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.05; done; kill -9 "$1" 2>/dev/null || true; }
 
-read -r -a TARGETS <<<"${BENCH_TARGETS:-postgres pgbouncer sluice}"
+DEFAULT_TARGETS="postgres pgbouncer sluice"
+[[ $REF_BOUNCER != "$DEBIAN_BOUNCER" ]] && DEFAULT_TARGETS+=" pgbouncer118"
+[[ -x ${SLUICE_POOLER_MUSL:-} ]] && DEFAULT_TARGETS+=" sluice-musl"
+read -r -a TARGETS <<<"${BENCH_TARGETS:-$DEFAULT_TARGETS}"
 has_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 start_pgbouncer
+has_target pgbouncer118 && start_pgbouncer118
 has_target sluice && start_sluice
+has_target sluice-musl && start_sluice_musl
 
-port_of() { case $1 in postgres) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT";; sluice) echo "$SLUICE_PORT";; esac; }
-pid_of() { case $1 in pgbouncer) echo "$BOUNCER_PID";; sluice) echo "$SLUICE_PID";; *) echo "";; esac; }
+port_of() { case $1 in postgres) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT";; pgbouncer118) echo "$DEB_PORT";; sluice) echo "$SLUICE_PORT";; sluice-musl) echo "$MUSL_PORT";; esac; }
+pid_of() { case $1 in pgbouncer) echo "$BOUNCER_PID";; pgbouncer118) echo "$DEB_PID";; sluice) echo "$SLUICE_PID";; sluice-musl) echo "$MUSL_PID";; *) echo "";; esac; }
 cpu_ticks() { [[ -n $1 ]] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; }
 TCK=$(getconf CLK_TCK)
 # CPU time the hypervisor gave to other guests (the "steal" column of /proc/stat), as
@@ -210,8 +247,8 @@ for round in $(seq "$ROUNDS"); do
   for s in "${SCENARIOS[@]}"; do
     read -r scen clients mode extra <<<"$s"
     for t in "${order[@]}"; do
-      if [[ $scen == prep100 && $t == pgbouncer ]]; then
-        RES[$scen|$t]+="unsupported "; continue  # PgBouncer 1.18: no protocol-level prepared statements in transaction mode
+      if [[ $scen == prep100 ]] && { [[ $t == pgbouncer ]] && ! bouncer_prepares "$REF_VERSION" || [[ $t == pgbouncer118 ]] && ! bouncer_prepares "$DEB_VERSION"; }; then
+        RES[$scen|$t]+="unsupported "; continue  # before 1.21: no protocol-level prepared statements in transaction mode
       fi
       # shellcheck disable=SC2086
       run_pgbench "$t" "$scen" "$clients" "$mode" $extra
@@ -303,35 +340,53 @@ pratio() {
 mark() { awk -v r="${1%×}" -v t="$2" -v dir="$3" 'BEGIN{ if (r !~ /^[0-9.]+$/) { print ""; exit } ok = (dir == "ge") ? (r >= t) : (r <= t); print ok ? "✓" : "✗" }'; }
 
 {
-  echo "### Pooler: sluice-pooler vs PgBouncer $(pgbouncer --version | head -1 | awk '{print $2}') vs PostgreSQL direct"
+  echo "### Pooler: sluice-pooler vs PgBouncer $REF_VERSION vs PostgreSQL direct"
   echo
-  echo "$(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB; pgbench -S, scale 10, pool 20, transaction mode, SCRAM; sluice-pooler --worker-threads $SLUICE_WORKER_THREADS; ${DURATION}s per run, median of $ROUNDS interleaved rounds (target order reversed on even rounds); $(date -u +%Y-%m-%d)."
+  echo "$(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB; pgbench -S, scale 10, pool 20, transaction mode, SCRAM, max_prepared_statements $PREPARED on both; sluice-pooler --worker-threads $SLUICE_WORKER_THREADS (glibc build); ${DURATION}s per run, median of $ROUNDS interleaved rounds (target order reversed on even rounds); $(date -u +%Y-%m-%d). Reference: PgBouncer $REF_VERSION ($REF_BOUNCER)."
   echo
-  echo "CPU steal (time the hypervisor gave other guests) per run: median $(echo "${STEALS[*]}" | median) %, max $(printf '%s\n' "${STEALS[@]}" | sort -n | tail -1) % over ${#STEALS[@]} runs."
+  echo "CPU steal (time the hypervisor gave other guests) per run: median $(echo "${STEALS[*]}" | median) %, max $(printf '%s\n' "${STEALS[@]}" | sort -n | tail -1) % over ${#STEALS[@]} runs. Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
   echo
-  echo "TPS, p99 and CPU columns are medians over the rounds. Ratios are the median of each round's Sluice figure over the reference's figure in the same round; the TPS ratio shows its min–max over rounds in parentheses."
+  echo "CPU is the pooler's user+system seconds per 10k transactions, the figure that carries over to bigger machines; TPS and p99 swing more between rounds on a shared 2-core machine. Ratios are the median of each round's Sluice figure over the reference's in the same round (the TPS ratio's min–max over rounds in parentheses)."
   echo
-  echo "| scenario | PostgreSQL TPS | PgBouncer TPS | Sluice TPS | Sluice/PgBouncer TPS | target | p99 ms (PgB / Sluice) | p99 ratio | CPU s/10k tx (PgB / Sluice) | CPU ratio |"
-  echo "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"
+  echo "| scenario | CPU s/10k tx (PgB / Sluice) | CPU ratio | PostgreSQL TPS | PgBouncer TPS | Sluice TPS | TPS ratio | p99 ms (PgB / Sluice) | p99 ratio |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
   for s in "${SCENARIOS[@]}"; do
     read -r scen clients mode extra <<<"$s"
     pg=$(whole "$(field "$scen" postgres 1)"); pb=$(whole "$(field "$scen" pgbouncer 1)"); sl=$(whole "$(field "$scen" sluice 1)")
     p99b=$(field "$scen" pgbouncer 3); p99s=$(field "$scen" sluice 3)
     cpub=$(field "$scen" pgbouncer 4); cpus=$(field "$scen" sluice 4)
-    ref=pgbouncer; [[ $scen == prep100 ]] && ref=postgres
+    ref=pgbouncer; [[ $pb == n/a ]] && ref=postgres
+    pratio "$scen" sluice pgbouncer 4; rc=$PR; [[ $rc != - ]] && rc="$rc $(mark "$rc" 0.8 le)"
     pratio "$scen" sluice "$ref" 1; r=$PR range=$PRANGE
     case $scen in
-      c1|c10|storm50) tgt="≥ 1.00×"; m=$(mark "$r" 1.0 ge);;
-      c100|c500) tgt="≥ 1.15×"; m=$(mark "$r" 1.15 ge);;
-      prep100) tgt="vs PostgreSQL"; m="of PG";;
-      *) tgt="-"; m="";;
+      c100|c500) r="$r $(mark "$r" 1.0 ge)";;
     esac
-    [[ $range != - ]] && m="$m ($range)"
-    pratio "$scen" sluice pgbouncer 3; rp=$PR; [[ $scen == c500 ]] && rp="$rp $(mark "$rp" 1.0 le)"
-    pratio "$scen" sluice pgbouncer 4; rc=$PR; [[ $rc != - ]] && rc="$rc $(mark "$rc" 0.8 le)"
+    [[ $ref == postgres ]] && r="$r of PG"
+    [[ $range != - ]] && r="$r ($range)"
+    pratio "$scen" sluice pgbouncer 3; rp=$PR
+    case $scen in c100|c500) rp="$rp $(mark "$rp" 1.0 le)";; esac
     label="$clients clients, -M $mode${extra:+ $extra}"
-    echo "| $label | $pg | $pb | $sl | $r $m | $tgt | $p99b / $p99s | $rp | $cpub / $cpus | $rc |"
+    echo "| $label | $cpub / $cpus | $rc | $pg | $pb | $sl | $r | $p99b / $p99s | $rp |"
   done
+  echo
+  echo "Targets: CPU ratio ≤ 0.80× in every row; TPS ≥ 1.00× and p99 ≤ 1.00× at 100 and 500 clients."
+  if has_target pgbouncer118 || has_target sluice-musl; then
+    echo
+    echo "#### Debian's PgBouncer $DEB_VERSION, and the static musl build of the pooler (the container image's)"
+    echo
+    echo "| scenario | PgBouncer $DEB_VERSION TPS | its CPU s/10k | Sluice/PgBouncer $DEB_VERSION CPU | musl Sluice TPS | musl CPU s/10k | musl/glibc CPU |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
+    for s in "${SCENARIOS[@]}"; do
+      read -r scen clients mode extra <<<"$s"
+      db=$(whole "$(field "$scen" pgbouncer118 1)"); dc=$(field "$scen" pgbouncer118 4)
+      pratio "$scen" sluice pgbouncer118 4; rd=$PR
+      mt=$(whole "$(field "$scen" sluice-musl 1)"); mc=$(field "$scen" sluice-musl 4)
+      pratio "$scen" sluice-musl sluice 4; rm=$PR; [[ $rm != - ]] && rm="$rm $(mark "$rm" 1.05 le)"
+      echo "| $clients clients, -M $mode${extra:+ $extra} | $db | $dc | $rd | $mt | $mc | $rm |"
+    done
+    echo
+    echo "Target: the musl build within 5 % of the glibc build's CPU per transaction."
+  fi
   if ((${#HTTP_CLIENTS[@]})) && has_target sluice; then
     echo
     echo "#### The HTTP front door"

@@ -22,7 +22,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
             r = listener.accept() => match r {
                 Ok((tcp, _)) => {
                     let _ = tcp.set_nodelay(true);
-                    sessions.spawn(serve_client(Stream::Plain(tcp), shared.clone()));
+                    // Boxed: the session's state machine is large, and spawning moves
+                    // a box instead of copying it.
+                    sessions.spawn(Box::pin(serve_client(Stream::Plain(tcp), shared.clone())));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");

@@ -1,6 +1,5 @@
 //! Process-wide shared state: the applied config, pools, cancel keys, metrics, drain flag.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -25,7 +24,8 @@ pub struct Shared {
     pub clients: AtomicUsize,
     draining: AtomicBool,
     drain_tx: watch::Sender<bool>,
-    cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
+    // Keys are ours (random), so a fast hash cannot be steered by clients.
+    cancels: Mutex<rustc_hash::FxHashMap<(i32, i32), CancelSlot>>,
     /// Bound on one client message.
     pub max_message: usize,
     /// Fixed at startup (changing it needs a restart).
@@ -60,7 +60,7 @@ impl Shared {
             clients: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             drain_tx,
-            cancels: Mutex::new(HashMap::new()),
+            cancels: Mutex::new(rustc_hash::FxHashMap::default()),
             max_message,
             schema_epoch: AtomicU64::new(0),
             memory,

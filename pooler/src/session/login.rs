@@ -131,16 +131,17 @@ pub(super) async fn login<'a>(
             .unwrap_or_else(|| user.clone());
         let wanted = params::from_startup(&params, &cfg.ignore_startup_parameters)
             .map_err(|u| Error::UnsupportedStartupParameter(u.0))?;
-        authenticate(stream, buf, shared, &cfg, &user).await?;
-        Ok::<_, Error>(Some((cfg, user, database, wanted)))
+        let sasl_final = authenticate(stream, buf, shared, &cfg, &user).await?;
+        Ok::<_, Error>(Some((cfg, user, database, wanted, sasl_final)))
     };
-    let (cfg, user, database, wanted) = match tokio::time::timeout(LOGIN_TIMEOUT, phase).await {
-        Ok(r) => match r? {
-            Some(v) => v,
-            None => return Ok(None),
-        },
-        Err(_) => return Err(Error::Protocol("login timed out".into())),
-    };
+    let (cfg, user, database, wanted, sasl_final) =
+        match tokio::time::timeout(LOGIN_TIMEOUT, phase).await {
+            Ok(r) => match r? {
+                Some(v) => v,
+                None => return Ok(None),
+            },
+            Err(_) => return Err(Error::Protocol("login timed out".into())),
+        };
     let key = PoolKey::new(&database, &user);
     let mut server = None;
     let server_params = match shared.pools.params(&key) {
@@ -165,7 +166,11 @@ pub(super) async fn login<'a>(
         client_params.set(name, &params::canonical(name, value));
     }
     let (cancel_key, cancel) = shared.register_cancel(stream.local_addr().ok());
-    let mut out = BytesMut::new();
+    // One write for the whole greeting, SCRAM's final message first.
+    let mut out = BytesMut::with_capacity(512);
+    if let Some(f) = sasl_final {
+        out.extend_from_slice(&f);
+    }
     out.extend_from_slice(&Authentication::Ok.encode());
     for p in server_params.iter() {
         let value = client_params.get(&p.name).unwrap_or(&p.value);
@@ -193,13 +198,15 @@ pub(super) async fn login<'a>(
     }))
 }
 
+/// Authenticates the client; returns SCRAM's final message, which goes out with the
+/// greeting (one write less per login).
 async fn authenticate(
     stream: &mut Stream,
     buf: &mut BytesMut,
     shared: &Shared,
     cfg: &Config,
     user: &str,
-) -> Result<()> {
+) -> Result<Option<Bytes>> {
     let secret = cfg.users.get(user);
     if stream.is_websocket() {
         // As Neon's proxy does: `@neondatabase/serverless` sends its password right
@@ -215,7 +222,7 @@ async fn authenticate(
         if !shared.passwords.verify(user, secret, &pw).await? {
             return Err(Error::AuthFailed(user.to_string()));
         }
-        return Ok(());
+        return Ok(None);
     }
     match cfg.auth_method {
         AuthMethod::ScramSha256 => {
@@ -247,9 +254,7 @@ async fn authenticate(
             if secret.is_none() {
                 return Err(Error::AuthFailed(user.to_string()));
             }
-            stream
-                .send(&Authentication::SaslFinal(Bytes::from(fin)).encode())
-                .await?;
+            return Ok(Some(Authentication::SaslFinal(Bytes::from(fin)).encode()));
         }
         AuthMethod::Md5 => {
             let salt: [u8; 4] = rand::random();
@@ -272,5 +277,5 @@ async fn authenticate(
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
