@@ -182,10 +182,12 @@ impl Gen {
                 note.push_str(" c");
             }
             3 => {
-                // Hostile: a query inside the COPY; PostgreSQL ends the session.
+                // Hostile: a query inside the COPY; PostgreSQL ends the session. Nothing
+                // after it: bytes PostgreSQL never reads make its close a reset, which
+                // can discard its last answers before the client reads them (a
+                // divergence of the oracle, seen once in an hour of fuzzing).
                 b.extend_from_slice(&query("select 'inside copy'"));
-                b.extend_from_slice(&copy_done());
-                note.push_str(" Q c (FATAL)");
+                note.push_str(" Q (FATAL)");
                 self.fatal = true;
                 return (b, note);
             }
