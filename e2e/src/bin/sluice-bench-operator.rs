@@ -36,27 +36,14 @@ fn cpu_secs(pid: u32) -> Result<f64> {
     Ok(ticks / 100.0)
 }
 
-/// Peak resident set (VmHWM) in MiB.
-fn peak_rss_mib(pid: u32) -> Result<f64> {
+/// A memory figure of `/proc/<pid>/status` in MiB: `VmHWM` (peak resident set) or
+/// `VmRSS` (resident set now).
+fn status_mib(pid: u32, field: &str) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .context("VmHWM")?
-        .trim()
-        .trim_end_matches(" kB")
-        .trim()
-        .parse()?;
-    Ok(kib / 1024.0)
-}
-
-/// Resident set now (VmRSS) in MiB.
-fn rss_mib(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .context("VmRSS")?
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .with_context(|| field.to_string())?
         .trim()
         .trim_end_matches(" kB")
         .trim()
@@ -220,12 +207,12 @@ async fn main() -> Result<()> {
     let pid = fx.operator_pid().context("operator runs")?;
     let unrelated = env_num("UNRELATED_SECRETS", 5000) as usize;
     eprintln!("[bench-operator] creating {unrelated} unrelated Secrets");
-    let rss_before = rss_mib(pid)?;
+    let rss_before = status_mib(pid, "VmRSS")?;
     let t = Instant::now();
     create_unrelated_secrets(&fx, unrelated).await?;
     // The operator's watch has them a moment after the last create.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let rss_secrets = rss_mib(pid)?;
+    let rss_secrets = status_mib(pid, "VmRSS")?;
     eprintln!(
         "[bench-operator] {unrelated} Secrets in {:.1}s; operator RSS {rss_before:.1} -> {rss_secrets:.1} MiB",
         t.elapsed().as_secs_f64()
@@ -298,7 +285,7 @@ async fn main() -> Result<()> {
     );
     tokio::time::sleep(Duration::from_secs(steady)).await;
     let req2 = api_requests(&metrics).await?;
-    let rss = peak_rss_mib(pid)?;
+    let rss = status_mib(pid, "VmHWM")?;
     let (converge_all, converge_writes, converge_parts) = delta(&req0, &req1);
     let per_pool = converge_writes / pools as f64;
     // Reads: one GET per child the first time (an object of that name must not be
