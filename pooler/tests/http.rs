@@ -355,3 +355,32 @@ async fn a_client_that_leaves_mid_query_leaves_no_backend_running() -> Result<()
     assert!(backends(&su).await? <= 2);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_backend_answers_with_the_servers_own_error() -> Result<()> {
+    let pg = postgres(20).await?;
+    let p = start(&pg, &format!("connection_limit = 2\n{HTTP}")).await?;
+    let su = sluice_testkit::connect(&pg.conn_str(SUPERUSER.0, SUPERUSER.1, "postgres")).await?;
+    let p = Arc::new(p);
+    let request = tokio::spawn({
+        let p = p.clone();
+        async move { post(&p, &[], &json!({"query": "select pg_sleep(30)"})).await }
+    });
+    let terminated = eventually(10, || async {
+        su.query_one(
+            "select count(pg_terminate_backend(pid)) from pg_stat_activity where query = 'select pg_sleep(30)'",
+            &[],
+        )
+        .await
+        .is_ok_and(|r| r.get::<_, i64>(0) == 1)
+    })
+    .await;
+    assert!(terminated);
+    let (code, got) = request.await??;
+    assert_eq!((code, got["code"].clone()), (400, json!("57P01")), "{got}");
+    assert_eq!(got["severity"], json!("FATAL"));
+    // The pool goes on with a new connection.
+    let (code, _) = post(&p, &[], &json!({"query": "select 1"})).await?;
+    assert_eq!(code, 200);
+    Ok(())
+}

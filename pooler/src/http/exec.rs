@@ -141,7 +141,12 @@ pub async fn run(
                 break m;
             }
             if conn.stream.read_buf(&mut conn.buf).await.map_err(server)? == 0 {
-                return Err(Error::Server("server closed the connection".into()));
+                // After its own FATAL (a terminated backend, a shutdown) the server's
+                // error is the answer, not a lost connection.
+                return Err(match failed {
+                    Some(f) => Error::ServerError(error_frame(&f)),
+                    None => Error::Server("server closed the connection".into()),
+                });
             }
         };
         let ours = seen == phase;
@@ -247,6 +252,22 @@ pub async fn run(
         },
         effects,
     ))
+}
+
+/// An ErrorResponse message with `fields`.
+fn error_frame(fields: &[(u8, String)]) -> bytes::Bytes {
+    let mut body = BytesMut::new();
+    for (t, v) in fields {
+        body.put_u8(*t);
+        body.put_slice(v.as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    let mut out = BytesMut::with_capacity(body.len() + 5);
+    out.put_u8(b'E');
+    out.put_u32(u32::try_from(body.len() + 4).unwrap_or(u32::MAX));
+    out.put_slice(&body);
+    out.freeze()
 }
 
 /// The length of the message at the front of `buf`, once its header is in.
