@@ -12,6 +12,28 @@ use crate::metrics::Metrics;
 use crate::pool::{Pools, close_all, send_cancel, send_cancel_request};
 use crate::protocol::{BackendKeyData, CancelRequest};
 
+/// One client (a TCP or WebSocket session, or an HTTP request) counted in
+/// [`Shared::clients`], given back on drop on every path (a cancelled task included).
+#[derive(Debug)]
+pub struct ClientCount<'a> {
+    shared: &'a Shared,
+    /// Clients counted, this one included, when it was taken.
+    pub n: usize,
+}
+
+impl<'a> ClientCount<'a> {
+    /// The state it is counted in.
+    pub fn shared(&self) -> &'a Shared {
+        self.shared
+    }
+}
+
+impl Drop for ClientCount<'_> {
+    fn drop(&mut self) {
+        self.shared.clients.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Which server backend a client is currently using, for CancelRequest.
 pub type CancelSlot = Arc<Mutex<Option<(SocketAddr, BackendKeyData)>>>;
 
@@ -157,6 +179,12 @@ impl Shared {
             );
         }
         close_all(conns);
+    }
+
+    /// Counts one more client in [`Shared::clients`] until the guard drops.
+    pub fn count_client(&self) -> ClientCount<'_> {
+        let n = self.clients.fetch_add(1, Ordering::SeqCst) + 1;
+        ClientCount { shared: self, n }
     }
 
     pub fn is_draining(&self) -> bool {

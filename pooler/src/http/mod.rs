@@ -17,7 +17,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -38,7 +37,7 @@ use crate::error::{Error, Result};
 use crate::params::Params;
 use crate::pool::{PoolKey, login_params};
 use crate::session::serve_client;
-use crate::state::Shared;
+use crate::state::{ClientCount, Shared};
 use crate::stream::Stream;
 
 /// Time allowed for a TLS handshake on the HTTP port, and for a request's headers.
@@ -189,22 +188,21 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// Counts the request as a client of its pool while it runs.
+/// Counts the request as a client, of the process and of its pool, while it runs.
 struct ClientSlot<'a> {
-    shared: &'a Shared,
+    count: ClientCount<'a>,
     key: PoolKey,
 }
 
 impl<'a> ClientSlot<'a> {
     fn take(shared: &'a Shared, key: &PoolKey) -> Result<Self> {
-        let n = shared.clients.fetch_add(1, Ordering::SeqCst) + 1;
         let slot = Self {
-            shared,
+            count: shared.count_client(),
             key: key.clone(),
         };
         shared.pools.limiter().client_delta(key, 1);
         let max = shared.config().max_client_connections;
-        if n > max {
+        if slot.count.n > max {
             return Err(Error::TooManyClients(max));
         }
         if shared.is_draining() {
@@ -216,8 +214,11 @@ impl<'a> ClientSlot<'a> {
 
 impl Drop for ClientSlot<'_> {
     fn drop(&mut self) {
-        self.shared.clients.fetch_sub(1, Ordering::SeqCst);
-        self.shared.pools.limiter().client_delta(&self.key, -1);
+        self.count
+            .shared()
+            .pools
+            .limiter()
+            .client_delta(&self.key, -1);
     }
 }
 

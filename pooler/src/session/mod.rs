@@ -10,7 +10,6 @@ mod client;
 mod login;
 mod server;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::stream::Stream;
@@ -44,10 +43,10 @@ const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves one client connection (TCP, or a WebSocket of the HTTP front door) to its end.
 pub async fn serve_client(mut stream: Stream, shared: Arc<Shared>) {
-    let n = shared.clients.fetch_add(1, Ordering::SeqCst) + 1;
+    let count = shared.count_client();
     let drain = shared.drain_signal();
     let mut buf = BytesMut::with_capacity(login::LOGIN_BUF);
-    let res = match login::login(&mut stream, &mut buf, &shared, n).await {
+    let res = match login::login(&mut stream, &mut buf, &shared, count.n).await {
         Ok(Some(login)) => run_session(stream, buf, &shared, login, drain).await,
         Ok(None) => Ok(()),
         Err(e) => {
@@ -64,7 +63,6 @@ pub async fn serve_client(mut stream: Stream, shared: Arc<Shared>) {
             tracing::info!(error = %e.to_string().escape_debug(), "client session ended");
         }
     }
-    shared.clients.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// The one user-facing error path: writes the client-facing form of `e`, if any.
