@@ -18,24 +18,29 @@ fn conn_string(user: &str, password: &str) -> String {
     format!("postgresql://{user}:{password}@db.example:5432/{APP_DB}")
 }
 
+/// `POST /sql` as the app user with only the connection string and `headers`, given up
+/// after `timeout`; (status, body).
+async fn post_raw(
+    p: &Pooler,
+    headers: &[(&str, &str)],
+    body: &Value,
+    timeout: Duration,
+) -> Result<(u16, String)> {
+    let conn = conn_string(APP_USER.0, APP_USER.1);
+    let mut h = vec![("Neon-Connection-String", conn.as_str())];
+    h.extend_from_slice(headers);
+    let addr = p.http.expect("http on").to_string();
+    sluice_testkit::http::request_with(&addr, "POST", "/sql", &h, &body.to_string(), timeout).await
+}
+
 /// `POST /sql` with `body`, as the driver sends it; (status, JSON).
 async fn post(p: &Pooler, headers: &[(&str, &str)], body: &Value) -> Result<(u16, Value)> {
-    let conn = conn_string(APP_USER.0, APP_USER.1);
     let mut h = vec![
-        ("Neon-Connection-String", conn.as_str()),
         ("Neon-Raw-Text-Output", "true"),
         ("Neon-Array-Mode", "true"),
     ];
     h.extend_from_slice(headers);
-    let (code, text) = sluice_testkit::http::request_with(
-        &p.http.expect("http on").to_string(),
-        "POST",
-        "/sql",
-        &h,
-        &body.to_string(),
-        Duration::from_secs(60),
-    )
-    .await?;
+    let (code, text) = post_raw(p, &h, body, Duration::from_secs(60)).await?;
     Ok((code, serde_json::from_str(&text)?))
 }
 
@@ -79,19 +84,8 @@ async fn sql_over_http_answers_as_postgresql_does() -> Result<()> {
     );
 
     // Parameters as text, NULL as null; object rows without array mode.
-    let (code, got) = sluice_testkit::http::request_with(
-        &p.http.unwrap().to_string(),
-        "POST",
-        "/sql",
-        &[(
-            "Neon-Connection-String",
-            &conn_string(APP_USER.0, APP_USER.1),
-        )],
-        &json!({"query": "select $1::int + 1 as n, $2::text as t", "params": ["41", null]})
-            .to_string(),
-        Duration::from_secs(10),
-    )
-    .await?;
+    let body = json!({"query": "select $1::int + 1 as n, $2::text as t", "params": ["41", null]});
+    let (code, got) = post_raw(&p, &[], &body, Duration::from_secs(10)).await?;
     assert_eq!(code, 200, "{got}");
     let got: Value = serde_json::from_str(&got)?;
     assert_eq!(got["rows"], json!([{"n": "42", "t": null}]));
@@ -325,18 +319,8 @@ async fn a_client_that_leaves_mid_query_leaves_no_backend_running() -> Result<()
     let p = start(&pg, &format!("connection_limit = 2\n{HTTP}")).await?;
     let su = sluice_testkit::connect(&pg.conn_str(SUPERUSER.0, SUPERUSER.1, "postgres")).await?;
     for _ in 0..3 {
-        let r = sluice_testkit::http::request_with(
-            &p.http.unwrap().to_string(),
-            "POST",
-            "/sql",
-            &[(
-                "Neon-Connection-String",
-                &conn_string(APP_USER.0, APP_USER.1),
-            )],
-            &json!({"query": "select pg_sleep(60)"}).to_string(),
-            Duration::from_millis(500),
-        )
-        .await;
+        let body = json!({"query": "select pg_sleep(60)"});
+        let r = post_raw(&p, &[], &body, Duration::from_millis(500)).await;
         assert!(r.is_err(), "the client gave up");
     }
     let sleeping = || async {
