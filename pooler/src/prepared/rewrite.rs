@@ -62,6 +62,15 @@ impl Rewriter<'_> {
         self.tracker.push(p);
     }
 
+    /// Whether the client's Parse of `name` may yet fail where this message is not
+    /// skipped with it: PostgreSQL then answers the message "does not exist" (the shared
+    /// server statement would answer otherwise, or an injected Parse of it be refused in
+    /// a failed transaction), decided once the Parse is answered.
+    fn fate_unknown(&self, name: &str) -> bool {
+        self.tracker.client_probe_pending(name)
+            || self.tracker.client_parse_unsettled_across_sync(name)
+    }
+
     fn hold(&mut self) -> Step {
         self.out.extend_from_slice(&FLUSH);
         Step::Hold
@@ -208,9 +217,7 @@ impl Rewriter<'_> {
 
     fn bind(&mut self, f: &Frame) -> Result<Step> {
         let (name, range) = Bind::peek_statement(&f.raw)?;
-        if !name.is_empty() && self.tracker.client_probe_pending(name) {
-            // If that Parse fails, PostgreSQL answers this Bind "does not exist" (the
-            // shared statement would answer otherwise): decided once known.
+        if !name.is_empty() && self.fate_unknown(name) {
             return Ok(self.hold());
         }
         let st = (!name.is_empty()).then(|| self.client.get(name)).flatten();
@@ -232,6 +239,9 @@ impl Rewriter<'_> {
             return Ok(Step::Queued);
         }
         let d = Describe::decode(f)?;
+        if d.target == Target::Statement && !d.name.is_empty() && self.fate_unknown(&d.name) {
+            return Ok(self.hold());
+        }
         let st = (d.target == Target::Statement && !d.name.is_empty())
             .then(|| self.client.get(&d.name))
             .flatten();

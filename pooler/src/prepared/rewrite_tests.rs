@@ -262,3 +262,35 @@ fn a_parse_of_a_shared_statement_mid_batch_is_probed_and_its_binds_wait() {
     assert_eq!(w.send(&bind("s2"), 100), Step::Hold);
     assert_eq!(w.sent(), vec![('H', String::new())]);
 }
+
+#[test]
+fn a_bind_after_a_sync_waits_for_the_clients_own_parse() {
+    let mut w = World::default();
+    w.send(&parse("s1", SQL), 100);
+    // Same batch: if the Parse fails the server skips the Bind with it.
+    assert_eq!(w.send(&bind("s1"), 100), Step::Queued);
+    w.sent();
+    w.tracker.push(crate::tracker::Pending::Sync);
+    // Next batch: if the Parse fails, PostgreSQL answers this Bind (and a Describe of
+    // the statement) "does not exist", which only the Parse's answer tells.
+    assert_eq!(w.send(&bind("s1"), 100), Step::Hold);
+    let describe = frame(
+        Describe {
+            target: Target::Statement,
+            name: "s1".into(),
+        }
+        .encode(),
+    );
+    assert_eq!(w.send(&describe, 100), Step::Hold);
+    assert_eq!(w.sent(), vec![('H', String::new()), ('H', String::new())]);
+    // The Parse failed (an aborted transaction refused it): the Bind goes by the
+    // client's name, for PostgreSQL's own 26000.
+    w.tracker.on_message(b'3', 0);
+    w.tracker.on_message(b'E', 0);
+    w.tracker.on_message(b'Z', b'E');
+    for name in w.tracker.forget_clients.drain(..) {
+        w.client.remove(&name);
+    }
+    assert_eq!(w.send(&bind("s1"), 100), Step::Queued);
+    assert_eq!(w.sent(), vec![('B', "s1".into())]);
+}
