@@ -48,6 +48,8 @@ pub struct Shared {
     drain_tx: watch::Sender<bool>,
     // Keys are ours (random), so a fast hash cannot be steered by clients.
     cancels: Mutex<rustc_hash::FxHashMap<(i32, i32), CancelSlot>>,
+    /// Turns for passing other pods' session-mode cancel keys to the database.
+    backend_cancels: tokio::sync::Semaphore,
     /// Bound on one client message.
     pub max_message: usize,
     /// Fixed at startup (changing it needs a restart).
@@ -83,6 +85,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             drain_tx,
             cancels: Mutex::new(rustc_hash::FxHashMap::default()),
+            backend_cancels: tokio::sync::Semaphore::new(8),
             max_message,
             schema_epoch: AtomicU64::new(0),
             memory,
@@ -206,14 +209,15 @@ impl Shared {
     /// Registers a client's pooler-issued cancel key; returns the key and its slot. The
     /// key's process id is this pod's IPv4 address (`local`, where the client reached
     /// it) so that any peer behind the same Service can pass a CancelRequest on to it
-    /// (see [`Shared::cancel`]); the secret alone tells this pod's clients apart.
+    /// (see [`Shared::cancel`]); the secret alone tells this pod's clients apart. It is
+    /// never a backend's process id (see [`is_backend_pid`]).
     pub fn register_cancel(&self, local: Option<SocketAddr>) -> (BackendKeyData, CancelSlot) {
         let slot: CancelSlot = Arc::new(Mutex::new(None));
         let pid = local.and_then(ipv4_of).map(|ip| u32::from(ip) as i32);
         let mut map = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let key = BackendKeyData {
-                pid: pid.unwrap_or_else(|| rand::random::<i32>().abs().max(1)),
+                pid: pid.unwrap_or_else(|| rand::random_range(BACKEND_PIDS..i32::MAX)),
                 secret: rand::random(),
             };
             if let std::collections::hash_map::Entry::Vacant(e) = map.entry((key.pid, key.secret)) {
@@ -221,6 +225,18 @@ impl Shared {
                 return (key, slot);
             }
         }
+    }
+
+    /// Registers a session-mode client's key, its own backend's (so that
+    /// `pg_backend_pid()`, `pg_terminate_backend` and notifications agree with it), for
+    /// [`Shared::cancel_all`]; other pods pass a CancelRequest with it to the database.
+    pub fn register_backend_cancel(&self, key: BackendKeyData) -> CancelSlot {
+        let slot: CancelSlot = Arc::new(Mutex::new(None));
+        self.cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((key.pid, key.secret), slot.clone());
+        slot
     }
 
     pub fn unregister_cancel(&self, key: BackendKeyData) {
@@ -242,6 +258,20 @@ impl Shared {
         match target {
             Some(Some((addr, key))) => send_cancel(addr, key).await,
             Some(None) => {}
+            None if is_backend_pid(req.pid) => {
+                // A session-mode client's backend key, issued by another pod: PostgreSQL
+                // checks the secret. At most a few at a time, so that requests with
+                // made-up keys cannot make this pod open connections without bound.
+                let Ok(_turn) = self.backend_cancels.try_acquire() else {
+                    return;
+                };
+                let cfg = self.config();
+                let req = CancelRequest {
+                    from_peer: false,
+                    ..req
+                };
+                send_cancel_request((cfg.server.host.as_str(), cfg.server.port), req).await;
+            }
             None => {
                 if let Some(peer) = local.and_then(|l| cancel_peer(req, l)) {
                     let req = CancelRequest {
@@ -270,6 +300,15 @@ impl Shared {
             let _ = t.await;
         }
     }
+}
+
+/// Process ids below this are backends' (Linux's `pid_max` is at most 2^22); cancel keys
+/// the pooler makes up are at or above it (an IPv4 address in `0.0.0.0/8` is no pod's).
+const BACKEND_PIDS: i32 = 1 << 24;
+
+/// Whether a cancel key's process id is a PostgreSQL backend's (a session-mode key).
+pub fn is_backend_pid(pid: i32) -> bool {
+    (1..BACKEND_PIDS).contains(&pid)
 }
 
 /// The IPv4 address of `addr` (an IPv4-mapped IPv6 address included).

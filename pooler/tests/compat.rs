@@ -20,14 +20,6 @@ const EXCLUDED: &[&str] = &["TestConnectionAttributes"];
 /// What both modes cannot give, by test id substring.
 const POOLER: &[(&str, &str)] = &[
     (
-        "test_listeners.TestListeners.test_listen_",
-        "NotificationResponse carries the backend's process id, BackendKeyData the pooler's",
-    ),
-    (
-        "test_pool_min_size_restored_after_idle_connection_loss",
-        "pg_terminate_backend(get_server_pid()): the pooler's process id is not a backend's",
-    ),
-    (
         "test_pool_config_persistence",
         "flaky on this machine: one unexpected connection_lost() in 100 acquisitions with \
          max_queries=1; it failed against PostgreSQL directly too (CI, 2026-12-06)",
@@ -42,6 +34,15 @@ const POOLER: &[(&str, &str)] = &[
 
 /// What transaction mode cannot give besides: session state across transactions.
 const TRANSACTION: &[(&str, &str)] = &[
+    (
+        "test_listeners.TestListeners.test_listen_",
+        "NotificationResponse carries the backend's process id, BackendKeyData the pooler's \
+         (a client has no backend of its own between transactions)",
+    ),
+    (
+        "test_pool_min_size_restored_after_idle_connection_loss",
+        "pg_terminate_backend(get_server_pid()): the pooler's process id is not a backend's",
+    ),
     (
         "test_prepare_explicitly_named",
         "SQL EXECUTE of a protocol-level statement: the server knows it under the pooler's name",

@@ -409,6 +409,85 @@ async fn cancel_request_reaches_the_replica_that_issued_the_key() -> Result<()> 
     Ok(())
 }
 
+/// Session mode is a direct connection with a budget: the client's key is its backend's
+/// own, so `pg_backend_pid()` and notifications agree with it, a CancelRequest reaching
+/// another replica goes to the database, and the backend serves no one after the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn session_mode_gives_the_client_its_backends_own_key() -> Result<()> {
+    let pg = postgres(20).await?;
+    let su = pg.connect_superuser().await?;
+    let port = std::net::TcpListener::bind("127.0.0.2:0")?
+        .local_addr()?
+        .port();
+    let replica = |ip: &str| {
+        config_text(&pg, "connection_limit = 2\npool_mode = \"session\"").replacen(
+            "listen_addr = \"127.0.0.1:0\"",
+            &format!("listen_addr = \"{ip}:{port}\""),
+            1,
+        )
+    };
+    let mut a = start_with_text(&replica("127.0.0.2")).await?;
+    let mut b = start_with_text(&replica("127.0.0.3")).await?;
+    let (mut s, (pid, secret)) = login_keyed(a.addr, APP_USER.0, APP_USER.1, APP_DB).await?;
+    s.write_all(&query(
+        "listen ch; notify ch, 'hi'; select pg_backend_pid()",
+    ))
+    .await?;
+    let (got, done) = read_until(&mut s, Duration::from_secs(5), |t, _| t == b'Z').await;
+    ensure!(done, "no answer: {got:?}");
+    let row = got.iter().find(|(t, _)| *t == b'D').context("a row")?;
+    let backend: i32 = std::str::from_utf8(&row.1[6..])?.parse()?;
+    assert_eq!(pid, backend, "BackendKeyData carries pg_backend_pid()");
+    let note = got
+        .iter()
+        .find(|(t, _)| *t == b'A')
+        .context("a notification")?;
+    assert_eq!(i32::from_be_bytes(note.1[..4].try_into()?), pid);
+
+    s.write_all(&query("select pg_sleep(20)")).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cancel_via_b = |secret: i32| async move {
+        let mut c = TcpStream::connect(b.addr).await?;
+        let mut req = vec![0, 0, 0, 16, 4, 210, 22, 46];
+        req.extend_from_slice(&pid.to_be_bytes());
+        req.extend_from_slice(&secret.to_be_bytes());
+        c.write_all(&req).await?;
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await??;
+        anyhow::Ok(())
+    };
+    cancel_via_b(secret.wrapping_add(1)).await?;
+    let (got, done) = read_until(&mut s, Duration::from_secs(1), |t, _| t == b'Z').await;
+    ensure!(!done, "cancelled by a wrong key: {got:?}");
+    cancel_via_b(secret).await?;
+    let (got, done) = read_until(&mut s, Duration::from_secs(10), |t, _| t == b'E').await;
+    ensure!(done, "not cancelled: {got:?}");
+    let (_, code, _) = fields(&got.last().context("error")?.1);
+    assert_eq!(code, "57014", "canceling statement due to user request");
+
+    s.write_all(&terminate()).await?;
+    drop(s);
+    let gone = eventually(10, || async {
+        let n: i64 = su
+            .query_one(
+                "select count(*) from pg_stat_activity where pid = $1",
+                &[&pid],
+            )
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(1);
+        n == 0
+    })
+    .await;
+    assert!(
+        gone,
+        "the backend whose key the client had serves no one else"
+    );
+    a.shutdown().await?;
+    b.shutdown().await?;
+    Ok(())
+}
+
 /// Logs in as the app user over a raw socket.
 async fn raw_login(addr: std::net::SocketAddr, password: &str) -> Result<TcpStream> {
     login(addr, APP_USER.0, password, APP_DB).await

@@ -298,7 +298,10 @@ pub async fn send_cancel(addr: SocketAddr, key: BackendKeyData) {
 }
 
 /// Sends `req` to `addr` and waits (bounded) for the peer to close.
-pub async fn send_cancel_request(addr: SocketAddr, req: crate::protocol::CancelRequest) {
+pub async fn send_cancel_request(
+    addr: impl tokio::net::ToSocketAddrs,
+    req: crate::protocol::CancelRequest,
+) {
     if let Ok(Ok(mut s)) =
         tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await
     {

@@ -143,15 +143,25 @@ pub(super) async fn login<'a>(
             Err(_) => return Err(Error::Protocol("login timed out".into())),
         };
     let key = PoolKey::new(&database, &user);
-    let mut server = None;
+    let session = shared.mode == PoolMode::Session;
+    // Session mode: the client's own backend from now to its end (its key is the
+    // client's, see below), as a direct connection would be.
+    let mut server = if session {
+        Some(super::acquire(shared, &key, &cfg).await?)
+    } else {
+        None
+    };
     let server_params = match shared.pools.params(&key) {
         Some(p) => p,
         None => {
             // First client of this pool: a server connection tells us the parameters
             // (and that the database exists).
-            let (conn, _) = shared.pools.acquire(&key, &cfg).await?;
+            let conn = match server.take() {
+                Some(c) => c,
+                None => super::acquire(shared, &key, &cfg).await?,
+            };
             let p = Arc::new(conn.params.clone());
-            if shared.mode == PoolMode::Session {
+            if session {
                 server = Some(conn);
             } else {
                 conn.release(true, &cfg);
@@ -165,7 +175,13 @@ pub(super) async fn login<'a>(
     for (name, value) in &wanted {
         client_params.set(name, &params::canonical(name, value));
     }
-    let (cancel_key, cancel) = shared.register_cancel(stream.local_addr().ok());
+    // Session mode gives the backend's own key: `pg_backend_pid()`, `pg_terminate_backend`
+    // and notifications then agree with it, and a CancelRequest reaching any pod goes to
+    // the database. The backend serves no other client after this one (see `finish`).
+    let (cancel_key, cancel) = match &server {
+        Some(c) if session => (c.key, shared.register_backend_cancel(c.key)),
+        _ => shared.register_cancel(stream.local_addr().ok()),
+    };
     // One write for the whole greeting, SCRAM's final message first.
     let mut out = BytesMut::with_capacity(512);
     if let Some(f) = sasl_final {

@@ -18,7 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
-use crate::config::PoolMode;
+use crate::config::{Config, PoolMode};
 use crate::error::{Error, Result};
 use crate::memory::Lease;
 use crate::metrics::PoolLabels;
@@ -211,6 +211,30 @@ async fn write_client(client: &mut Stream, closing: bool, bytes: &[u8]) -> Resul
     Ok(())
 }
 
+/// A server connection for pool `key`, with the wait observed in the metrics.
+///
+/// # Errors
+/// [`Error::PoolTimeout`] after `pool_timeout`, and connection or login failures.
+async fn acquire<'a>(shared: &'a Shared, key: &PoolKey, cfg: &Config) -> Result<Checkout<'a>> {
+    match shared.pools.acquire(key, cfg).await {
+        Ok((c, waited)) => {
+            shared.metrics.wait_seconds.observe(waited.as_secs_f64());
+            Ok(c)
+        }
+        Err(e) => {
+            if matches!(e, Error::PoolTimeout { .. }) {
+                shared.metrics.pool_timeouts.inc();
+                // It waited the whole timeout.
+                shared
+                    .metrics
+                    .wait_seconds
+                    .observe(cfg.pool_timeout.as_secs_f64());
+            }
+            Err(e)
+        }
+    }
+}
+
 impl<'a> Session<'a> {
     fn transaction_mode(&self) -> bool {
         self.mode == PoolMode::Transaction
@@ -367,27 +391,13 @@ impl<'a> Session<'a> {
             if self.draining || self.shared.is_draining() {
                 return Err(Error::ShuttingDown);
             }
-            let cfg = self.shared.config();
-            match self.shared.pools.acquire(&self.key, &cfg).await {
-                Ok((c, waited)) => {
-                    self.shared
-                        .metrics
-                        .wait_seconds
-                        .observe(waited.as_secs_f64());
-                    self.attach(c);
-                }
-                Err(e) => {
-                    if matches!(e, Error::PoolTimeout { .. }) {
-                        self.shared.metrics.pool_timeouts.inc();
-                        // It waited the whole timeout.
-                        self.shared
-                            .metrics
-                            .wait_seconds
-                            .observe(cfg.pool_timeout.as_secs_f64());
-                    }
-                    return Err(e);
-                }
+            if self.mode == PoolMode::Session {
+                // Its own backend is gone (drained): another would have another key.
+                return Err(Error::ShuttingDown);
             }
+            let cfg = self.shared.config();
+            let c = acquire(self.shared, &self.key, &cfg).await?;
+            self.attach(c);
         }
         Ok(self.server.as_mut().expect("attached above"))
     }
@@ -448,15 +458,17 @@ impl<'a> Session<'a> {
             // Something is still running: cancel it and drop the connection.
             tokio::spawn(send_cancel(sc.addr, sc.key));
             false
+        } else if self.mode == PoolMode::Session {
+            // The client had this backend's key: it serves no one else.
+            false
         } else {
             let status = self.tracker.status;
-            let session = self.mode == PoolMode::Session;
             let reset = async {
                 let mut ok = true;
                 if status != TxStatus::Idle {
                     ok = sc.run_quiet("ROLLBACK").await?;
                 }
-                if ok && (session || status != TxStatus::Idle) {
+                if ok && status != TxStatus::Idle {
                     ok = sc.run_quiet("DISCARD ALL").await?;
                     sc.params_reset();
                     sc.prepared.clear();
