@@ -80,6 +80,17 @@ fn helm_template_matches_golden_output() -> Result<()> {
             "monitoring",
             vec!["--set", "metrics.serviceMonitor.enabled=true", "--set", "logging.level=debug"],
         ),
+        (
+            "secure-metrics",
+            vec![
+                "--set",
+                "metrics.secure.enabled=true",
+                "--set",
+                "metrics.secure.certSecret=sluice-metrics-tls",
+                "--set",
+                "metrics.serviceMonitor.enabled=true",
+            ],
+        ),
     ] {
         golden(&format!("helm-{name}.yaml"), &helm_template(&args)?)?;
     }

@@ -16,6 +16,7 @@ use crate::cache::caches;
 use crate::discovery::{HttpProbe, PostgresDiscovery};
 use crate::metrics::{self, Metrics};
 use crate::reconcile::{Context, Settings, run_controller};
+use crate::secure_metrics;
 
 /// Kubernetes operator for sluice-pooler.
 #[derive(Debug, Parser)]
@@ -45,6 +46,15 @@ struct RunArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "SLUICE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
+    /// Serve /metrics over HTTPS, only to callers whose bearer token the API server
+    /// authenticates and authorises for `get` on `/metrics` (TokenReview and
+    /// SubjectAccessReview); /healthz and /readyz stay open.
+    #[arg(long, env = "SLUICE_METRICS_SECURE")]
+    metrics_secure: bool,
+    /// With --metrics-secure: a directory holding tls.crt and tls.key (default: a
+    /// self-signed certificate made at start).
+    #[arg(long, env = "SLUICE_METRICS_CERT_DIR")]
+    metrics_cert_dir: Option<PathBuf>,
     /// Act only while holding the Lease `sluice-operator` (for more than one replica).
     #[arg(long, env = "SLUICE_LEADER_ELECTION")]
     leader_election: bool,
@@ -150,7 +160,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("loading the kubeconfig")?;
     let metrics = Arc::new(Metrics::default());
-    let server = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
+    let server = if args.metrics_secure {
+        let tls = secure_metrics::tls_config(args.metrics_cert_dir.as_deref())
+            .context("the metrics certificate")?;
+        let auth = Arc::new(secure_metrics::Authorizer::new(client.clone()));
+        let router = secure_metrics::router(metrics.clone(), auth);
+        tokio::spawn(secure_metrics::serve(args.metrics_addr, router, tls))
+    } else {
+        tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()))
+    };
     let settings = Settings {
         default_image: args.pooler_image.clone(),
         discovery_interval: args.discovery_interval,

@@ -11,6 +11,7 @@ mod error;
 mod metrics;
 mod reconcile;
 mod resize;
+pub mod secure_metrics;
 mod status;
 
 pub use api::{

@@ -187,7 +187,7 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
         .with_state(metrics)
 }
 
-async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+pub(crate) async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     if m.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready")
     } else {
@@ -195,7 +195,7 @@ async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     }
 }
 
-async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+pub(crate) async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     (
         [(
             axum::http::header::CONTENT_TYPE,

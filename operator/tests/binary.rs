@@ -44,6 +44,15 @@ impl Drop for Operator {
 }
 
 fn spawn(kubeconfig: &std::path::Path, metrics_port: u16, name: &str) -> Operator {
+    spawn_with(kubeconfig, metrics_port, name, &[])
+}
+
+fn spawn_with(
+    kubeconfig: &std::path::Path,
+    metrics_port: u16,
+    name: &str,
+    extra: &[&str],
+) -> Operator {
     let child = Command::new(BIN)
         .args([
             "run",
@@ -54,6 +63,7 @@ fn spawn(kubeconfig: &std::path::Path, metrics_port: u16, name: &str) -> Operato
             "default",
         ])
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .args(extra)
         .env("KUBECONFIG", kubeconfig)
         .env("POD_NAME", name)
         .env("SLUICE_LOG_FORMAT", "json")
@@ -133,6 +143,8 @@ async fn leader_election_hands_over() {
         "standby reconciled: {m2}"
     );
 
+    secure_metrics(&cp, &client).await;
+
     // The leader stops (SIGTERM): the standby takes over.
     let pid = first.0.id();
     let _ = Command::new("kill")
@@ -147,4 +159,106 @@ async fn leader_election_hands_over() {
     assert!(h2.starts_with("second"));
     drop(first);
     drop(second);
+}
+
+/// `--metrics-secure` (a third, standby replica): `/metrics` over HTTPS answers only a
+/// bearer token the API server authenticates and authorises for `get /metrics`;
+/// `/healthz` stays open.
+async fn secure_metrics(cp: &sluice_testkit::ControlPlane, client: &kube::Client) {
+    let ca = sluice_testkit::tls::TestCa::new("metrics-ca").unwrap();
+    let issued = ca.issue(&["localhost"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tls.crt"), &issued.cert_pem).unwrap();
+    std::fs::write(dir.path().join("tls.key"), &issued.key_pem).unwrap();
+    let port = sluice_testkit::free_port().unwrap();
+    let cert_dir = dir.path().display().to_string();
+    let _third = spawn_with(
+        &cp.kubeconfig_path(),
+        port,
+        "third",
+        &["--metrics-secure", "--metrics-cert-dir", &cert_dir],
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let get = |path: &'static str, token: Option<String>| {
+        let (addr, ca) = (addr.clone(), ca.pem().to_string());
+        async move {
+            let auth = token.map(|t| format!("Bearer {t}"));
+            let headers: Vec<(&str, &str)> =
+                auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+            sluice_testkit::http::https_get(&addr, path, &headers, &ca, "localhost").await
+        }
+    };
+    eventually("secure /healthz", Duration::from_secs(30), || async {
+        get("/healthz", None).await.ok().filter(|(c, _)| *c == 200)
+    })
+    .await;
+
+    let apply = |v: serde_json::Value| async move {
+        let obj: kube::api::DynamicObject = serde_json::from_value(v.clone()).unwrap();
+        let ar = kube::discovery::ApiResource::from_gvk(
+            &kube::api::GroupVersionKind::try_from(obj.types.as_ref().unwrap()).unwrap(),
+        );
+        let api: Api<kube::api::DynamicObject> = match obj.metadata.namespace.as_deref() {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+            None => Api::all_with(client.clone(), &ar),
+        };
+        api.create(&PostParams::default(), &obj).await.unwrap();
+    };
+    apply(
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": "metrics-reader"},
+        "rules": [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]}),
+    )
+    .await;
+    for sa in ["prom", "nobody"] {
+        apply(json!({"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": sa, "namespace": "default"}}))
+        .await;
+    }
+    apply(
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": "prom-metrics"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": "metrics-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "prom", "namespace": "default"}]}),
+    )
+    .await;
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(client.clone(), "default");
+    let token = |name: &'static str| {
+        let sas = sas.clone();
+        async move {
+            sas.create_token_request(name, &PostParams::default(), &Default::default())
+                .await
+                .unwrap()
+                .status
+                .unwrap()
+                .token
+        }
+    };
+    let (prom, nobody) = (token("prom").await, token("nobody").await);
+
+    let (code, _) = get("/metrics", None).await.unwrap();
+    assert_eq!(code, 401, "no token");
+    let (code, _) = get("/metrics", Some("not-a-token".into())).await.unwrap();
+    assert_eq!(code, 401, "a token the API server does not know");
+    let (code, _) = get("/metrics", Some(nobody)).await.unwrap();
+    assert_eq!(code, 403, "authenticated, not allowed get /metrics");
+    let body = eventually("prom reads /metrics", Duration::from_secs(30), || async {
+        get("/metrics", Some(prom.clone()))
+            .await
+            .ok()
+            .filter(|(c, _)| *c == 200)
+            .map(|(_, b)| b)
+    })
+    .await;
+    assert!(body.contains("sluice_operator_"), "{body}");
+    // Plain HTTP is not served.
+    assert!(
+        !matches!(
+            sluice_testkit::http::get(&addr, "/metrics").await,
+            Ok((200, _))
+        ),
+        "/metrics over plain HTTP"
+    );
 }

@@ -73,3 +73,36 @@ pub async fn get_ok(addr: &str, path: &str) -> Result<String> {
     }
     Ok(body)
 }
+
+/// `GET path` over HTTPS to `addr` (`host:port`), verifying the server as `name` with
+/// the PEM CAs `ca_pem`, with extra `headers`: the status code and body.
+///
+/// # Errors
+/// When the handshake or the exchange fails, or it takes over 5 s.
+pub async fn https_get(
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    ca_pem: &str,
+    name: &str,
+) -> Result<(u16, String)> {
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let cfg = std::sync::Arc::new(crate::tls::client_config(ca_pem, None)?);
+        let server = rustls::pki_types::ServerName::try_from(name.to_string())?;
+        let mut s = tokio_rustls::TlsConnector::from(cfg).connect(server, tcp).await?;
+        let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {name}\r\n{extra}\r\n").as_bytes())
+            .await?;
+        let mut buf = Vec::new();
+        // A server may end TLS without close_notify after the answer.
+        let _ = s.read_to_end(&mut buf).await;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP answer")?;
+        let code: u16 = head.split_whitespace().nth(1).context("no status code")?.parse()?;
+        Ok::<_, anyhow::Error>((code, body.to_string()))
+    };
+    tokio::time::timeout(TIMEOUT, exchange)
+        .await
+        .with_context(|| format!("GET https://{addr}{path} timed out"))?
+}
