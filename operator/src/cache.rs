@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
@@ -89,18 +90,32 @@ impl Caches {
     /// # Errors
     /// [`Error::CacheClosed`] when a watch ended for good (the controller is shutting down).
     pub async fn ready(&self) -> Result<()> {
-        let closed = |_| Error::CacheClosed;
-        self.secrets.wait_until_ready().await.map_err(closed)?;
-        self.config_maps.wait_until_ready().await.map_err(closed)?;
-        self.deployments.wait_until_ready().await.map_err(closed)?;
-        self.services.wait_until_ready().await.map_err(closed)?;
-        self.pdbs.wait_until_ready().await.map_err(closed)?;
-        self.service_accounts
-            .wait_until_ready()
-            .await
-            .map_err(closed)?;
-        self.pods.wait_until_ready().await.map_err(closed)?;
-        Ok(())
+        self.ready_within(Duration::MAX).await
+    }
+
+    /// [`Self::ready`], waiting at most `wait` for each watch.
+    ///
+    /// # Errors
+    /// [`Error::CacheNotSynced`] naming the first kind not synced in time.
+    pub async fn ready_within(&self, wait: Duration) -> Result<()> {
+        async fn one<K>(s: &Store<K>, kind: &'static str, wait: Duration) -> Result<()>
+        where
+            K: kube::Resource + Clone + 'static,
+            K::DynamicType: Eq + std::hash::Hash + Clone,
+        {
+            match tokio::time::timeout(wait, s.wait_until_ready()).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(Error::CacheClosed),
+                Err(_) => Err(Error::CacheNotSynced { kind }),
+            }
+        }
+        one(&self.secrets, "secrets", wait).await?;
+        one(&self.config_maps, "configmaps", wait).await?;
+        one(&self.deployments, "deployments", wait).await?;
+        one(&self.services, "services", wait).await?;
+        one(&self.pdbs, "poddisruptionbudgets", wait).await?;
+        one(&self.service_accounts, "serviceaccounts", wait).await?;
+        one(&self.pods, "pods", wait).await
     }
 }
 

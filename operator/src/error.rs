@@ -71,6 +71,10 @@ pub enum Error {
     /// A watch cache stopped for good (the controller is shutting down).
     #[error("watch cache closed")]
     CacheClosed,
+
+    /// A watch whose list has not succeeded within the wait (RBAC, an unserved kind).
+    #[error("the {kind} watch has not synced: listing them fails (see the operator's log)")]
+    CacheNotSynced { kind: &'static str },
     /// A child's name is taken by an object this pool does not own (it lacks the pool's
     /// controller owner reference): the operator never adopts, changes or deletes it.
     #[error(
@@ -102,6 +106,7 @@ impl Error {
             Error::InvalidSpec(_) => "invalid_spec",
             Error::Serialization(_) => "serialization",
             Error::CacheClosed => "cache_closed",
+            Error::CacheNotSynced { .. } => "cache_not_synced",
             Error::NotOwned { .. } => "not_owned",
         }
     }
@@ -141,8 +146,26 @@ impl Error {
             Error::Kube(_)
             | Error::Infeasible(_)
             | Error::Serialization(_)
-            | Error::CacheClosed => None,
+            | Error::CacheClosed
+            | Error::CacheNotSynced { .. } => None,
         }
+    }
+
+    /// The reason an error retried with backoff (see [`Self::condition`]) is reported
+    /// under, as a Warning event and, once it persists, the `Degraded` condition: every
+    /// failed call to the API server reaches the pool's events. `None` for errors that
+    /// have a condition of their own.
+    pub fn retry_reason(&self) -> Option<&'static str> {
+        if self.condition().is_some() {
+            return None;
+        }
+        Some(match self {
+            Error::Kube(kube::Error::Api(e)) if e.code == 403 => "Forbidden",
+            Error::Kube(kube::Error::Api(_)) => "ApiError",
+            Error::Kube(_) => "ApiUnreachable",
+            Error::CacheNotSynced { .. } | Error::CacheClosed => "CacheNotSynced",
+            _ => "ReconcileError",
+        })
     }
 }
 
@@ -167,6 +190,20 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_retried_with_backoff_have_a_reason_to_report() {
+        assert_eq!(api(403).retry_reason(), Some("Forbidden"));
+        assert_eq!(api(500).retry_reason(), Some("ApiError"));
+        assert_eq!(api(409).retry_reason(), Some("ApiError"));
+        assert_eq!(
+            Error::CacheNotSynced { kind: "pods" }.retry_reason(),
+            Some("CacheNotSynced")
+        );
+        // The pool's own errors have a condition instead.
+        assert_eq!(api(422).retry_reason(), None);
+        assert_eq!(Error::InvalidSpec("x".into()).retry_reason(), None);
+    }
 
     fn api(code: u16) -> Error {
         let status: kube::core::Status = serde_json::from_value(serde_json::json!({

@@ -151,11 +151,30 @@ pub async fn reconcile(pool: Arc<ConnectionPool>, ctx: Arc<Context>) -> Result<A
         ctx.memory.forget(&uid(&pool));
         return Ok(Action::await_change());
     }
-    ctx.caches.ready().await?;
-    let action = Reconciler::new(&pool, &ctx).run().await?;
-    ctx.memory.with(&uid(&pool), |m| m.failures = 0);
-    Ok(action)
+    let r = Reconciler::new(&pool, &ctx);
+    let res = match ctx.caches.ready_within(CACHE_SYNC_WAIT).await {
+        Ok(()) => r.run().await,
+        Err(e) => Err(e),
+    };
+    match res {
+        Ok(action) => {
+            ctx.memory.with(&uid(&pool), |m| m.failures = 0);
+            Ok(action)
+        }
+        Err(e) => {
+            r.report_retried(&e).await;
+            Err(e)
+        }
+    }
 }
+
+/// How long a reconcile waits for the watch caches before it reports them (and retries).
+const CACHE_SYNC_WAIT: Duration = Duration::from_secs(30);
+
+/// Consecutive failures after which a failure retried with backoff also makes the pool
+/// `Degraded` (before that, its Warning event only: a blip of the API server does not
+/// flap the pool's health).
+const DEGRADED_AFTER: u32 = 2;
 
 /// Requeues a failed reconcile with exponential backoff per pool.
 pub fn error_policy(pool: Arc<ConnectionPool>, error: &Error, ctx: Arc<Context>) -> Action {

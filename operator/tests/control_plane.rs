@@ -346,6 +346,102 @@ async fn operator_against_a_real_control_plane() {
         Some(4)
     );
 
+    // A failed API call is reported, not only logged: an admission policy refuses the
+    // ConfigMap of pool `blocked` as Forbidden (403, retried with backoff); the pool gets
+    // a Warning event at once and, as it persists, Degraded with the same reason.
+    let vap: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": "deny-blocked-config"},
+        "spec": {"failurePolicy": "Fail",
+                 "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
+                     "operations": ["CREATE", "UPDATE"], "resources": ["configmaps"]}]},
+                 "validations": [{"expression": "object.metadata.name != 'blocked-config'",
+                                  "message": "no ConfigMap for this pool", "reason": "Forbidden"}]},
+    }))
+    .unwrap();
+    let vap_binding: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": "deny-blocked-config"},
+        "spec": {"policyName": "deny-blocked-config", "validationActions": ["Deny"]},
+    }))
+    .unwrap();
+    for (obj, kind) in [
+        (&vap, "ValidatingAdmissionPolicy"),
+        (&vap_binding, "ValidatingAdmissionPolicyBinding"),
+    ] {
+        let ar = kube::discovery::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "admissionregistration.k8s.io",
+            "v1",
+            kind,
+        ));
+        Api::<kube::api::DynamicObject>::all_with(client.clone(), &ar)
+            .patch(
+                &obj.metadata.name.clone().unwrap(),
+                &ssa,
+                &Patch::Apply(obj),
+            )
+            .await
+            .unwrap();
+    }
+    let probe: ConfigMap = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "blocked-config"}}))
+    .unwrap();
+    eventually("the policy denies", Duration::from_secs(30), || async {
+        match cms.create(&PostParams::default(), &probe).await {
+            Err(kube::Error::Api(e)) if e.code == 403 => Some(()),
+            Ok(_) => {
+                let _ = cms.delete("blocked-config", &DeleteParams::default()).await;
+                None
+            }
+            Err(_) => None,
+        }
+    })
+    .await;
+    let blocked: ConnectionPool = serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "ConnectionPool", "metadata": {"name": "blocked"},
+        "spec": {"database": {"host": "db", "credentialsSecret": "app-db-credentials",
+                              "maxConnections": 40},
+                 "clientAuth": {"usersSecret": "app-users"}},
+    }))
+    .unwrap();
+    pools
+        .create(&PostParams::default(), &blocked)
+        .await
+        .unwrap();
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), "default");
+    let note = eventually("a Forbidden event", Duration::from_secs(30), || async {
+        events
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("blocked")
+                    && e.reason.as_deref() == Some("Forbidden")
+            })?
+            .note
+    })
+    .await;
+    assert!(note.contains("no ConfigMap for this pool"), "{note}");
+    let (status, message) = eventually("Degraded Forbidden", Duration::from_secs(60), || async {
+        let p = pools.get("blocked").await.ok()?;
+        let c = p
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Degraded")?;
+        (c.reason == "Forbidden").then_some((c.status, c.message))
+    })
+    .await;
+    assert_eq!(status, "True");
+    assert!(message.contains("retrying"), "{message}");
+    pools
+        .delete("blocked", &DeleteParams::background())
+        .await
+        .unwrap();
+
     // Printer columns.
     let kubectl = sluice_testkit::k8s_bin_dir().unwrap().join("kubectl");
     let out = std::process::Command::new(kubectl)

@@ -3,6 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -217,7 +218,9 @@ impl Shared {
         let mut map = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let key = BackendKeyData {
-                pid: pid.unwrap_or_else(|| rand::random_range(BACKEND_PIDS..i32::MAX)),
+                // Without an IPv4 address: a process id in 127.0.0.0/8, which no peer
+                // passes on (see `cancel_peer`) and which is no backend's.
+                pid: pid.unwrap_or_else(|| rand::random_range(0x7F00_0000..=i32::MAX)),
                 secret: rand::random(),
             };
             if let std::collections::hash_map::Entry::Vacant(e) = map.entry((key.pid, key.secret)) {
@@ -260,9 +263,12 @@ impl Shared {
             Some(None) => {}
             None if is_backend_pid(req.pid) => {
                 // A session-mode client's backend key, issued by another pod: PostgreSQL
-                // checks the secret. At most a few at a time, so that requests with
-                // made-up keys cannot make this pod open connections without bound.
-                let Ok(_turn) = self.backend_cancels.try_acquire() else {
+                // checks the secret. A few at a time (a request waits a second for its
+                // turn), so that made-up keys cannot make this pod open connections
+                // without bound; to every address of the server, whichever one the
+                // backend is on.
+                let turn = self.backend_cancels.acquire();
+                let Ok(Ok(_turn)) = tokio::time::timeout(Duration::from_secs(1), turn).await else {
                     return;
                 };
                 let cfg = self.config();
@@ -270,7 +276,12 @@ impl Shared {
                     from_peer: false,
                     ..req
                 };
-                send_cancel_request((cfg.server.host.as_str(), cfg.server.port), req).await;
+                let Ok(addrs) =
+                    tokio::net::lookup_host((cfg.server.host.as_str(), cfg.server.port)).await
+                else {
+                    return;
+                };
+                futures::future::join_all(addrs.map(|a| send_cancel_request(a, req))).await;
             }
             None => {
                 if let Some(peer) = local.and_then(|l| cancel_peer(req, l)) {

@@ -274,21 +274,19 @@ impl Tracker {
         })
     }
 
-    /// Whether the client's own Parse of `client` (sent, or answered by the pooler in
-    /// turn) is unanswered with a sync point sent after it. A message after that point
-    /// is not skipped if the Parse fails, and PostgreSQL then answers it "does not
-    /// exist" (26000): whether to name the shared server statement is known only once
-    /// the Parse is answered.
+    /// Whether the client's own Parse of `client` is sent and unanswered with a sync
+    /// point sent after it. A message after that point is not skipped if the Parse
+    /// fails, and PostgreSQL then answers it "does not exist" (26000): whether to name
+    /// the shared server statement is known only once the Parse is answered. (A Parse
+    /// the pooler answers itself cannot fail: it is answered only with nothing before it
+    /// unanswered, outside a failed transaction.)
     pub fn client_parse_unsettled_across_sync(&self, client: &str) -> bool {
         let mut sent = false;
         for p in &self.queue {
             match p {
                 Pending::Parse {
                     client: Some(c), ..
-                }
-                | Pending::SynthParse(c)
-                    if &**c == client =>
-                {
+                } if &**c == client => {
                     sent = true;
                 }
                 Pending::Sync | Pending::Query | Pending::Injected | Pending::Deallocate { .. }

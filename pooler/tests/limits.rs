@@ -409,6 +409,39 @@ async fn cancel_request_reaches_the_replica_that_issued_the_key() -> Result<()> 
     Ok(())
 }
 
+/// Session mode gets a client its server connection at login; a client that leaves
+/// while it waits for one stops waiting (no backend is opened for it later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn session_mode_login_waiter_that_leaves_stops_waiting() -> Result<()> {
+    let pg = postgres(20).await?;
+    let mut p = start(
+        &pg,
+        "connection_limit = 1\npool_mode = \"session\"\npool_timeout = \"30s\"",
+    )
+    .await?;
+    let holder = p.connect().await?;
+    holder.simple_query("select 1").await?;
+    let addr = p.addr;
+    let waiter = tokio::spawn(async move { login(addr, APP_USER.0, APP_USER.1, APP_DB).await });
+    let waiting = |n: i64| {
+        let p = &p;
+        async move {
+            eventually(10, || async {
+                p.status()
+                    .await
+                    .is_ok_and(|s| s["clients"]["waiting"].as_i64() == Some(n))
+            })
+            .await
+        }
+    };
+    assert!(waiting(1).await, "the second client waits at login");
+    waiter.abort();
+    assert!(waiting(0).await, "it stopped waiting when it left");
+    drop(holder);
+    p.shutdown().await?;
+    Ok(())
+}
+
 /// Session mode is a direct connection with a budget: the client's key is its backend's
 /// own, so `pg_backend_pid()` and notifications agree with it, a CancelRequest reaching
 /// another replica goes to the database, and the backend serves no one after the client.

@@ -73,6 +73,27 @@ impl Reconciler<'_> {
         }
     }
 
+    /// Reports a failure retried with backoff (an API call that failed, watches not
+    /// synced): a Warning event each time (repeats of the same one count up in its
+    /// series), and once it persists the `Degraded` condition, best effort (the status
+    /// write may be what fails).
+    pub(super) async fn report_retried(&self, e: &Error) {
+        let Some(reason) = e.retry_reason() else {
+            return;
+        };
+        let message = format!("{e}; retrying");
+        self.event(EventType::Warning, reason, message.clone())
+            .await;
+        let failures = self.ctx.memory.with(&uid(self.pool), |m| m.failures);
+        if failures >= super::DEGRADED_AFTER {
+            let mut report = self.report_as_is();
+            report.degraded = Some((reason.to_string(), message));
+            if let Err(e) = self.patch_status(&report).await {
+                tracing::debug!(pool = %key(self.pool), error = %e, "could not report a retried failure in status");
+            }
+        }
+    }
+
     /// Server-side applies `desired` unless the live object carries the same spec hash.
     /// Returns whether it wrote.
     pub(super) async fn apply<K>(
@@ -149,26 +170,32 @@ impl Reconciler<'_> {
     /// Records the pool as degraded or over budget (the condition [`Error::condition`]
     /// gives `why`) without touching any child; `budget` is the one computed, when it
     /// got that far.
-    pub(super) async fn blocked(&self, why: &Error, budget: Option<Budget>) -> Result<Action> {
-        let prev_budget = self.prev().and_then(|s| s.budget.clone());
-        // The pods as they are (they keep running the last good config).
+    /// The status of the pods as they are (they keep running the last good config), with
+    /// the last budget and resize reported.
+    fn report_as_is(&self) -> Report {
         let children = self.observe();
         let (replicas, ready_replicas) = pod_counts(&children.pods);
-        let running_limit = children
-            .config_map
-            .as_ref()
-            .and_then(|cm| cm.annotations().get(LIMIT_ANNOTATION))
-            .and_then(|v| v.parse::<i64>().ok());
-        let mut report = Report {
+        Report {
             generation: self.pool.metadata.generation,
             selector: desired::selector_string(self.pool),
             desired_replicas: self.pool.spec.replicas,
             replicas,
             ready_replicas,
-            budget: prev_budget.clone(),
+            budget: self.prev().and_then(|s| s.budget.clone()),
             resize: self.prev().and_then(|s| s.resize.clone()),
             ..Default::default()
-        };
+        }
+    }
+
+    pub(super) async fn blocked(&self, why: &Error, budget: Option<Budget>) -> Result<Action> {
+        let prev_budget = self.prev().and_then(|s| s.budget.clone());
+        let running_limit = self
+            .observe()
+            .config_map
+            .as_ref()
+            .and_then(|cm| cm.annotations().get(LIMIT_ANNOTATION))
+            .and_then(|v| v.parse::<i64>().ok());
+        let mut report = self.report_as_is();
         let message = why.to_string();
         let Some((cond, reason)) = why.condition() else {
             unreachable!("only errors with a condition block a pool: {why}")

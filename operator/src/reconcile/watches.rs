@@ -167,7 +167,12 @@ pub async fn run_controller(
                         ctx.metrics
                             .forget_pool(obj.namespace.as_deref().unwrap_or_default(), &obj.name);
                     }
-                    Err(e) => tracing::debug!(error = %e, "reconcile error"),
+                    // Already logged (and reported) by `error_policy`.
+                    Err(e @ controller::Error::ReconcilerFailed(..)) => {
+                        tracing::debug!(error = %e, "reconcile error");
+                    }
+                    // A watch failing (RBAC, an unserved kind): retried with backoff.
+                    Err(e) => tracing::warn!(error = %e, "watch error"),
                 }
             }
         })

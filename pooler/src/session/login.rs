@@ -21,7 +21,7 @@ use crate::protocol::{
     Authentication, BackendKeyData, Frame, ParameterStatus, PasswordMessage, ReadyForQuery,
     SaslInitialResponse, SaslResponse, Startup, StartupMessage, TxStatus, split_startup,
 };
-use crate::state::{CancelSlot, Shared};
+use crate::state::{CancelSlot, Shared, is_backend_pid};
 
 /// Initial read buffer for startup and authentication (grown to fit a longer message).
 /// The first byte of a TLS handshake record.
@@ -147,7 +147,7 @@ pub(super) async fn login<'a>(
     // Session mode: the client's own backend from now to its end (its key is the
     // client's, see below), as a direct connection would be.
     let mut server = if session {
-        Some(super::acquire(shared, &key, &cfg).await?)
+        Some(acquire_while_connected(stream, buf, shared, &key, &cfg).await?)
     } else {
         None
     };
@@ -178,8 +178,12 @@ pub(super) async fn login<'a>(
     // Session mode gives the backend's own key: `pg_backend_pid()`, `pg_terminate_backend`
     // and notifications then agree with it, and a CancelRequest reaching any pod goes to
     // the database. The backend serves no other client after this one (see `finish`).
+    // (An upstream pooler or proxy may hand out process ids that are not a backend's:
+    // then the key is the pooler's own, as in transaction mode.)
     let (cancel_key, cancel) = match &server {
-        Some(c) if session => (c.key, shared.register_backend_cancel(c.key)),
+        Some(c) if session && is_backend_pid(c.key.pid) => {
+            (c.key, shared.register_backend_cancel(c.key))
+        }
         _ => shared.register_cancel(stream.local_addr().ok()),
     };
     // One write for the whole greeting, SCRAM's final message first.
@@ -201,7 +205,8 @@ pub(super) async fn login<'a>(
     if let Err(e) = stream.send(&out).await {
         shared.unregister_cancel(cancel_key);
         if let Some(c) = server {
-            c.release(true, &cfg);
+            // Session mode: its key may have reached the client.
+            c.release(!session, &cfg);
         }
         return Err(e.into());
     }
@@ -294,4 +299,38 @@ async fn authenticate(
         }
     }
     Ok(None)
+}
+
+/// Session mode's server connection at login, given up if the client leaves while it
+/// waits (a client that timed out must not get a backend opened for it). What the
+/// client sends meanwhile stays in `buf` for the session (up to [`LOGIN_BUF`]).
+///
+/// # Errors
+/// As [`super::acquire`]; [`Error::ShuttingDown`] once draining; I/O errors of the
+/// client, and its end of file.
+async fn acquire_while_connected<'a>(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    shared: &'a Shared,
+    key: &PoolKey,
+    cfg: &Config,
+) -> Result<Checkout<'a>> {
+    // Authentication may have taken a while: a drain begun since would leave this
+    // waiter unserved until `pool_timeout`.
+    if shared.is_draining() {
+        return Err(Error::ShuttingDown);
+    }
+    let acquire = super::acquire(shared, key, cfg);
+    tokio::pin!(acquire);
+    loop {
+        let room = buf.len() < LOGIN_BUF;
+        tokio::select! {
+            r = &mut acquire => return r,
+            n = stream.read_buf(buf), if room => {
+                if n? == 0 {
+                    return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+            }
+        }
+    }
 }

@@ -321,7 +321,11 @@ impl<'a> Session<'a> {
                 let cbuf = &mut self.cbuf;
                 let server = &mut self.server;
                 let draining = self.draining;
-                let listen = !self.closing && self.resync_deadline.is_none() && self.held.is_none();
+                // While a message waits for earlier answers, reading goes on (bounded)
+                // so that a client that leaves is noticed and its statement cancelled.
+                let listen = !self.closing
+                    && self.resync_deadline.is_none()
+                    && (self.held.is_none() || cbuf.len() < CLIENT_BUF);
                 let deadline = self.resync_deadline.or(self.close_deadline);
                 tokio::select! {
                     r = read_client(client, cbuf), if listen => Event::Client(r),
