@@ -235,6 +235,13 @@ async fn reaper_loop(shared: Arc<Shared>) {
                     dead
                 }),
         );
+        let snap = shared.pools.limiter().snapshot();
+        if snap.in_use + snap.idle == 0 {
+            // No connection is left to show a restart (a lost one would): the database
+            // may restart smaller meanwhile, and the next opener checks its size before
+            // any other opens.
+            shared.pools.size.unverify();
+        }
     }
 }
 

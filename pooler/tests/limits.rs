@@ -1312,3 +1312,54 @@ async fn a_database_restarted_smaller_lowers_the_limit_before_connections_open()
     p.shutdown().await?;
     Ok(())
 }
+
+/// As above, but the restart happens while the pooler holds no server connection (all
+/// closed by `idle_timeout`), so no lost connection tells it: every opener checks
+/// `max_connections`, and the first one after the restart lowers the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_restarted_smaller_while_the_pool_was_empty_lowers_the_limit() -> Result<()> {
+    let mut pg = postgres(90).await?;
+    let mut p = start(
+        &pg,
+        "connection_limit = 26\nbudget_basis = { max_connections = 90, budget = 78 }\n\
+         idle_timeout = \"1s\"",
+    )
+    .await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = saturate(p.app_conn_str(), 40, 0.1, stop.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::SeqCst);
+    for t in load {
+        ensure!(t.await? > 0, "a client got no transaction through");
+    }
+    let empty = eventually(15, || async {
+        p.status()
+            .await
+            .is_ok_and(|s| s["server_connections"]["open"].as_i64() == Some(0))
+    })
+    .await;
+    ensure!(empty, "idle_timeout closed every server connection");
+
+    tokio::task::block_in_place(|| pg.restart_with_max_connections(60))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampling = sampler_every(pg.connect_superuser().await?, stop.clone(), Duration::ZERO);
+    let load = saturate(p.app_conn_str(), 40, 0.1, stop.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut ok = 0;
+    for t in load {
+        ok += t.await?;
+    }
+    let (after, samples) = sampling.await?;
+    println!(
+        "restart with 60 while the pool was empty: at most {after} backends ({samples} samples)"
+    );
+    ensure!(samples > 20, "only {samples} samples");
+    ensure!(ok > 0, "transactions go on after the restart");
+    ensure!(
+        after <= 16,
+        "{after} backends after the database shrank (want at most 16)"
+    );
+    p.shutdown().await?;
+    Ok(())
+}

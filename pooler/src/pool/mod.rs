@@ -230,6 +230,8 @@ impl Pools {
                     }
                     if idle >= cfg.server_check_delay && !c.check().await {
                         tracing::info!(id = c.id, "server connection failed its check; replacing");
+                        // The server may have restarted: the next opener checks its size.
+                        self.size.unverify();
                         self.close(key, c);
                         continue;
                     }

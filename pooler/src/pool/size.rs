@@ -1,6 +1,7 @@
 //! The database's size as this process last verified it. `max_connections` changes only
 //! with a restart, which ends every server connection; so after a server connection is
-//! lost (and at startup) the next connection opened is a scout: it asks the server for
+//! lost or fails its check, while none is open (a restart then shows nowhere), and at
+//! startup, the next connection opened is a scout: it asks the server for
 //! `max_connections` before any other opens, and a smaller database lowers the limit in
 //! proportion at once ([`sluice_contract::BudgetBasis::limit_for`]), before the operator's
 //! next refresh has seen the change.
