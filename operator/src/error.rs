@@ -151,6 +151,17 @@ impl Error {
         }
     }
 
+    /// The text for a pool's status and events: for a call the API server refused, its
+    /// own message and HTTP code (not the client library's debug form of the answer).
+    pub fn message(&self) -> String {
+        match self {
+            Error::Kube(kube::Error::Api(e)) => {
+                format!("the API server answered {}: {}", e.code, e.message)
+            }
+            e => e.to_string(),
+        }
+    }
+
     /// The reason an error retried with backoff (see [`Self::condition`]) is reported
     /// under, as a Warning event and, once it persists, the `Degraded` condition: every
     /// failed call to the API server reaches the pool's events. `None` for errors that
@@ -190,6 +201,16 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_refusals_read_as_the_api_servers_message() {
+        let m = api(422).message();
+        assert_eq!(
+            m,
+            "the API server answered 422: Service \"db.pool\" is invalid"
+        );
+        assert!(!m.contains("Status {"));
+    }
 
     #[test]
     fn failures_retried_with_backoff_have_a_reason_to_report() {

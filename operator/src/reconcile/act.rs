@@ -81,7 +81,7 @@ impl Reconciler<'_> {
         let Some(reason) = e.retry_reason() else {
             return;
         };
-        let message = format!("{e}; retrying");
+        let message = format!("{}; retrying", e.message());
         self.event(EventType::Warning, reason, message.clone())
             .await;
         let failures = self.ctx.memory.with(&uid(self.pool), |m| m.failures);
@@ -196,7 +196,7 @@ impl Reconciler<'_> {
             .and_then(|cm| cm.annotations().get(LIMIT_ANNOTATION))
             .and_then(|v| v.parse::<i64>().ok());
         let mut report = self.report_as_is();
-        let message = why.to_string();
+        let message = why.message();
         let Some((cond, reason)) = why.condition() else {
             unreachable!("only errors with a condition block a pool: {why}")
         };
