@@ -2,6 +2,11 @@
 
 use clap::Parser;
 
+/// mimalloc instead of the C library's allocator: a login allocates and frees many small
+/// buffers, and musl's allocator (the static image's) is slow at that and under threads.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A fast, bounded PostgreSQL transaction and session pooler.
 #[derive(Debug, Parser)]
 #[command(version)]
