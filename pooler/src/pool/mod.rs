@@ -69,10 +69,7 @@ impl Pools {
 
     /// The limit `cfg` gives for the database's size as last verified.
     pub fn limit_for(&self, cfg: &Config) -> usize {
-        match (cfg.budget_basis, self.size.observed()) {
-            (Some(basis), Some(max)) => basis.limit_for(cfg.connection_limit, max),
-            _ => cfg.connection_limit,
-        }
+        limit_for_size(cfg, self.size.observed())
     }
 
     /// Opens a connection in a reserved slot; on failure frees the slot and says whether
@@ -122,8 +119,10 @@ impl Pools {
         match result {
             Ok((c, max)) => {
                 if scout {
-                    self.size.scouted(max);
-                    let limit = self.limit_for(cfg);
+                    // The limit is lowered before the waiting openers are let go: on a
+                    // multi-threaded runtime they would otherwise check their slots
+                    // against the old limit and open.
+                    let limit = limit_for_size(cfg, max.or(self.size.observed()));
                     if limit < self.limiter.limit() {
                         tracing::warn!(
                             max_connections = max,
@@ -132,6 +131,7 @@ impl Pools {
                         );
                         close_all(self.limiter.set_limit(limit));
                     }
+                    self.size.scouted(max);
                 }
                 self.params
                     .lock()
@@ -262,6 +262,14 @@ impl Pools {
     fn discard(&self, key: &PoolKey) {
         self.size.unverify();
         self.limiter.discard(key);
+    }
+}
+
+/// The limit `cfg` gives for a database of `max_connections` (`None`: not known).
+fn limit_for_size(cfg: &Config, max_connections: Option<u32>) -> usize {
+    match (cfg.budget_basis, max_connections) {
+        (Some(basis), Some(max)) => basis.limit_for(cfg.connection_limit, max),
+        _ => cfg.connection_limit,
     }
 }
 
