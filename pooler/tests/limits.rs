@@ -11,7 +11,7 @@ use anyhow::{Context, Result, ensure};
 use common::wire::*;
 use common::*;
 use sha2::Digest;
-use sluice_testkit::{APP_DB, APP_USER, SUPERUSER};
+use sluice_testkit::{APP_DB, APP_USER, SUPERUSER, TempPostgres};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::error::SqlState;
@@ -361,6 +361,18 @@ async fn cancel_request_reaches_the_backend() -> Result<()> {
     Ok(())
 }
 
+/// Sends a CancelRequest for key (`pid`, `secret`) to `addr` and waits for it to close.
+async fn send_cancel(addr: std::net::SocketAddr, pid: i32, secret: i32) -> Result<()> {
+    let mut c = TcpStream::connect(addr).await?;
+    let mut req = vec![0, 0, 0, 16, 4, 210, 22, 46];
+    req.extend_from_slice(&pid.to_be_bytes());
+    req.extend_from_slice(&secret.to_be_bytes());
+    c.write_all(&req).await?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await??;
+    Ok(())
+}
+
 /// Issue 15 item 9: behind a Service a CancelRequest lands on any replica; the one that
 /// did not issue the key passes it on to the one that did (its address is in the key).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -383,22 +395,12 @@ async fn cancel_request_reaches_the_replica_that_issued_the_key() -> Result<()> 
     assert_eq!(pid as u32, u32::from(std::net::Ipv4Addr::new(127, 0, 0, 2)));
     s.write_all(&query("select pg_sleep(20)")).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let cancel_via_b = |secret: i32| async move {
-        let mut c = TcpStream::connect(b.addr).await?;
-        let mut req = vec![0, 0, 0, 16, 4, 210, 22, 46];
-        req.extend_from_slice(&pid.to_be_bytes());
-        req.extend_from_slice(&secret.to_be_bytes());
-        c.write_all(&req).await?;
-        let mut rest = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await??;
-        anyhow::Ok(())
-    };
     // A wrong secret cancels nothing.
-    cancel_via_b(secret.wrapping_add(1)).await?;
+    send_cancel(b.addr, pid, secret.wrapping_add(1)).await?;
     let (got, done) = read_until(&mut s, Duration::from_secs(1), |t, _| t == b'Z').await;
     ensure!(!done, "cancelled by a wrong key: {got:?}");
     let t0 = Instant::now();
-    cancel_via_b(secret).await?;
+    send_cancel(b.addr, pid, secret).await?;
     let (got, done) = read_until(&mut s, Duration::from_secs(10), |t, _| t == b'E').await;
     ensure!(done, "not cancelled: {got:?}");
     let (_, code, _) = fields(&got.last().context("error")?.1);
@@ -479,20 +481,10 @@ async fn session_mode_gives_the_client_its_backends_own_key() -> Result<()> {
 
     s.write_all(&query("select pg_sleep(20)")).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let cancel_via_b = |secret: i32| async move {
-        let mut c = TcpStream::connect(b.addr).await?;
-        let mut req = vec![0, 0, 0, 16, 4, 210, 22, 46];
-        req.extend_from_slice(&pid.to_be_bytes());
-        req.extend_from_slice(&secret.to_be_bytes());
-        c.write_all(&req).await?;
-        let mut rest = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await??;
-        anyhow::Ok(())
-    };
-    cancel_via_b(secret.wrapping_add(1)).await?;
+    send_cancel(b.addr, pid, secret.wrapping_add(1)).await?;
     let (got, done) = read_until(&mut s, Duration::from_secs(1), |t, _| t == b'Z').await;
     ensure!(!done, "cancelled by a wrong key: {got:?}");
-    cancel_via_b(secret).await?;
+    send_cancel(b.addr, pid, secret).await?;
     let (got, done) = read_until(&mut s, Duration::from_secs(10), |t, _| t == b'E').await;
     ensure!(done, "not cancelled: {got:?}");
     let (_, code, _) = fields(&got.last().context("error")?.1);
@@ -1262,6 +1254,26 @@ fn saturate(
         .collect()
 }
 
+/// Restarts `pg` with `max_connections` 60, then saturates `p` with 40 clients for 3 s
+/// while sampling the backends: (most backends seen, samples, transactions done).
+async fn restart_smaller_under_load(
+    pg: &mut TempPostgres,
+    p: &Pooler,
+) -> Result<(i64, usize, u64)> {
+    tokio::task::block_in_place(|| pg.restart_with_max_connections(60))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampling = sampler_every(pg.connect_superuser().await?, stop.clone(), Duration::ZERO);
+    let load = saturate(p.app_conn_str(), 40, 0.1, stop.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut ok = 0;
+    for t in load {
+        ok += t.await?;
+    }
+    let (after, samples) = sampling.await?;
+    Ok((after, samples, ok))
+}
+
 /// Issue 16: PostgreSQL restarted with a smaller `max_connections` (90 → 60) while the
 /// pods' limits were computed for 90. The first server connection after the restart
 /// asks for `max_connections` before any other opens, and the limit drops in proportion
@@ -1285,17 +1297,7 @@ async fn a_database_restarted_smaller_lowers_the_limit_before_connections_open()
     let (before, _) = sampling.await?;
     ensure!(before == 26, "saturated at the limit before: {before}");
 
-    tokio::task::block_in_place(|| pg.restart_with_max_connections(60))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampling = sampler_every(pg.connect_superuser().await?, stop.clone(), Duration::ZERO);
-    let load = saturate(p.app_conn_str(), 40, 0.1, stop.clone());
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::SeqCst);
-    let mut ok = 0;
-    for t in load {
-        ok += t.await?;
-    }
-    let (after, samples) = sampling.await?;
+    let (after, samples, ok) = restart_smaller_under_load(&mut pg, &p).await?;
     println!(
         "limit 26 for max_connections 90; after a restart with 60: at most {after} backends ({samples} samples), {ok} transactions"
     );
@@ -1340,17 +1342,7 @@ async fn a_database_restarted_smaller_while_the_pool_was_empty_lowers_the_limit(
     .await;
     ensure!(empty, "idle_timeout closed every server connection");
 
-    tokio::task::block_in_place(|| pg.restart_with_max_connections(60))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampling = sampler_every(pg.connect_superuser().await?, stop.clone(), Duration::ZERO);
-    let load = saturate(p.app_conn_str(), 40, 0.1, stop.clone());
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::SeqCst);
-    let mut ok = 0;
-    for t in load {
-        ok += t.await?;
-    }
-    let (after, samples) = sampling.await?;
+    let (after, samples, ok) = restart_smaller_under_load(&mut pg, &p).await?;
     println!(
         "restart with 60 while the pool was empty: at most {after} backends ({samples} samples)"
     );

@@ -44,10 +44,7 @@ pub async fn request_with(
         .await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP answer")?;
-        let code: u16 = head.split_whitespace().nth(1).context("no status code")?.parse()?;
-        Ok::<_, anyhow::Error>((code, body.to_string()))
+        status_and_body(&buf)
     };
     tokio::time::timeout(timeout, exchange)
         .await
@@ -97,12 +94,17 @@ pub async fn https_get(
         let mut buf = Vec::new();
         // A server may end TLS without close_notify after the answer.
         let _ = s.read_to_end(&mut buf).await;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP answer")?;
-        let code: u16 = head.split_whitespace().nth(1).context("no status code")?.parse()?;
-        Ok::<_, anyhow::Error>((code, body.to_string()))
+        status_and_body(&buf)
     };
     tokio::time::timeout(TIMEOUT, exchange)
         .await
         .with_context(|| format!("GET https://{addr}{path} timed out"))?
+}
+
+/// The status code and body of a whole HTTP/1 answer.
+fn status_and_body(answer: &[u8]) -> Result<(u16, String)> {
+    let text = String::from_utf8_lossy(answer);
+    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP answer")?;
+    let code: u16 = head.split_whitespace().nth(1).context("no status code")?.parse()?;
+    Ok((code, body.to_string()))
 }
