@@ -361,6 +361,24 @@ async fn cancel_request_reaches_the_backend() -> Result<()> {
     Ok(())
 }
 
+/// Two poolers with config `top` on one port at 127.0.0.2 and 127.0.0.3, as pods behind
+/// a Service are.
+async fn two_replicas(pg: &TempPostgres, top: &str) -> Result<(Pooler, Pooler)> {
+    let port = std::net::TcpListener::bind("127.0.0.2:0")?
+        .local_addr()?
+        .port();
+    let replica = |ip: &str| {
+        config_text(pg, top).replacen(
+            "listen_addr = \"127.0.0.1:0\"",
+            &format!("listen_addr = \"{ip}:{port}\""),
+            1,
+        )
+    };
+    let a = start_with_text(&replica("127.0.0.2")).await?;
+    let b = start_with_text(&replica("127.0.0.3")).await?;
+    Ok((a, b))
+}
+
 /// Sends a CancelRequest for key (`pid`, `secret`) to `addr` and waits for it to close.
 async fn send_cancel(addr: std::net::SocketAddr, pid: i32, secret: i32) -> Result<()> {
     let mut c = TcpStream::connect(addr).await?;
@@ -378,19 +396,7 @@ async fn send_cancel(addr: std::net::SocketAddr, pid: i32, secret: i32) -> Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancel_request_reaches_the_replica_that_issued_the_key() -> Result<()> {
     let pg = postgres(20).await?;
-    // Two replicas on one port, as pods behind a Service are.
-    let port = std::net::TcpListener::bind("127.0.0.2:0")?
-        .local_addr()?
-        .port();
-    let replica = |ip: &str| {
-        config_text(&pg, "connection_limit = 2").replacen(
-            "listen_addr = \"127.0.0.1:0\"",
-            &format!("listen_addr = \"{ip}:{port}\""),
-            1,
-        )
-    };
-    let mut a = start_with_text(&replica("127.0.0.2")).await?;
-    let mut b = start_with_text(&replica("127.0.0.3")).await?;
+    let (mut a, mut b) = two_replicas(&pg, "connection_limit = 2").await?;
     let (mut s, (pid, secret)) = login_keyed(a.addr, APP_USER.0, APP_USER.1, APP_DB).await?;
     assert_eq!(pid as u32, u32::from(std::net::Ipv4Addr::new(127, 0, 0, 2)));
     s.write_all(&query("select pg_sleep(20)")).await?;
@@ -451,18 +457,7 @@ async fn session_mode_login_waiter_that_leaves_stops_waiting() -> Result<()> {
 async fn session_mode_gives_the_client_its_backends_own_key() -> Result<()> {
     let pg = postgres(20).await?;
     let su = pg.connect_superuser().await?;
-    let port = std::net::TcpListener::bind("127.0.0.2:0")?
-        .local_addr()?
-        .port();
-    let replica = |ip: &str| {
-        config_text(&pg, "connection_limit = 2\npool_mode = \"session\"").replacen(
-            "listen_addr = \"127.0.0.1:0\"",
-            &format!("listen_addr = \"{ip}:{port}\""),
-            1,
-        )
-    };
-    let mut a = start_with_text(&replica("127.0.0.2")).await?;
-    let mut b = start_with_text(&replica("127.0.0.3")).await?;
+    let (mut a, mut b) = two_replicas(&pg, "connection_limit = 2\npool_mode = \"session\"").await?;
     let (mut s, (pid, secret)) = login_keyed(a.addr, APP_USER.0, APP_USER.1, APP_DB).await?;
     s.write_all(&query(
         "listen ch; notify ch, 'hi'; select pg_backend_pid()",

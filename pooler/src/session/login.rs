@@ -146,28 +146,24 @@ pub(super) async fn login<'a>(
     let session = shared.mode == PoolMode::Session;
     // Session mode: the client's own backend from now to its end (its key is the
     // client's, see below), as a direct connection would be.
-    let mut server = if session {
+    let server = if session {
         Some(acquire_while_connected(stream, buf, shared, &key, &cfg).await?)
     } else {
         None
     };
     let server_params = match shared.pools.params(&key) {
         Some(p) => p,
-        None => {
-            // First client of this pool: a server connection tells us the parameters
-            // (and that the database exists).
-            let conn = match server.take() {
-                Some(c) => c,
-                None => super::acquire(shared, &key, &cfg).await?,
-            };
-            let p = Arc::new(conn.params.clone());
-            if session {
-                server = Some(conn);
-            } else {
+        // First client of this pool: a server connection tells us the parameters (and
+        // that the database exists); session mode holds one already.
+        None => match &server {
+            Some(conn) => Arc::new(conn.params.clone()),
+            None => {
+                let conn = super::acquire(shared, &key, &cfg).await?;
+                let p = Arc::new(conn.params.clone());
                 conn.release(true, &cfg);
+                p
             }
-            p
-        }
+        },
     };
     // The client's parameters: the database's, with what it asked for at startup; it is
     // told its own values, as PostgreSQL would tell it.
