@@ -38,10 +38,43 @@ impl Drop for ClientCount<'_> {
 /// Which server backend a client is currently using, for CancelRequest.
 pub type CancelSlot = Arc<Mutex<Option<(SocketAddr, BackendKeyData)>>>;
 
+/// A session's copy of the config in force, for its hot path: reading it costs one
+/// atomic load, where [`Shared::config`] takes a lock and counts a reference.
+///
+/// # Guarantees
+/// [`ConfigCache::get`] returns the config applied last, or one applied later.
+#[derive(Debug)]
+pub struct ConfigCache {
+    epoch: u64,
+    config: Arc<Config>,
+}
+
+impl ConfigCache {
+    pub fn new(shared: &Shared) -> Self {
+        // The epoch first: a config applied in between is fetched again at the next get.
+        let epoch = shared.config_epoch.load(Ordering::Acquire);
+        Self {
+            epoch,
+            config: shared.config(),
+        }
+    }
+
+    /// The config in force.
+    pub fn get(&mut self, shared: &Shared) -> &Config {
+        let epoch = shared.config_epoch.load(Ordering::Acquire);
+        if epoch != self.epoch {
+            *self = Self::new(shared);
+        }
+        &self.config
+    }
+}
+
 /// See the module docs.
 #[derive(Debug)]
 pub struct Shared {
     config: RwLock<Arc<Config>>,
+    /// Bumped after each config applied (see [`ConfigCache`]).
+    config_epoch: AtomicU64,
     pub pools: Pools,
     pub metrics: Metrics,
     pub clients: AtomicUsize,
@@ -81,6 +114,7 @@ impl Shared {
             admission_nonce: format!("{:032x}", rand::random::<u128>()),
             mode: config.pool_mode,
             config: RwLock::new(Arc::new(config)),
+            config_epoch: AtomicU64::new(0),
             metrics: Metrics::new(),
             clients: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
@@ -131,6 +165,7 @@ impl Shared {
         let limit = self.pools.limit_for(&new);
         let hash = new.hash.clone();
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        self.config_epoch.fetch_add(1, Ordering::Release);
         if limit != self.pools.limiter().limit() && self.is_admitted() {
             close_all(self.pools.limiter().set_limit(limit));
         }
@@ -350,6 +385,22 @@ pub fn cancel_peer(req: CancelRequest, local: SocketAddr) -> Option<SocketAddr> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_config_cache_sees_the_config_applied_after_it() {
+        let cfg = |limit: usize| {
+            let text = format!(
+                "connection_limit = {limit}\nmax_prepared_statements = {limit}\n[server]\nhost = \"127.0.0.1\"\nuser = \"app\"\npassword = \"pw\"\n[auth.users]\napp = \"secret\"\n"
+            );
+            Config::from_bytes(text.as_bytes()).unwrap()
+        };
+        let shared = Shared::new(cfg(5), 1 << 20);
+        let mut cache = ConfigCache::new(&shared);
+        assert_eq!(cache.get(&shared).max_prepared_statements, 5);
+        shared.apply(cfg(7));
+        assert_eq!(cache.get(&shared).max_prepared_statements, 7);
+        assert_eq!(cache.get(&shared).connection_limit, 7);
+    }
 
     fn req(ip: [u8; 4], from_peer: bool) -> CancelRequest {
         CancelRequest {

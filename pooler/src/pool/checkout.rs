@@ -2,7 +2,7 @@
 
 use std::ops::{Deref, DerefMut};
 
-use super::{Pools, ServerConn};
+use super::{Conn, Pools, ServerConn};
 use crate::config::Config;
 use crate::pool::PoolKey;
 
@@ -17,13 +17,13 @@ use crate::pool::PoolKey;
 #[derive(Debug)]
 pub struct Checkout<'a> {
     /// `Some` until the guard is consumed.
-    conn: Option<ServerConn>,
+    conn: Option<Conn>,
     pools: &'a Pools,
     key: PoolKey,
 }
 
 impl<'a> Checkout<'a> {
-    pub(super) fn new(conn: ServerConn, pools: &'a Pools, key: &PoolKey) -> Self {
+    pub(super) fn new(conn: Conn, pools: &'a Pools, key: &PoolKey) -> Self {
         Self {
             conn: Some(conn),
             pools,

@@ -266,6 +266,16 @@ impl<C> Limiter<C> {
         }
     }
 
+    /// Takes `key`'s most recently used idle connection, if it has one, with how long it
+    /// was idle at `now`.
+    pub fn take_one_idle(&self, key: &PoolKey, now: Instant) -> Option<(C, Duration)> {
+        let mut s = self.lock();
+        let pool = s.pools.get_mut(key)?;
+        let i = pool.idle.pop()?;
+        pool.counts.in_use += 1;
+        Some((i.conn, now - i.since))
+    }
+
     /// Takes an idle connection of `key`, reserves a slot, or queues the caller.
     pub fn acquire(&self, key: &PoolKey) -> Acquire<C> {
         self.acquire_at(key, Instant::now())
@@ -570,6 +580,23 @@ mod tests {
         assert!(matches!(rx2.await.unwrap(), Grant::Conn(11)));
         let s = l.snapshot();
         assert_eq!((s.open, s.in_use, s.idle, s.waiting), (2, 2, 0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn take_one_idle_lends_the_last_returned_of_its_own_pool() {
+        let l = Limiter::<u32>::new(3);
+        let (a, b) = (key("a"), key("b"));
+        assert!(l.take_one_idle(&a, Instant::now()).is_none(), "no pool yet");
+        open_n(&l, &a, 2);
+        l.release(&a, 1, Instant::now(), true);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        l.release(&a, 2, Instant::now(), true);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(l.take_one_idle(&b, Instant::now()).is_none(), "not b's");
+        let (c, idle) = l.take_one_idle(&a, Instant::now()).expect("idle");
+        assert_eq!((c, idle), (2, Duration::from_secs(1)));
+        let s = l.snapshot();
+        assert_eq!((s.open, s.in_use, s.idle), (2, 1, 1));
     }
 
     #[tokio::test(start_paused = true)]

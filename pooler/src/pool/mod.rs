@@ -25,17 +25,21 @@ use crate::protocol::ParameterStatus;
 /// Bound on opening one server connection (TCP connect plus login).
 pub const SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A server connection as pools hold and lend it: boxed, so that taking it from the
+/// pool and giving it back moves a pointer, not the connection's state.
+pub type Conn = Box<ServerConn>;
+
 /// All pools of the process.
 #[derive(Debug)]
 pub struct Pools {
-    limiter: Limiter<ServerConn>,
+    limiter: Limiter<Conn>,
     params: Mutex<HashMap<PoolKey, Arc<Vec<ParameterStatus>>>>,
     /// The database's size as last verified (see [`DatabaseSize`]).
     pub size: DatabaseSize,
 }
 
 /// Closes connections in the background.
-pub fn close_all(conns: Vec<Closing<ServerConn>>) {
+pub fn close_all(conns: Vec<Closing<Conn>>) {
     for Closing { conn, slot } in conns {
         tokio::spawn(async move {
             conn.terminate().await;
@@ -54,7 +58,7 @@ impl Pools {
         }
     }
 
-    pub fn limiter(&self) -> &Limiter<ServerConn> {
+    pub fn limiter(&self) -> &Limiter<Conn> {
         &self.limiter
     }
 
@@ -76,7 +80,7 @@ impl Pools {
     /// the failure is worth retrying (see [`OpenFailed`]). After a lost connection the
     /// first opener checks the database's size before any other opens (see
     /// [`DatabaseSize`]).
-    async fn open(&self, key: &PoolKey, cfg: &Config) -> Result<ServerConn, OpenFailed> {
+    async fn open(&self, key: &PoolKey, cfg: &Config) -> Result<Conn, OpenFailed> {
         let (turn, _) = self.size.turn().await;
         // The slot was granted under the limit of that moment; a scout may have lowered
         // it since (while this opener waited for it, or before this opener got here).
@@ -90,7 +94,7 @@ impl Pools {
         let scout = turn == Turn::Scout;
         let db = cfg.server.database.as_deref().unwrap_or(&key.database);
         let connect = tokio::time::timeout(SERVER_CONNECT_TIMEOUT, async {
-            let mut c = ServerConn::connect(&cfg.server, db).await?;
+            let mut c = Box::new(ServerConn::connect(&cfg.server, db).await?);
             let max = if scout {
                 c.max_connections().await?
             } else {
@@ -160,13 +164,35 @@ impl Pools {
     /// a wrong password, a missing database), or the last connection error when the
     /// server stays unavailable for `pool_timeout`.
     pub async fn acquire(&self, key: &PoolKey, cfg: &Config) -> Result<(Checkout<'_>, Duration)> {
-        let (c, waited) = self.acquire_conn(key, cfg).await?;
+        // The fast path, one clock reading and no await: an idle connection that needs
+        // no check.
+        let start = Instant::now();
+        let mut idle = self.limiter.take_one_idle(key, start);
+        if let Some((c, for_how_long)) = &mut idle {
+            if self.broken(key, c) {
+                idle = None;
+            } else if *for_how_long < cfg.server_check_delay
+                && start.saturating_duration_since(c.created) < cfg.server_lifetime
+            {
+                let (c, _) = idle.take().expect("matched above");
+                return Ok((Checkout::new(c, self, key), Duration::ZERO));
+            }
+        }
+        // Boxed: waiting, opening and checking are rare, and their state is large; the
+        // task of every idle client would otherwise carry it.
+        let (c, waited) = Box::pin(self.acquire_conn(key, cfg, start, idle)).await?;
         Ok((Checkout::new(c, self, key), waited))
     }
 
-    async fn acquire_conn(&self, key: &PoolKey, cfg: &Config) -> Result<(ServerConn, Duration)> {
-        // One clock reading on the fast path (an idle connection was there).
-        let start = Instant::now();
+    /// The slow path of [`Self::acquire`], from `start`; `idle` is a connection the
+    /// fast path took but could not lend as it was.
+    async fn acquire_conn(
+        &self,
+        key: &PoolKey,
+        cfg: &Config,
+        start: Instant,
+        mut idle: Option<(Conn, Duration)>,
+    ) -> Result<(Conn, Duration)> {
         let deadline = start + cfg.pool_timeout;
         let mut first = true;
         loop {
@@ -176,7 +202,11 @@ impl Pools {
             } else {
                 Instant::now()
             };
-            let grant = match self.limiter.acquire_at(key, now) {
+            let acquired = match idle.take() {
+                Some((c, for_how_long)) => Acquire::Conn(c, for_how_long),
+                None => self.limiter.acquire_at(key, now),
+            };
+            let grant = match acquired {
                 Acquire::Conn(c, idle) => Grant::Conn((c, idle)),
                 Acquire::Open => Grant::Open,
                 Acquire::Wait {
@@ -205,7 +235,7 @@ impl Pools {
                 }
             };
             match grant {
-                Grant::Open => match self.open(key, cfg).await {
+                Grant::Open => match Box::pin(self.open(key, cfg)).await {
                     Ok(c) => return Ok((c, start.elapsed())),
                     Err(f) if f.again => continue,
                     Err(f) if f.transient && Instant::now() < deadline => {
@@ -216,19 +246,14 @@ impl Pools {
                     Err(f) => return Err(f.error),
                 },
                 Grant::Conn((mut c, idle)) => {
-                    if c.is_broken() {
-                        tracing::info!(
-                            id = c.id,
-                            "idle server connection was closed by the server; replacing"
-                        );
-                        self.discard(key);
+                    if self.broken(key, &mut c) {
                         continue;
                     }
                     if now.saturating_duration_since(c.created) >= cfg.server_lifetime {
                         self.close(key, c);
                         continue;
                     }
-                    if idle >= cfg.server_check_delay && !c.check().await {
+                    if idle >= cfg.server_check_delay && !Box::pin(c.check()).await {
                         tracing::info!(id = c.id, "server connection failed its check; replacing");
                         // The server may have restarted: the next opener checks its size.
                         self.size.unverify();
@@ -241,8 +266,22 @@ impl Pools {
         }
     }
 
+    /// Whether idle connection `c` was closed by the server (or sent something unasked);
+    /// if so its slot is freed, and the caller drops it.
+    fn broken(&self, key: &PoolKey, c: &mut ServerConn) -> bool {
+        let broken = c.is_broken();
+        if broken {
+            tracing::info!(
+                id = c.id,
+                "idle server connection was closed by the server; replacing"
+            );
+            self.discard(key);
+        }
+        broken
+    }
+
     /// Returns a connection; `clean` says it is idle with no session state to worry about.
-    fn release(&self, key: &PoolKey, conn: ServerConn, clean: bool, cfg: &Config) {
+    fn release(&self, key: &PoolKey, conn: Conn, clean: bool, cfg: &Config) {
         let now = Instant::now();
         let reusable = clean
             && conn.buf.is_empty()
@@ -252,7 +291,7 @@ impl Pools {
     }
 
     /// Closes a connection handed out whose state is unknown, freeing its slot.
-    fn close(&self, key: &PoolKey, conn: ServerConn) {
+    fn close(&self, key: &PoolKey, conn: Conn) {
         let created = conn.created;
         close_all(self.limiter.release(key, conn, created, false));
     }

@@ -42,13 +42,13 @@ impl Session<'_> {
         if needs_server(&f)? {
             self.ensure_server().await?;
         }
-        let cfg = self.shared.config();
+        let cap = self.cfg.get(self.shared).max_prepared_statements;
         let mut rw = Rewriter {
             client: &mut self.stmts,
             server: self.server.as_mut().map(|sc| &mut sc.prepared),
             tracker: &mut self.tracker,
             out: &mut self.to_server,
-            cap: cfg.max_prepared_statements,
+            cap,
             epoch: self.shared.schema_epoch(),
         };
         let step = if f.tag == b'Q' {

@@ -26,7 +26,7 @@ use crate::params::Params;
 use crate::pool::{Checkout, PoolKey, ServerConn, send_cancel};
 use crate::prepared::ClientStatements;
 use crate::protocol::{TxStatus, split_frame};
-use crate::state::{CancelSlot, Shared};
+use crate::state::{CancelSlot, ConfigCache, Shared};
 use crate::tracker::{Pending, Tracker};
 
 /// Growth step of the client read buffer for messages longer than [`IDLE_BUF`].
@@ -46,7 +46,9 @@ pub async fn serve_client(mut stream: Stream, shared: Arc<Shared>) {
     let count = shared.count_client();
     let drain = shared.drain_signal();
     let mut buf = BytesMut::with_capacity(login::LOGIN_BUF);
-    let res = match login::login(&mut stream, &mut buf, &shared, count.n).await {
+    // Boxed: the login's state is large and short-lived; the session's task would
+    // otherwise carry it for the client's whole life.
+    let res = match Box::pin(login::login(&mut stream, &mut buf, &shared, count.n)).await {
         Ok(Some(login)) => run_session(stream, buf, &shared, login, drain).await,
         Ok(None) => Ok(()),
         Err(e) => {
@@ -96,6 +98,8 @@ async fn read_client(stream: &mut Stream, buf: &mut BytesMut) -> std::io::Result
 
 struct Session<'a> {
     shared: &'a Shared,
+    /// The config in force, for the per-transaction path.
+    cfg: ConfigCache,
     key: PoolKey,
     client: Stream,
     cbuf: BytesMut,
@@ -150,6 +154,7 @@ async fn run_session(
     shared.pools.limiter().client_delta(&login.key, 1);
     let mut s = Session {
         shared,
+        cfg: ConfigCache::new(shared),
         queries: shared.metrics.queries.get_or_create(&labels).clone(),
         transactions: shared.metrics.transactions.get_or_create(&labels).clone(),
         key: login.key,
@@ -327,21 +332,24 @@ impl<'a> Session<'a> {
                     && self.resync_deadline.is_none()
                     && (self.held.is_none() || cbuf.len() < CLIENT_BUF);
                 let deadline = self.resync_deadline.or(self.close_deadline);
+                // Biased, in this order: the server's answers first (and no random
+                // number per turn).
                 tokio::select! {
-                    r = read_client(client, cbuf), if listen => Event::Client(r),
-                    _ = async {
-                        match deadline {
-                            Some(d) => tokio::time::sleep_until(d).await,
-                            None => std::future::pending().await,
-                        }
-                    } => Event::ResyncTimeout,
+                    biased;
                     r = async {
                         match server.as_deref_mut() {
                             Some(s) => s.stream.read_buf(&mut s.buf).await,
                             None => std::future::pending().await,
                         }
                     } => Event::Server(r),
+                    r = read_client(client, cbuf), if listen => Event::Client(r),
                     _ = &mut drained, if !draining => Event::Drain,
+                    _ = async {
+                        match deadline {
+                            Some(d) => tokio::time::sleep_until(d).await,
+                            None => std::future::pending().await,
+                        }
+                    } => Event::ResyncTimeout,
                 }
             };
             match ev {
@@ -399,8 +407,8 @@ impl<'a> Session<'a> {
                 // Its own backend is gone (drained): another would have another key.
                 return Err(Error::ShuttingDown);
             }
-            let cfg = self.shared.config();
-            let c = acquire(self.shared, &self.key, &cfg).await?;
+            let cfg = self.cfg.get(self.shared);
+            let c = acquire(self.shared, &self.key, cfg).await?;
             self.attach(c);
         }
         Ok(self.server.as_mut().expect("attached above"))

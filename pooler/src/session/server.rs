@@ -100,7 +100,7 @@ impl Session<'_> {
                         if drops_all_statements(&buf[pos + 5..pos + len]) {
                             // Statements whose Parse was sent after it still come.
                             sc.prepared.clear();
-                            let cap = self.shared.config().max_prepared_statements;
+                            let cap = self.cfg.get(self.shared).max_prepared_statements;
                             for name in self.tracker.pending_parses() {
                                 sc.prepared.insert(name.clone(), cap);
                             }
@@ -253,13 +253,11 @@ impl Session<'_> {
         self.refused.clear();
         if self.transaction_mode() {
             self.transactions.inc();
-            let cfg = self.shared.config();
             let c = self.detach().expect("held");
-            c.release(true, &cfg);
+            c.release(true, self.cfg.get(self.shared));
         } else if self.draining {
-            let cfg = self.shared.config();
             let c = self.detach().expect("held");
-            c.release(false, &cfg);
+            c.release(false, self.cfg.get(self.shared));
         }
     }
 }
