@@ -69,7 +69,7 @@ impl Params {
                 self.values.sort_by_key(|(n, _)| *n);
             }
         }
-        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut h = rustc_hash::FxHasher::default();
         self.values.hash(&mut h);
         self.digest = h.finish();
         true
@@ -83,9 +83,11 @@ impl Params {
             .map(|(_, v)| v.as_str())
     }
 
-    /// Whether `other` holds the same values (by digest: cheap on the hot path).
+    /// Whether `other` holds the same values. The digest (not keyed: values are
+    /// client-chosen) only rejects different sets early; equal digests are checked in
+    /// full.
     pub fn same_as(&self, other: &Params) -> bool {
-        self.digest == other.digest && self.values.len() == other.values.len()
+        self.digest == other.digest && self.values == other.values
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> {

@@ -290,7 +290,7 @@ async fn run_sql(
     let defaults = shared
         .pools
         .params(&key)
-        .map_or_else(|| login_params(&conn.params), |p| login_params(&p));
+        .map_or_else(|| login_params(&conn.params), |p| p.tracked.clone());
     // Closed (politely, by the guard) when not known to be clean.
     reset_params(&mut conn, &defaults).await?;
     let labels = crate::metrics::PoolLabels::from(&key);

@@ -38,6 +38,22 @@ pub fn login_params(list: &[ParameterStatus]) -> Params {
     Params::from_reported(list.iter().map(|p| (p.name.as_str(), p.value.as_str())))
 }
 
+/// What a pool's server connections report at login: every ParameterStatus (a client's
+/// greeting repeats them), and the tracked ones among them, worked out once per pool
+/// rather than per client login.
+#[derive(Debug)]
+pub struct PoolParams {
+    pub list: Vec<ParameterStatus>,
+    pub tracked: Params,
+}
+
+impl PoolParams {
+    pub fn new(list: Vec<ParameterStatus>) -> Self {
+        let tracked = login_params(&list);
+        Self { list, tracked }
+    }
+}
+
 /// A logged-in server connection.
 #[derive(Debug)]
 pub struct ServerConn {

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub use backend::{SERVER_BUF, ServerConn, login_params, send_cancel, send_cancel_request};
+pub use backend::{
+    PoolParams, SERVER_BUF, ServerConn, login_params, send_cancel, send_cancel_request,
+};
 pub use checkout::Checkout;
 pub use limit::{Acquire, Closing, Grant, Limiter, PoolKey, Snapshot};
 pub use size::DatabaseSize;
@@ -20,7 +22,6 @@ use size::Turn;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::protocol::ParameterStatus;
 
 /// Bound on opening one server connection (TCP connect plus login).
 pub const SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,7 +34,7 @@ pub type Conn = Box<ServerConn>;
 #[derive(Debug)]
 pub struct Pools {
     limiter: Limiter<Conn>,
-    params: Mutex<HashMap<PoolKey, Arc<Vec<ParameterStatus>>>>,
+    params: Mutex<HashMap<PoolKey, Arc<PoolParams>>>,
     /// The database's size as last verified (see [`DatabaseSize`]).
     pub size: DatabaseSize,
 }
@@ -63,7 +64,7 @@ impl Pools {
     }
 
     /// ParameterStatus values last seen from a server connection of `key`.
-    pub fn params(&self, key: &PoolKey) -> Option<Arc<Vec<ParameterStatus>>> {
+    pub fn params(&self, key: &PoolKey) -> Option<Arc<PoolParams>> {
         self.params
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -140,7 +141,7 @@ impl Pools {
                 self.params
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(key.clone(), Arc::new(c.params.clone()));
+                    .insert(key.clone(), Arc::new(PoolParams::new(c.params.clone())));
                 Ok(c)
             }
             Err(e) => {

@@ -141,12 +141,21 @@ impl ParameterStatus {
         })
     }
     pub fn encode(&self) -> Bytes {
-        let mut body = BytesMut::new();
-        body.put_slice(self.name.as_bytes());
-        body.put_u8(0);
-        body.put_slice(self.value.as_bytes());
-        body.put_u8(0);
-        finish(b'S', &body)
+        let mut out = BytesMut::new();
+        Self::encode_into(&self.name, &self.value, &mut out);
+        out.freeze()
+    }
+
+    /// Appends the message for `name` = `value` to `out`, copying nothing else.
+    pub fn encode_into(name: &str, value: &str, out: &mut BytesMut) {
+        let len = 4 + name.len() + 1 + value.len() + 1;
+        out.reserve(1 + len);
+        out.put_u8(b'S');
+        out.put_u32(len as u32);
+        out.put_slice(name.as_bytes());
+        out.put_u8(0);
+        out.put_slice(value.as_bytes());
+        out.put_u8(0);
     }
 }
 

@@ -15,7 +15,7 @@ use crate::auth::{ScramServer, ScramVerifier, verify_md5};
 use crate::config::{AuthMethod, Config, PoolMode};
 use crate::error::{Error, Result};
 use crate::params::{self, Params};
-use crate::pool::login_params;
+use crate::pool::PoolParams;
 use crate::pool::{Checkout, PoolKey};
 use crate::protocol::{
     Authentication, BackendKeyData, Frame, ParameterStatus, PasswordMessage, ReadyForQuery,
@@ -156,10 +156,10 @@ pub(super) async fn login<'a>(
         // First client of this pool: a server connection tells us the parameters (and
         // that the database exists); session mode holds one already.
         None => match &server {
-            Some(conn) => Arc::new(conn.params.clone()),
+            Some(conn) => Arc::new(PoolParams::new(conn.params.clone())),
             None => {
                 let conn = super::acquire(shared, &key, &cfg).await?;
-                let p = Arc::new(conn.params.clone());
+                let p = Arc::new(PoolParams::new(conn.params.clone()));
                 conn.release(true, &cfg);
                 p
             }
@@ -167,7 +167,7 @@ pub(super) async fn login<'a>(
     };
     // The client's parameters: the database's, with what it asked for at startup; it is
     // told its own values, as PostgreSQL would tell it.
-    let mut client_params = login_params(&server_params);
+    let mut client_params = server_params.tracked.clone();
     for (name, value) in &wanted {
         client_params.set(name, &params::canonical(name, value));
     }
@@ -188,13 +188,9 @@ pub(super) async fn login<'a>(
         out.extend_from_slice(&f);
     }
     out.extend_from_slice(&Authentication::Ok.encode());
-    for p in server_params.iter() {
+    for p in &server_params.list {
         let value = client_params.get(&p.name).unwrap_or(&p.value);
-        let p = ParameterStatus {
-            name: p.name.clone(),
-            value: value.to_string(),
-        };
-        out.extend_from_slice(&p.encode());
+        ParameterStatus::encode_into(&p.name, value, &mut out);
     }
     out.extend_from_slice(&cancel_key.encode());
     out.extend_from_slice(&ReadyForQuery(TxStatus::Idle).encode());
