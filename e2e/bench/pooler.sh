@@ -189,6 +189,8 @@ has_target sluice-musl && start_sluice_musl
 port_of() { case $1 in postgres) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT";; pgbouncer118) echo "$DEB_PORT";; sluice) echo "$SLUICE_PORT";; sluice-musl) echo "$MUSL_PORT";; esac; }
 pid_of() { case $1 in pgbouncer) echo "$BOUNCER_PID";; pgbouncer118) echo "$DEB_PID";; sluice) echo "$SLUICE_PID";; sluice-musl) echo "$MUSL_PID";; *) echo "";; esac; }
 cpu_ticks() { [[ -n $1 ]] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; }
+# "user system" ticks of a process (0 0 without one).
+cpu_split() { [[ -n $1 ]] && awk '{print $14, $15}' "/proc/$1/stat" || echo 0 0; }
 TCK=$(getconf CLK_TCK)
 # CPU time the hypervisor gave to other guests (the "steal" column of /proc/stat), as
 # "steal total" ticks: runs during which it is high are not comparable.
@@ -204,7 +206,7 @@ run_pgbench() {
   rm -rf "$logdir"; mkdir -p "$logdir"
   # pgbench's -T clock runs while it opens connections (SCRAM each, ~5 ms through a
   # pooler here), so large client counts get extra seconds; its TPS excludes connection time.
-  local t0 s0; t0=$(cpu_ticks "$pid"); s0=$(steal_ticks)
+  local t0 s0 u0 k0; t0=$(cpu_ticks "$pid"); s0=$(steal_ticks); read -r u0 k0 < <(cpu_split "$pid")
   local out
   if ! out=$(cd "$logdir" && pgbench -n -S -h 127.0.0.1 -p "$port" -U "$USER_NAME" -c "$clients" -j "$jobs" \
       -T "$((DURATION + clients / 100))" -M "$mode" --log --log-prefix=tx "$@" "$DB" 2>&1); then
@@ -212,13 +214,13 @@ run_pgbench() {
     RES[$scen|$target]+="fail "
     return
   fi
-  local t1 s1 steal; t1=$(cpu_ticks "$pid"); s1=$(steal_ticks)
+  local t1 s1 u1 k1 steal; t1=$(cpu_ticks "$pid"); s1=$(steal_ticks); read -r u1 k1 < <(cpu_split "$pid")
   steal=$(awk -v a="$s0" -v b="$s1" 'BEGIN{ split(a, x, " "); split(b, y, " "); d = y[2] - x[2]; printf "%.1f", (d > 0 ? 100 * (y[1] - x[1]) / d : 0) }')
   STEALS+=("$steal")
   if ! grep -q '^tps = ' <<<"$out"; then
     log "$scen/$target: no result: $(tail -3 <<<"$out" | tr '\n' ' ')"; RES[$scen|$target]+="fail "; return
   fi
-  local tps lat failed txs p99 cpu
+  local tps lat failed txs p99 cpu user kern
   tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
   lat=$(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p')
   txs=$(echo "$out" | sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p')
@@ -226,9 +228,11 @@ run_pgbench() {
   p99=$(cat "$logdir"/tx* | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END{ if (NR) { i = int(NR * 0.99); if (i < 1) i = 1; printf "%.3f", a[i] / 1000 } }')
   if [[ -n $pid && ${txs:-0} -gt 0 ]]; then
     cpu=$(awk -v d=$((t1 - t0)) -v tck="$TCK" -v n="$txs" 'BEGIN{printf "%.3f", d / tck / n * 10000}')
-  else cpu=-; fi
+    user=$(awk -v d=$((u1 - u0)) -v tck="$TCK" -v n="$txs" 'BEGIN{printf "%.3f", d / tck / n * 10000}')
+    kern=$(awk -v d=$((k1 - k0)) -v tck="$TCK" -v n="$txs" 'BEGIN{printf "%.3f", d / tck / n * 10000}')
+  else cpu=- user=- kern=-; fi
   log "$scen/$target: tps=$tps lat=${lat}ms p99=${p99}ms cpu/10k=${cpu}s failed=${failed:-0} steal=${steal}%"
-  RES[$scen|$target]+="$tps:$lat:$p99:$cpu "
+  RES[$scen|$target]+="$tps:$lat:$p99:$cpu:$user:$kern "
   rm -rf "$logdir"
 }
 
@@ -370,6 +374,21 @@ mark() { awk -v r="${1%×}" -v t="$2" -v dir="$3" 'BEGIN{ if (r !~ /^[0-9.]+$/) 
   done
   echo
   echo "Targets: CPU ratio ≤ 0.80× in every row; TPS ≥ 1.00× and p99 ≤ 1.00× at 100 and 500 clients."
+  echo
+  echo "#### Where the CPU goes: user space and kernel"
+  echo
+  echo "The same runs' CPU split into the pooler's own code (user) and the kernel's work for its system calls (kernel), in s/10k tx. Both make the same system calls per transaction (for \`-S\`, by strace: a receive and a send on each side, and a fraction of an \`epoll_wait\`), so the kernel's share is a floor that no user-space work removes: the last column is the CPU ratio Sluice would have with no user-space time at all."
+  echo
+  echo "| scenario | PgBouncer user / kernel | Sluice user / kernel | user ratio | kernel ratio | floor: Sluice kernel ÷ PgBouncer total |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  for s in "${SCENARIOS[@]}"; do
+    read -r scen clients mode extra <<<"$s"
+    [[ $(field "$scen" pgbouncer 5) == n/a ]] && continue
+    pratio "$scen" sluice pgbouncer 5; ru=$PR
+    pratio "$scen" sluice pgbouncer 6; rk=$PR
+    floor=$(awk -v k="$(field "$scen" sluice 6)" -v t="$(field "$scen" pgbouncer 4)" 'BEGIN{ if (k ~ /^[0-9.]+$/ && t ~ /^[0-9.]+$/ && t > 0) printf "%.2f×", k / t; else print "-" }')
+    echo "| $clients clients, -M $mode${extra:+ $extra} | $(field "$scen" pgbouncer 5) / $(field "$scen" pgbouncer 6) | $(field "$scen" sluice 5) / $(field "$scen" sluice 6) | $ru | $rk | $floor |"
+  done
   if has_target pgbouncer118 || has_target sluice-musl; then
     echo
     echo "#### Debian's PgBouncer $DEB_VERSION, and the static musl build of the pooler (the container image's)"
