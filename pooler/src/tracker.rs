@@ -366,6 +366,14 @@ impl Tracker {
         )
     }
 
+    /// Whether answers named statements to forget or restore (`failed`,
+    /// `forget_clients`, `skipped_closes`).
+    pub fn has_outcomes(&self) -> bool {
+        !(self.failed.is_empty()
+            && self.forget_clients.is_empty()
+            && self.skipped_closes.is_empty())
+    }
+
     /// Whether a synthetic response is due now.
     pub fn has_synth(&self) -> bool {
         self.queue.front().is_some_and(Pending::is_synth)

@@ -10,6 +10,7 @@
 //! busy connection is cancelled or a pool's slot goes to another pool.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -18,18 +19,58 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 /// One pool: a (database, user) pair.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Pools are looked up on every transaction: the key's hash is worked out once, keyed
+/// per process (names are client-chosen, so they cannot steer it), and keys sharing
+/// their names' allocations compare without reading them.
+#[derive(Debug, Clone)]
 pub struct PoolKey {
     pub database: Arc<str>,
     pub user: Arc<str>,
+    hash: u64,
 }
 
 impl PoolKey {
     pub fn new(database: &str, user: &str) -> Self {
+        static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+            std::sync::OnceLock::new();
+        let hash = KEY
+            .get_or_init(std::collections::hash_map::RandomState::new)
+            .hash_one((database, user));
         Self {
             database: database.into(),
             user: user.into(),
+            hash,
         }
+    }
+}
+
+impl PartialEq for PoolKey {
+    fn eq(&self, other: &Self) -> bool {
+        let same = |a: &Arc<str>, b: &Arc<str>| Arc::ptr_eq(a, b) || a == b;
+        self.hash == other.hash
+            && same(&self.database, &other.database)
+            && same(&self.user, &other.user)
+    }
+}
+
+impl Eq for PoolKey {}
+
+impl std::hash::Hash for PoolKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialOrd for PoolKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for PoolKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (&self.database, &self.user).cmp(&(&other.database, &other.user))
     }
 }
 
@@ -266,6 +307,15 @@ impl<C> Limiter<C> {
         }
     }
 
+    /// `key`, sharing the names of its pool's own key when the pool exists: the
+    /// comparisons of every lookup then skip reading them.
+    pub fn intern(&self, key: PoolKey) -> PoolKey {
+        self.lock()
+            .pools
+            .get_key_value(&key)
+            .map_or(key, |(k, _)| k.clone())
+    }
+
     /// Takes `key`'s most recently used idle connection, if it has one, with how long it
     /// was idle at `now`.
     pub fn take_one_idle(&self, key: &PoolKey, now: Instant) -> Option<(C, Duration)> {
@@ -352,6 +402,17 @@ impl<C> Limiter<C> {
         now: Instant,
     ) -> Vec<Closing<C>> {
         let mut s = self.lock();
+        if reusable && s.waiters.is_empty() && !s.draining && s.used() <= s.limit {
+            // The common case, with one lookup: back to the pool's idle list.
+            let pool = s.pool(key);
+            pool.counts.in_use -= 1;
+            pool.idle.push(Idle {
+                conn,
+                since: now,
+                created,
+            });
+            return Vec::new();
+        }
         s.pool(key).counts.in_use -= 1;
         let mut conn = conn;
         loop {
@@ -580,6 +641,30 @@ mod tests {
         assert!(matches!(rx2.await.unwrap(), Grant::Conn(11)));
         let s = l.snapshot();
         assert_eq!((s.open, s.in_use, s.idle, s.waiting), (2, 2, 0, 0));
+    }
+
+    #[test]
+    fn keys_are_equal_by_names_whatever_their_allocations() {
+        let (a, b) = (PoolKey::new("db", "u"), PoolKey::new("db", "u"));
+        assert!(!Arc::ptr_eq(&a.database, &b.database));
+        assert_eq!(a, b);
+        let mut map = HashMap::with_hasher(FxBuildHasher);
+        map.insert(a.clone(), 1);
+        assert_eq!(map.get(&b), Some(&1));
+        assert_ne!(a, PoolKey::new("db", "v"));
+        assert_ne!(PoolKey::new("dbu", ""), PoolKey::new("db", "u"));
+        assert!(
+            PoolKey::new("a", "z") < PoolKey::new("b", "a"),
+            "ordered by names"
+        );
+        // Interning hands out the pool's own names.
+        let l = Limiter::<u32>::new(1);
+        assert!(
+            !Arc::ptr_eq(&l.intern(b.clone()).user, &a.user),
+            "no pool yet"
+        );
+        open_n(&l, &a, 1);
+        assert!(Arc::ptr_eq(&l.intern(b).user, &a.user));
     }
 
     #[tokio::test(start_paused = true)]

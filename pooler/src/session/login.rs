@@ -142,7 +142,10 @@ pub(super) async fn login<'a>(
             },
             Err(_) => return Err(Error::Protocol("login timed out".into())),
         };
-    let key = PoolKey::new(&database, &user);
+    let key = shared
+        .pools
+        .limiter()
+        .intern(PoolKey::new(&database, &user));
     let session = shared.mode == PoolMode::Session;
     // Session mode: the client's own backend from now to its end (its key is the
     // client's, see below), as a direct connection would be.

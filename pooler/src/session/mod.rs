@@ -325,7 +325,12 @@ impl<'a> Session<'a> {
                 let client = &mut self.client;
                 let cbuf = &mut self.cbuf;
                 let server = &mut self.server;
-                let draining = self.draining;
+                // Between transactions (and in session mode, where the server
+                // connection stays): a transaction under way ends before the drain is
+                // acted on. Not polling it meanwhile saves a lock per turn; it stays
+                // registered, so the drain still wakes the task.
+                let watch_drain =
+                    !self.draining && (server.is_none() || self.mode == PoolMode::Session);
                 // While a message waits for earlier answers, reading goes on (bounded)
                 // so that a client that leaves is noticed and its statement cancelled.
                 let listen = !self.closing
@@ -343,7 +348,7 @@ impl<'a> Session<'a> {
                         }
                     } => Event::Server(r),
                     r = read_client(client, cbuf), if listen => Event::Client(r),
-                    _ = &mut drained, if !draining => Event::Drain,
+                    _ = &mut drained, if watch_drain => Event::Drain,
                     _ = async {
                         match deadline {
                             Some(d) => tokio::time::sleep_until(d).await,

@@ -220,16 +220,18 @@ impl Session<'_> {
         if sc.buf.capacity() < crate::pool::SERVER_BUF / 2 {
             sc.buf.reserve(crate::pool::SERVER_BUF);
         }
-        for name in self.tracker.failed.drain(..) {
-            sc.prepared.remove(&name);
-        }
-        for name in self.tracker.forget_clients.drain(..) {
-            // PostgreSQL did not create it.
-            self.stmts.remove(&name);
-        }
-        for name in self.tracker.skipped_closes.drain(..) {
-            // PostgreSQL did not close it.
-            self.stmts.undo_close(&name);
+        if self.tracker.has_outcomes() {
+            for name in self.tracker.failed.drain(..) {
+                sc.prepared.remove(&name);
+            }
+            for name in self.tracker.forget_clients.drain(..) {
+                // PostgreSQL did not create it.
+                self.stmts.remove(&name);
+            }
+            for name in self.tracker.skipped_closes.drain(..) {
+                // PostgreSQL did not close it.
+                self.stmts.undo_close(&name);
+            }
         }
         self.flush_synth().await?;
         self.maybe_release();
