@@ -15,6 +15,7 @@
 #        HTTP_CLIENTS ("10 100": the front door's rows; "" skips them)
 #        BENCH_TARGETS ("postgres pgbouncer sluice"; fewer for a quick check)
 #        BENCH_SCENARIOS (all; e.g. "c10 c100" for a quick check; IDLE_CLIENTS=0 skips idle)
+#        INSTRUCTIONS (1; 0 skips the cachegrind instruction counts)
 #        SLUICE_WORKER_THREADS (1: one core, like single-threaded PgBouncer; pgbench and
 #        PostgreSQL share the machine. Unset it in a pod: the pooler sizes to its CPU limit.)
 set -euo pipefail
@@ -321,6 +322,44 @@ if (( IDLE_CLIENTS > 0 )); then
   has_target sluice && { IDLE_SLUICE=$(idle_rss sluice); log "idle/sluice: $IDLE_SLUICE"; }
 fi
 
+# --- user-space instructions per transaction (cachegrind) -------------------
+# CPU seconds swing with the machine; instructions do not. Each pooler runs under
+# cachegrind twice, for N1 and N2 transactions per client: the difference over the
+# difference in transactions leaves out start-up and the first logins. (No SHA
+# extensions under valgrind: a login's SCRAM hashing counts more than it costs.)
+declare -A INSTR
+INSTR_SCENARIOS=("c10 10 simple 300 1500" "ext10 10 extended 300 1500" "prep10 10 prepared 300 1500" "storm10 10 simple 10 50 -C")
+instr_run() {  # TARGET CLIENTS MODE TX [args]: instructions in the pooler's user space
+  local target=$1 clients=$2 mode=$3 n=$4; shift 4
+  local out=$W/cg.$target.out port vpid
+  rm -f "$out"
+  if [[ $target == pgbouncer ]]; then
+    stop_pid "$BOUNCER_PID"; port=$BOUNCER_PORT
+    "${AS_NOBODY[@]}" valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$out" "$REF_BOUNCER" "$W/pgbouncer.ini" >/dev/null 2>&1 &
+  else
+    stop_pid "$SLUICE_PID"; port=$SLUICE_PORT
+    RUST_LOG=warn valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$out" "$SLUICE_POOLER" --config "$W/pooler.toml" >/dev/null 2>&1 &
+  fi
+  vpid=$!
+  wait_port "$port"
+  pgbench -n -S -h 127.0.0.1 -p "$port" -U "$USER_NAME" -c "$clients" -j 2 -t "$n" -M "$mode" "$@" "$DB" >/dev/null 2>&1 || log "instructions/$target: pgbench failed"
+  kill -INT "$vpid"; wait "$vpid" 2>/dev/null || true
+  awk '/^summary:/{print $2}' "$out" 2>/dev/null
+}
+if [[ ${INSTRUCTIONS:-1} != 0 ]] && has_target sluice; then
+  command -v valgrind >/dev/null || { log "installing valgrind (Debian package)"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
+  for s in "${INSTR_SCENARIOS[@]}"; do
+    read -r scen clients mode n1 n2 extra <<<"$s"
+    for t in pgbouncer sluice; do
+      # shellcheck disable=SC2086
+      a=$(instr_run "$t" "$clients" "$mode" "$n1" $extra); b=$(instr_run "$t" "$clients" "$mode" "$n2" $extra)
+      INSTR[$scen|$t]=$(awk -v a="$a" -v b="$b" -v d=$(( (n2 - n1) * clients )) 'BEGIN{ if (a ~ /^[0-9]+$/ && b ~ /^[0-9]+$/) printf "%.0f", (b - a) / d; else print "-" }')
+      log "instructions/$scen/$t: ${INSTR[$scen|$t]} per transaction"
+    done
+  done
+  start_pgbouncer; start_sluice
+fi
+
 # --- report -----------------------------------------------------------------
 # The median of the numbers on stdin (the mean of the middle two for an even count), or "-".
 median() { tr ' ' '\n' | grep -E '^[0-9.]+$' | sort -n | awk '{a[NR]=$1} END{ if (!NR) print "-"; else if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2] + a[NR/2+1]) / 2 }'; }
@@ -419,6 +458,21 @@ mark() { awk -v r="${1%×}" -v t="$2" -v dir="$3" 'BEGIN{ if (r !~ /^[0-9.]+$/) 
       tt=$(hf tcp 1); ht=$(hf http 1)
       ratio=$(awk -v a="$ht" -v b="$tt" 'BEGIN{ if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b > 0) printf "%.2f×", a / b; else print "-" }')
       echo "| $c | $(whole "$tt") | $(whole "$ht") | $ratio | $(hf tcp 2) / $(hf http 2) | $(hf tcp 3) / $(hf http 3) | $(hf tcp 4) / $(hf http 4) |"
+    done
+  fi
+  if ((${#INSTR[@]})); then
+    echo
+    echo "#### User-space instructions per transaction (cachegrind)"
+    echo
+    echo "Instructions the pooler executes in user space per transaction (per login for \`-C\`), counted by cachegrind: unlike CPU seconds they do not move with the machine's load. Marginal counts over two runs, start-up and first logins left out. Valgrind hides the SHA instructions, so the \`-C\` row counts SCRAM's hashing in plain code for both."
+    echo
+    echo "| scenario | PgBouncer | Sluice | ratio |"
+    echo "|---|---:|---:|---:|"
+    for s in "${INSTR_SCENARIOS[@]}"; do
+      read -r scen clients mode n1 n2 extra <<<"$s"
+      ib=${INSTR[$scen|pgbouncer]:--} is=${INSTR[$scen|sluice]:--}
+      r=$(awk -v a="$is" -v b="$ib" 'BEGIN{ if (a ~ /^[0-9]+$/ && b ~ /^[0-9]+$/ && b > 0) printf "%.2f×", a / b; else print "-" }')
+      echo "| $clients clients, -M $mode${extra:+ $extra} | $ib | $is | $r |"
     done
   fi
   IFS=: read -r kb_b n_b rss_b <<<"$IDLE_BOUNCER"

@@ -66,13 +66,22 @@ pub fn split_startup(buf: &mut BytesMut) -> Result<Option<Bytes>> {
 
 /// Reads a NUL-terminated UTF-8 string off the front of `b`.
 pub fn read_cstr(b: &mut Bytes) -> Result<String> {
-    let end = b
-        .iter()
-        .position(|&c| c == 0)
-        .ok_or_else(|| Error::Protocol("unterminated string".into()))?;
-    let s = b.split_to(end);
-    b.advance(1);
-    String::from_utf8(s.to_vec()).map_err(|_| Error::Protocol("invalid UTF-8 in string".into()))
+    let mut rest = &b[..];
+    let s = cstr(&mut rest)?.to_string();
+    b.advance(b.len() - rest.len());
+    Ok(s)
+}
+
+/// [`read_cstr`] without copying: the string borrowed from `b`, which moves past it.
+pub fn cstr<'a>(b: &mut &'a [u8]) -> Result<&'a str> {
+    // `CStr` finds the NUL with the standard library's word-at-a-time search.
+    let c = std::ffi::CStr::from_bytes_until_nul(b)
+        .map_err(|_| Error::Protocol("unterminated string".into()))?;
+    let s = c
+        .to_str()
+        .map_err(|_| Error::Protocol("invalid UTF-8 in string".into()))?;
+    *b = &b[s.len() + 1..];
+    Ok(s)
 }
 
 /// One whole message: tag, length (body + 4), body.
@@ -86,13 +95,19 @@ pub(super) fn finish(tag: u8, body: &[u8]) -> Bytes {
 
 /// The body of `f` when it carries `tag`; a protocol error otherwise.
 pub(super) fn expect(f: &Frame, tag: u8) -> Result<Bytes> {
+    expect_tag(f, tag)?;
+    Ok(f.body())
+}
+
+/// A protocol error unless `f` carries `tag`.
+pub(super) fn expect_tag(f: &Frame, tag: u8) -> Result<()> {
     if f.tag != tag {
         return Err(Error::Protocol(format!(
             "expected '{}', got '{}'",
             tag as char, f.tag as char
         )));
     }
-    Ok(f.body())
+    Ok(())
 }
 
 #[cfg(test)]

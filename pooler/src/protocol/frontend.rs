@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::frame::{Frame, expect, finish, read_cstr};
+use super::frame::{Frame, cstr, expect, expect_tag, finish, read_cstr};
 use crate::error::{Error, Result};
 
 const PROTOCOL_V3: u32 = 196_608;
@@ -260,9 +260,24 @@ pub struct Parse {
 
 impl Parse {
     pub fn decode(f: &Frame) -> Result<Self> {
-        let mut b = expect(f, b'P')?;
-        let name = read_cstr(&mut b)?;
-        let query = read_cstr(&mut b)?;
+        let (name, query, types) = Self::check(f)?;
+        Ok(Self {
+            name: name.to_string(),
+            query: query.to_string(),
+            param_types: f.raw.slice_ref(types),
+        })
+    }
+
+    /// Checks `f` as [`Parse::decode`] does, copying nothing: its statement name, query
+    /// and raw parameter types (count included), borrowed from `f`.
+    ///
+    /// # Errors
+    /// A protocol error for a message that is not a whole, well-formed Parse.
+    pub fn check(f: &Frame) -> Result<(&str, &str, &[u8])> {
+        expect_tag(f, b'P')?;
+        let mut b = &f.raw[5..];
+        let name = cstr(&mut b)?;
+        let query = cstr(&mut b)?;
         if b.len() < 2 {
             return Err(Error::Protocol("short Parse".into()));
         }
@@ -270,11 +285,7 @@ impl Parse {
         if b.len() != 2 + 4 * n {
             return Err(Error::Protocol("bad Parse parameter types".into()));
         }
-        Ok(Self {
-            name,
-            query,
-            param_types: b,
-        })
+        Ok((name, query, b))
     }
     pub fn encode(&self) -> Bytes {
         let mut body = BytesMut::with_capacity(self.query.len() + self.name.len() + 8);
@@ -512,6 +523,16 @@ mod tests {
         assert!(Parse::decode(&f).is_err());
         let f = frame(finish(b'P', b"s1\0q\0\0\x02\0\0\0\x17"));
         assert!(Parse::decode(&f).is_err());
+        let f = frame(finish(b'P', b"\0q\0\0\x02\0\0\0\x17"));
+        assert!(Parse::check(&f).is_err(), "unnamed, but short of its types");
+        let f = frame(finish(b'P', b"\0\xff\0\0\0"));
+        assert!(Parse::check(&f).is_err(), "not UTF-8");
+        let f = frame(finish(b'P', b"\0select 1\0\0\x01\0\0\0\x17"));
+        let (name, query, types) = Parse::check(&f).unwrap();
+        assert_eq!(
+            (name, query, types),
+            ("", "select 1", &b"\0\x01\0\0\0\x17"[..])
+        );
         let f = frame(finish(b'D', b"Xname\0"));
         assert!(Describe::decode(&f).is_err());
         let f = frame(finish(b'p', b"SCRAM-SHA-256\0\0\0\0\x09abc"));
