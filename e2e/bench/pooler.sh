@@ -329,28 +329,43 @@ fi
 # extensions under valgrind: a login's SCRAM hashing counts more than it costs.)
 declare -A INSTR
 INSTR_SCENARIOS=("c10 10 simple 300 1500" "ext10 10 extended 300 1500" "prep10 10 prepared 300 1500" "storm10 10 simple 10 50 -C")
+# Stops the server whose command line has $1 (its config path): after the idle test the
+# PIDs this shell knows are stale (it restarted them inside $(...)).
+stop_match() {
+  pkill -f "$1" 2>/dev/null || true
+  for _ in $(seq 100); do pgrep -f "$1" >/dev/null || return 0; sleep 0.05; done
+  pkill -9 -f "$1" 2>/dev/null || true
+}
 instr_run() {  # TARGET CLIENTS MODE TX [args]: instructions in the pooler's user space
   local target=$1 clients=$2 mode=$3 n=$4; shift 4
   local out=$W/cg.$target.out port vpid
   rm -f "$out"
   if [[ $target == pgbouncer ]]; then
-    stop_pid "$BOUNCER_PID"; port=$BOUNCER_PORT
+    stop_match "$W/pgbouncer.ini"; port=$BOUNCER_PORT
     "${AS_NOBODY[@]}" valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$out" "$REF_BOUNCER" "$W/pgbouncer.ini" >/dev/null 2>&1 &
+  elif [[ $target == sluice-musl ]]; then
+    stop_match "$W/pooler-musl.toml"; port=$MUSL_PORT
+    RUST_LOG=warn valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$out" "$SLUICE_POOLER_MUSL" --config "$W/pooler-musl.toml" >/dev/null 2>&1 &
   else
-    stop_pid "$SLUICE_PID"; port=$SLUICE_PORT
+    stop_match "$W/pooler.toml"; port=$SLUICE_PORT
     RUST_LOG=warn valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$out" "$SLUICE_POOLER" --config "$W/pooler.toml" >/dev/null 2>&1 &
   fi
   vpid=$!
   wait_port "$port"
+  sleep 0.5
+  if ! kill -0 "$vpid" 2>/dev/null; then log "instructions/$target: the server under valgrind did not start"; return; fi
   pgbench -n -S -h 127.0.0.1 -p "$port" -U "$USER_NAME" -c "$clients" -j 2 -t "$n" -M "$mode" "$@" "$DB" >/dev/null 2>&1 || log "instructions/$target: pgbench failed"
   kill -INT "$vpid"; wait "$vpid" 2>/dev/null || true
-  awk '/^summary:/{print $2}' "$out" 2>/dev/null
+  # A count only if the server under valgrind was the one that answered.
+  if ! grep -q "^summary:" "$out" 2>/dev/null; then log "instructions/$target: no count (did it start?)"; return; fi
+  awk '/^summary:/{print $2}' "$out"
 }
 if [[ ${INSTRUCTIONS:-1} != 0 ]] && has_target sluice; then
   command -v valgrind >/dev/null || { log "installing valgrind (Debian package)"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
   for s in "${INSTR_SCENARIOS[@]}"; do
     read -r scen clients mode n1 n2 extra <<<"$s"
-    for t in pgbouncer sluice; do
+    for t in pgbouncer sluice sluice-musl; do
+      has_target "$t" || continue
       # shellcheck disable=SC2086
       a=$(instr_run "$t" "$clients" "$mode" "$n1" $extra); b=$(instr_run "$t" "$clients" "$mode" "$n2" $extra)
       INSTR[$scen|$t]=$(awk -v a="$a" -v b="$b" -v d=$(( (n2 - n1) * clients )) 'BEGIN{ if (a ~ /^[0-9]+$/ && b ~ /^[0-9]+$/) printf "%.0f", (b - a) / d; else print "-" }')
@@ -358,6 +373,7 @@ if [[ ${INSTRUCTIONS:-1} != 0 ]] && has_target sluice; then
     done
   done
   start_pgbouncer; start_sluice
+  has_target sluice-musl && start_sluice_musl
 fi
 
 # --- report -----------------------------------------------------------------
@@ -464,15 +480,16 @@ mark() { awk -v r="${1%×}" -v t="$2" -v dir="$3" 'BEGIN{ if (r !~ /^[0-9.]+$/) 
     echo
     echo "#### User-space instructions per transaction (cachegrind)"
     echo
-    echo "Instructions the pooler executes in user space per transaction (per login for \`-C\`), counted by cachegrind: unlike CPU seconds they do not move with the machine's load. Marginal counts over two runs, start-up and first logins left out. Valgrind hides the SHA instructions, so the \`-C\` row counts SCRAM's hashing in plain code for both."
+    echo "Instructions the pooler executes in user space per transaction (per login for \`-C\`), counted by cachegrind: unlike CPU seconds they do not move with the machine's load. Marginal counts over two runs, start-up and first logins left out; the musl build runs the same code on musl's C library. Valgrind hides the SHA instructions, so the \`-C\` row counts SCRAM's hashing in plain code, and PgBouncer's count there also takes in its once-a-second housekeeping, which grows with the slower runs under valgrind (it varied 0.1–0.3 M per login between runs)."
     echo
-    echo "| scenario | PgBouncer | Sluice | ratio |"
-    echo "|---|---:|---:|---:|"
+    echo "| scenario | PgBouncer | Sluice | ratio | Sluice, musl build | musl/glibc |"
+    echo "|---|---:|---:|---:|---:|---:|"
     for s in "${INSTR_SCENARIOS[@]}"; do
       read -r scen clients mode n1 n2 extra <<<"$s"
-      ib=${INSTR[$scen|pgbouncer]:--} is=${INSTR[$scen|sluice]:--}
+      ib=${INSTR[$scen|pgbouncer]:--} is=${INSTR[$scen|sluice]:--} im=${INSTR[$scen|sluice-musl]:--}
       r=$(awk -v a="$is" -v b="$ib" 'BEGIN{ if (a ~ /^[0-9]+$/ && b ~ /^[0-9]+$/ && b > 0) printf "%.2f×", a / b; else print "-" }')
-      echo "| $clients clients, -M $mode${extra:+ $extra} | $ib | $is | $r |"
+      rm=$(awk -v a="$im" -v b="$is" 'BEGIN{ if (a ~ /^[0-9]+$/ && b ~ /^[0-9]+$/ && b > 0) printf "%.2f×", a / b; else print "-" }')
+      echo "| $clients clients, -M $mode${extra:+ $extra} | $ib | $is | $r | $im | $rm |"
     done
   fi
   IFS=: read -r kb_b n_b rss_b <<<"$IDLE_BOUNCER"
