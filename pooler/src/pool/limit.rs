@@ -201,6 +201,24 @@ impl<C> Default for Pool<C> {
     }
 }
 
+impl<C> Pool<C> {
+    /// Lends the most recently used idle connection, with how long it was idle at `now`.
+    fn lend_idle(&mut self, now: Instant) -> Option<(C, Duration)> {
+        let i = self.idle.pop()?;
+        self.counts.in_use += 1;
+        Some((i.conn, now - i.since))
+    }
+
+    /// Keeps `conn` idle from `now`.
+    fn put_idle(&mut self, conn: C, created: Instant, now: Instant) {
+        self.idle.push(Idle {
+            conn,
+            since: now,
+            created,
+        });
+    }
+}
+
 /// The limiter; see the module docs. `C` is the connection type.
 pub struct Limiter<C> {
     state: Arc<Mutex<State<C>>>,
@@ -319,11 +337,7 @@ impl<C> Limiter<C> {
     /// Takes `key`'s most recently used idle connection, if it has one, with how long it
     /// was idle at `now`.
     pub fn take_one_idle(&self, key: &PoolKey, now: Instant) -> Option<(C, Duration)> {
-        let mut s = self.lock();
-        let pool = s.pools.get_mut(key)?;
-        let i = pool.idle.pop()?;
-        pool.counts.in_use += 1;
-        Some((i.conn, now - i.since))
+        self.lock().pools.get_mut(key)?.lend_idle(now)
     }
 
     /// Takes an idle connection of `key`, reserves a slot, or queues the caller.
@@ -334,10 +348,8 @@ impl<C> Limiter<C> {
     /// [`Self::acquire`] with the caller's clock reading (one per transaction is enough).
     pub fn acquire_at(&self, key: &PoolKey, now: Instant) -> Acquire<C> {
         let mut s = self.lock();
-        let pool = s.pool(key);
-        if let Some(i) = pool.idle.pop() {
-            pool.counts.in_use += 1;
-            return Acquire::Conn(i.conn, now - i.since);
+        if let Some((conn, idle)) = s.pool(key).lend_idle(now) {
+            return Acquire::Conn(conn, idle);
         }
         let mut evicted = None;
         if s.waiters.is_empty() && !s.draining {
@@ -406,11 +418,7 @@ impl<C> Limiter<C> {
             // The common case, with one lookup: back to the pool's idle list.
             let pool = s.pool(key);
             pool.counts.in_use -= 1;
-            pool.idle.push(Idle {
-                conn,
-                since: now,
-                created,
-            });
+            pool.put_idle(conn, created, now);
             return Vec::new();
         }
         s.pool(key).counts.in_use -= 1;
@@ -433,11 +441,7 @@ impl<C> Limiter<C> {
                     }
                 }
                 None if reusable && !s.draining && s.used() <= s.limit => {
-                    s.pool(key).idle.push(Idle {
-                        conn,
-                        since: now,
-                        created,
-                    });
+                    s.pool(key).put_idle(conn, created, now);
                     return Vec::new();
                 }
                 // Closed: broken, draining, above the limit, or another pool's client

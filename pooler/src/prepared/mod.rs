@@ -183,10 +183,8 @@ impl ClientStatements {
 
     /// Everything sent has been answered: no deallocation or Close is pending.
     pub fn forget_cuts(&mut self) {
+        self.cuts.clear();
         // Checked first: clearing a map that once held entries walks its whole table.
-        if !self.cuts.is_empty() {
-            self.cuts.clear();
-        }
         if !self.closing.is_empty() {
             self.closing.clear();
         }

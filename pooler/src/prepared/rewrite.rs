@@ -173,7 +173,8 @@ impl Rewriter<'_> {
 
     fn parse(&mut self, f: &Frame) -> Result<Step> {
         // Checked whole, copied only when named (the unnamed statement passes as is).
-        if Parse::check(f)?.0.is_empty() {
+        let checked = Parse::check(f)?;
+        if checked.0.is_empty() {
             let unnamed = Pending::Parse {
                 name: None,
                 client: None,
@@ -182,7 +183,7 @@ impl Rewriter<'_> {
             self.queue(&f.raw, unnamed);
             return Ok(Step::Queued);
         }
-        let p = Parse::decode(f)?;
+        let p = Parse::from_checked(f, checked);
         // Named for the schema epoch: after a schema change a new Parse gets a fresh
         // server statement, and clients that prepared before keep theirs (and
         // PostgreSQL's answer for it).

@@ -259,13 +259,19 @@ pub struct Parse {
 }
 
 impl Parse {
+    /// Full decode (the rewrite uses [`Parse::check`], then [`Parse::from_checked`]).
+    #[cfg(test)]
     pub fn decode(f: &Frame) -> Result<Self> {
-        let (name, query, types) = Self::check(f)?;
-        Ok(Self {
+        Ok(Self::from_checked(f, Self::check(f)?))
+    }
+
+    /// The owned message from what [`Parse::check`] returned for `f`.
+    pub fn from_checked(f: &Frame, (name, query, types): (&str, &str, &[u8])) -> Self {
+        Self {
             name: name.to_string(),
             query: query.to_string(),
             param_types: f.raw.slice_ref(types),
-        })
+        }
     }
 
     /// Checks `f` as [`Parse::decode`] does, copying nothing: its statement name, query
